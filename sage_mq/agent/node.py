@@ -1,0 +1,389 @@
+"""NodeAgent: one per host. Registers the node, carries out its commands, reports events.
+
+It never decides policy: an engine that dies is reported, not restarted. When Redis or the
+scheduler is away, its engines keep running and its events wait in an outbox.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import time
+from collections.abc import Coroutine, Mapping
+from pathlib import Path
+from typing import Any
+
+from sage_mq.agent import logs
+from sage_mq.agent.lifecycle import EngineLifecycleManager, ManagedEngine
+from sage_mq.agent.logship import LogShipper
+from sage_mq.agent.outbox import Outbox
+from sage_mq.agent.processes import describe_returncode
+from sage_mq.bus import Bus
+from sage_mq.connection import Redis, connect
+from sage_mq.engines.backends import startup_timeout_s
+from sage_mq.errors import ControlPlaneUnavailable, InvalidRequest, LaunchError
+from sage_mq.gpu import GPUResourceManager
+from sage_mq.keys import Keys
+from sage_mq.messages import (
+    AllocateGpus,
+    EngineAdopted,
+    EngineExited,
+    EngineLaunchFailed,
+    EngineReady,
+    EngineStarting,
+    EngineStopped,
+    EngineUnhealthy,
+    Envelope,
+    GpusAllocated,
+    GpusReleased,
+    HealthTick,
+    LaunchEngine,
+    NodeHealth,
+    NodeJoined,
+    ReleaseGpus,
+    TerminateEngine,
+)
+from sage_mq.settings import AgentSettings, Settings
+from sage_mq.store import NodeRecord, Store
+
+log = logging.getLogger(__name__)
+AGENT_GROUP = "agent"
+
+
+class NodeAgent:
+    """The actor that runs engine processes on one host."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        agent: AgentSettings,
+        *,
+        gpus: GPUResourceManager | None = None,
+        redis: Redis | None = None,
+        base_env: Mapping[str, str] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.agent = agent
+        self.node_id = agent.node_id
+        self.redis = redis or connect(settings)
+        self._owns_redis = redis is None
+        self.keys = Keys(settings.namespace)
+        self.bus = Bus(self.redis, self.keys, settings.bus)
+        self.store = Store(self.redis, self.keys)
+        self.gpus = gpus or GPUResourceManager()
+        self.lifecycle = EngineLifecycleManager(
+            agent.node_dir,
+            on_exit=self._on_engine_exit,
+            base_env=base_env,
+            stop_grace_s=agent.stop_grace_s,
+            log_backups=agent.log_backups,
+        )
+        self.outbox = Outbox(self.bus, self.keys.events)
+        self.logship = LogShipper(self.redis, self.keys, agent.log_stream_maxlen)
+        self.allocations: dict[str, tuple[int, ...]] = {}
+        self.epoch = 0
+        self._stopping = asyncio.Event()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._consumer = self.bus.consumer(
+            [self.keys.node_commands(self.node_id)], AGENT_GROUP, self.node_id, self.handle
+        )
+
+    # -- actor shape ---------------------------------------------------------------------
+    async def __aenter__(self) -> NodeAgent:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.stop()
+        await self.close()
+
+    def stop(self) -> None:
+        """Ask :meth:`run` to return; engines keep running. Safe to call twice."""
+        self._stopping.set()
+        self._consumer.stop()
+
+    async def run(self, *, until_idle: bool = False) -> None:
+        """Register, re-adopt engines, then carry out commands until stopped."""
+        await self._register()
+        if self._stopping.is_set():
+            return
+        await self._recover()
+        heartbeat = asyncio.create_task(self._heartbeat(), name=f"heartbeat-{self.node_id}")
+        try:
+            await self._consumer.run(until_idle=until_idle)
+        finally:
+            heartbeat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await heartbeat
+
+    async def close(self) -> None:
+        """Release connections and tasks (not engines), after :meth:`run` returned."""
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.logship.close()
+        await self.lifecycle.close()
+        with contextlib.suppress(ControlPlaneUnavailable):
+            await self.outbox.flush()
+        if self._owns_redis:
+            await self.redis.aclose()
+
+    async def stop_all_engines(self) -> None:
+        """Stop every engine of this node (for all-in-one mode shutting down)."""
+        for engine_id in list(self.lifecycle.engines):
+            await self._terminate(TerminateEngine(engine_id=engine_id))
+
+    # -- registration, liveness, recovery ------------------------------------------------
+    async def _register(self) -> None:
+        delay = 0.2
+        while not self._stopping.is_set():
+            try:
+                self.epoch = await self.store.next_epoch(self.node_id)
+                await self._write_node_record()
+                await self.outbox.send(
+                    NodeJoined(
+                        node_id=self.node_id,
+                        address=self.agent.advertise_address,
+                        gpu_count=len(self.gpus.gpus()),
+                        epoch=self.epoch,
+                    )
+                )
+                log.info(
+                    "node %s joined (epoch %d, %s)",
+                    self.node_id,
+                    self.epoch,
+                    self.agent.advertise_address,
+                )
+                return
+            except ControlPlaneUnavailable as exc:
+                log.warning("cannot register node %s yet: %s", self.node_id, exc)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), delay)
+                delay = min(delay * 2, 5.0)
+
+    async def _write_node_record(self) -> None:
+        low, high = self.agent.port_range
+        record = NodeRecord(
+            node_id=self.node_id,
+            address=self.agent.advertise_address,
+            gpus=self.gpus.gpus(),
+            epoch=self.epoch,
+            port_range_start=low,
+            port_range_end=high,
+            hostname=socket.gethostname(),
+            agent_pid=os.getpid(),
+        )
+        await self.store.put_node(record, self.agent.liveness_ttl_s)
+
+    async def _heartbeat(self) -> None:
+        interval = self.agent.liveness_ttl_s / 3
+        beats = 0
+        while True:
+            await asyncio.sleep(interval)
+            beats += 1
+            try:
+                if await self.store.get_node(self.node_id) is None or beats % 30 == 0:
+                    await self._write_node_record()  # Redis lost it, or GPU figures went stale
+                else:
+                    await self.store.touch_node(self.node_id, self.epoch, self.agent.liveness_ttl_s)
+                await self.outbox.flush()
+            except ControlPlaneUnavailable as exc:
+                log.warning(
+                    "node %s heartbeat failed (engines keep running): %s", self.node_id, exc
+                )
+            for engine_id in list(self.lifecycle.engines):
+                logs.truncate_if_large(
+                    self.lifecycle.log_dir / f"{engine_id}.log",
+                    self.agent.log_max_bytes,
+                    self.agent.log_backups,
+                )
+
+    async def _recover(self) -> None:
+        adopted, gone = self.lifecycle.recover()
+        for engine in adopted:
+            log.info("adopted %s (pid %d) from a previous agent run", engine.engine_id, engine.pid)
+            await self.outbox.send(
+                EngineAdopted(
+                    engine_id=engine.engine_id,
+                    node=self.node_id,
+                    generation=engine.generation,
+                    pid=engine.pid,
+                )
+            )
+            self.logship.start(engine.engine_id, Path(engine.log_path), from_end=True)
+            self._spawn(self._await_ready(engine))
+        for engine in gone:
+            await self.outbox.send(
+                EngineExited(
+                    engine_id=engine.engine_id,
+                    node=self.node_id,
+                    generation=engine.generation,
+                    returncode=None,
+                    reason="process ended while the agent was down",
+                    last_lines=tuple(logs.tail(Path(engine.log_path))),
+                )
+            )
+
+    # -- commands ------------------------------------------------------------------------
+    async def handle(self, env: Envelope) -> None:
+        """Carry out one command from this node's stream."""
+        payload = env.payload
+        if isinstance(payload, LaunchEngine):
+            await self._launch(payload)
+        elif isinstance(payload, TerminateEngine):
+            await self._terminate(payload)
+        elif isinstance(payload, AllocateGpus):
+            await self._allocate(payload)
+        elif isinstance(payload, ReleaseGpus):
+            self.allocations.pop(payload.engine_id, None)
+            await self.outbox.send(GpusReleased(node=self.node_id, engine_id=payload.engine_id))
+        elif isinstance(payload, HealthTick):
+            results = await self.lifecycle.health_check_all(payload.timeout_s)
+            await self.outbox.send(NodeHealth(node_id=self.node_id, results=results))
+        else:
+            log.warning("node %s ignores %s (not a node command)", self.node_id, env.type)
+
+    async def _launch(self, cmd: LaunchEngine) -> None:
+        current = self.lifecycle.engines.get(cmd.engine_id)
+        if current is not None and current.generation > cmd.generation:
+            log.warning(
+                "refusing launch of %s generation %d: generation %d runs",
+                cmd.engine_id,
+                cmd.generation,
+                current.generation,
+            )
+            return
+        if current is not None and current.generation == cmd.generation:
+            # A redelivered command, already carried out: report again, readiness included.
+            await self._report_starting(current)
+            self._spawn(self._await_ready(current, cmd.startup_timeout_s))
+            return
+        if current is not None:
+            log.info(
+                "stopping %s generation %d before launching generation %d",
+                cmd.engine_id,
+                current.generation,
+                cmd.generation,
+            )
+            await self.lifecycle.stop(cmd.engine_id)
+        problem = self._launch_problem(cmd)
+        try:
+            if problem:
+                raise LaunchError(problem)
+            engine = await self.lifecycle.launch(cmd)
+        except (LaunchError, InvalidRequest) as exc:
+            log.error("cannot launch %s: %s", cmd.engine_id, exc)
+            await self.outbox.send(
+                EngineLaunchFailed(
+                    engine_id=cmd.engine_id,
+                    node=self.node_id,
+                    generation=cmd.generation,
+                    reason=str(exc),
+                )
+            )
+            return
+        await self._report_starting(engine)
+        self.logship.start(engine.engine_id, Path(engine.log_path))
+        self._spawn(self._await_ready(engine, cmd.startup_timeout_s))
+
+    def _launch_problem(self, cmd: LaunchEngine) -> str | None:
+        have = {g.index for g in self.gpus.gpus()}
+        missing = [g for g in cmd.gpus if g not in have]
+        if missing:
+            return f"GPU(s) {missing} do not exist on node {self.node_id} (it has {sorted(have)})"
+        if not port_is_free(cmd.host, cmd.port):
+            return f"port {cmd.port} on {cmd.host} is already in use on node {self.node_id}"
+        return None
+
+    async def _report_starting(self, engine: ManagedEngine) -> None:
+        await self.outbox.send(
+            EngineStarting(
+                engine_id=engine.engine_id,
+                node=self.node_id,
+                generation=engine.generation,
+                pid=engine.pid,
+                argv=tuple(engine.argv),
+            )
+        )
+
+    async def _await_ready(self, engine: ManagedEngine, timeout_s: float | None = None) -> None:
+        timeout = timeout_s or startup_timeout_s(engine.backend)
+        started = time.monotonic()
+        ok = await self.lifecycle.wait_ready(engine.engine_id, timeout, self.agent.readiness_poll_s)
+        if ok:
+            log.info(
+                "%s ready at %s after %.2fs",
+                engine.engine_id,
+                engine.url,
+                time.monotonic() - started,
+            )
+            await self.outbox.send(
+                EngineReady(
+                    engine_id=engine.engine_id,
+                    node=self.node_id,
+                    generation=engine.generation,
+                    url=engine.url,
+                )
+            )
+        elif engine.alive and not engine.stopping:
+            await self.outbox.send(
+                EngineUnhealthy(
+                    engine_id=engine.engine_id,
+                    node=self.node_id,
+                    reason=f"not ready after {timeout:.0f}s (startup timeout)",
+                )
+            )
+
+    async def _terminate(self, cmd: TerminateEngine) -> None:
+        returncode = await self.lifecycle.stop(cmd.engine_id, cmd.grace_s)
+        self.logship.stop(cmd.engine_id)
+        await self.outbox.send(
+            EngineStopped(engine_id=cmd.engine_id, node=self.node_id, returncode=returncode)
+        )
+
+    async def _allocate(self, cmd: AllocateGpus) -> None:
+        have = {g.index for g in self.gpus.gpus()}
+        if not set(cmd.gpus) <= have:
+            log.error(
+                "allocation of GPUs %s for %s: node has only %s",
+                cmd.gpus,
+                cmd.engine_id,
+                sorted(have),
+            )
+            return
+        self.allocations[cmd.engine_id] = cmd.gpus
+        await self.outbox.send(
+            GpusAllocated(node=self.node_id, engine_id=cmd.engine_id, gpus=cmd.gpus)
+        )
+
+    async def _on_engine_exit(self, engine: ManagedEngine, returncode: int | None) -> None:
+        self.logship.stop(engine.engine_id)
+        await self.outbox.send(
+            EngineExited(
+                engine_id=engine.engine_id,
+                node=self.node_id,
+                generation=engine.generation,
+                returncode=returncode,
+                reason=describe_returncode(returncode),
+                last_lines=tuple(self.lifecycle.tail_log(engine.engine_id, 20)),
+            )
+        )
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+
+def port_is_free(host: str, port: int) -> bool:
+    """Whether a server could bind ``host:port`` right now."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True

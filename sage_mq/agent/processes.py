@@ -1,0 +1,139 @@
+"""Engine processes at the OS level: spawn in a new group, identify, watch, signal, reap."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+import psutil
+
+from sage_mq.errors import LaunchError
+
+
+def spawn(argv: Sequence[str], env: Mapping[str, str], log_path: Path) -> subprocess.Popen[bytes]:
+    """Start ``argv`` (never through a shell) in its own session and process group.
+
+    stdout and stderr go straight to the log file, so the engine does not depend on the agent
+    staying alive to drain a pipe.
+    """
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as log_file:
+        try:
+            return subprocess.Popen(
+                list(argv),
+                env=dict(env),
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                close_fds=True,
+            )
+        except OSError as exc:
+            raise LaunchError(f"cannot execute {argv[0]!r}: {exc.strerror or exc}") from None
+
+
+def create_time(pid: int) -> float | None:
+    """A process's start time (to tell it from a later process that reused its pid)."""
+    try:
+        return psutil.Process(pid).create_time()
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return None
+
+
+def same_process(pid: int, started: float) -> bool:
+    """True if ``pid`` is still the process that started at ``started``."""
+    now = create_time(pid)
+    return now is not None and abs(now - started) < 0.05
+
+
+def signal_group(pgid: int, sig: int) -> bool:
+    """Send a signal to a process group; False if no member is left ("already gone")."""
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def group_alive(pgid: int) -> bool:
+    """Whether any process of the group still exists (zombies included)."""
+    return signal_group(pgid, 0)  # signal 0: existence check only
+
+
+async def reap_group(pgid: int, timeout_s: float = 3.0) -> bool:
+    """SIGKILL what is left of a group and wait until it is gone; True if it is."""
+    deadline = time.monotonic() + timeout_s
+    while group_alive(pgid):
+        signal_group(pgid, signal.SIGKILL)
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.02)
+    return True
+
+
+def watch_exit(pid: int, on_exit: Callable[[], None]) -> Callable[[], None]:
+    """Call ``on_exit`` in the loop the moment ``pid`` ends; returns a cancel function.
+
+    Uses a pidfd (Linux ≥ 5.3), which also works for processes that are not our children
+    (engines adopted after an agent restart); falls back to polling.
+    """
+    loop = asyncio.get_running_loop()
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        loop.call_soon(on_exit)
+        return lambda: None
+    except (AttributeError, OSError):
+        return _poll_exit(pid, on_exit)
+
+    def fire() -> None:
+        cancel()
+        on_exit()
+
+    def cancel() -> None:
+        with contextlib.suppress(ValueError, OSError):
+            loop.remove_reader(fd)
+            os.close(fd)
+
+    loop.add_reader(fd, fire)
+    return cancel
+
+
+def _poll_exit(pid: int, on_exit: Callable[[], None]) -> Callable[[], None]:
+    async def poll() -> None:
+        # Kernels without pidfd give us nothing to wait on for a non-child: poll.
+        while psutil.pid_exists(pid) and not _is_zombie(pid):  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
+        on_exit()
+
+    task = asyncio.get_running_loop().create_task(poll())
+
+    def cancel() -> None:
+        task.cancel()
+
+    return cancel
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def describe_returncode(returncode: int | None) -> str:
+    """``exited with code 1`` / ``killed by SIGKILL`` / ``exited (code unknown)``."""
+    if returncode is None:
+        return "exited (code unknown: not a child of this agent)"
+    if returncode < 0:
+        try:
+            return f"killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"killed by signal {-returncode}"
+    return f"exited with code {returncode}"

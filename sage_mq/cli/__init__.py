@@ -1,0 +1,28 @@
+"""The ``sage`` / ``sage-mq`` command line: ``sage llm …`` for operators and every actor."""
+
+from __future__ import annotations
+
+import typer
+
+from sage_mq.cli.actors import node_app, scheduler_app
+from sage_mq.cli.engine import engine_app
+from sage_mq.cli.observe import events, gpu, status
+
+app = typer.Typer(
+    help="sage-mq: a control plane for fleets of LLM and embedding engines, on Redis.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+llm_app = typer.Typer(help="Engines, nodes and the actors that run them.", no_args_is_help=True)
+app.add_typer(llm_app, name="llm")
+llm_app.add_typer(engine_app, name="engine", no_args_is_help=True)
+llm_app.add_typer(scheduler_app, name="scheduler", no_args_is_help=True)
+llm_app.add_typer(node_app, name="node", no_args_is_help=True)
+llm_app.command("status")(status)
+llm_app.command("events")(events)
+llm_app.command("gpu")(gpu)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()

@@ -1,0 +1,104 @@
+"""``sage llm scheduler run`` and ``sage llm node run``: the long-running actors."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from sage_mq.agent.node import NodeAgent
+from sage_mq.cli.common import (
+    DEFAULT_URL,
+    LogLevel,
+    RedisUrl,
+    fail,
+    on_signals,
+    run,
+    settings_for,
+    setup_logging,
+)
+from sage_mq.connection import redact_url
+from sage_mq.errors import ConfigError
+from sage_mq.gpu import GPUResourceManager
+from sage_mq.scheduler.core import Scheduler
+from sage_mq.settings import AgentSettings, default_state_dir, engine_base_env, fake_gpus_from_env
+
+scheduler_app = typer.Typer(help="The scheduler: places engines, keeps records in step.")
+node_app = typer.Typer(help="The node agent: runs engines on this host.")
+
+
+@scheduler_app.command("run")
+def scheduler_run(
+    redis_url: RedisUrl = DEFAULT_URL,
+    name: Annotated[str | None, typer.Option(help="Consumer name (default host-pid).")] = None,
+    log_level: LogLevel = "INFO",
+) -> None:
+    """Run a scheduler until SIGINT/SIGTERM."""
+    setup_logging(log_level)
+    settings = settings_for(redis_url)
+
+    async def main() -> None:
+        async with Scheduler(settings, name=name) as scheduler:
+            on_signals(scheduler.stop)
+            typer.echo(f"scheduler {scheduler.name} on {redact_url(redis_url)}", err=True)
+            await scheduler.run()
+
+    run(main)
+
+
+def _port_range(text: str) -> tuple[int, int]:
+    try:
+        low, high = (int(p) for p in text.split("-", 1))
+    except ValueError:
+        raise ConfigError(
+            f"bad --port-range {text!r}: expected LOW-HIGH, e.g. 40000-40999"
+        ) from None
+    if not 1 <= low <= high <= 65535:
+        raise ConfigError(f"bad --port-range {text!r}: need 1 ≤ LOW ≤ HIGH ≤ 65535")
+    return low, high
+
+
+@node_app.command("run")
+def node_run(
+    node_id: Annotated[str, typer.Option("--node-id", help="Unique id of this node.")] = "",
+    advertise_address: Annotated[
+        str, typer.Option(help="Address engines bind to and clients use.")
+    ] = "127.0.0.1",
+    fake_gpus: Annotated[
+        str | None, typer.Option(help="Fake GPU inventory, e.g. 2x80GiB or 80GiB,24GiB.")
+    ] = None,
+    port_range: Annotated[str, typer.Option(help="Engine ports, LOW-HIGH.")] = "40000-40999",
+    state_dir: Annotated[Path | None, typer.Option(help="Engine state and logs.")] = None,
+    liveness_ttl: Annotated[float, typer.Option(help="Seconds the liveness key lives.")] = 5.0,
+    stop_grace: Annotated[float, typer.Option(help="Seconds between SIGTERM and SIGKILL.")] = 10.0,
+    redis_url: RedisUrl = DEFAULT_URL,
+    log_level: LogLevel = "INFO",
+) -> None:
+    """Run this host's node agent until SIGINT/SIGTERM (its engines keep running)."""
+    setup_logging(log_level)
+    settings = settings_for(redis_url)
+    node = node_id or socket.gethostname()
+
+    async def main() -> None:
+        agent_settings = AgentSettings(
+            node_id=node,
+            advertise_address=advertise_address,
+            port_range=_port_range(port_range),
+            state_dir=state_dir or default_state_dir(),
+            liveness_ttl_s=liveness_ttl,
+            stop_grace_s=stop_grace,
+        )
+        gpus = GPUResourceManager.detect(fake_gpus or fake_gpus_from_env())
+        agent = NodeAgent(settings, agent_settings, gpus=gpus, base_env=engine_base_env())
+        async with agent:
+            on_signals(agent.stop)
+            typer.echo(
+                f"node agent {node} ({len(gpus.gpus())} GPUs) on {redact_url(redis_url)}", err=True
+            )
+            await agent.run()
+
+    if not node:
+        fail("--node-id must not be empty")
+    run(main)

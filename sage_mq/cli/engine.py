@@ -1,0 +1,186 @@
+"""``sage llm engine …``: start, list, stop, logs."""
+
+from __future__ import annotations
+
+import shlex
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from sage_mq.cli.common import (
+    DEFAULT_URL,
+    JsonFlag,
+    RedisUrl,
+    console,
+    fail,
+    print_json,
+    run,
+    settings_for,
+)
+from sage_mq.control import ControlPlaneManager
+from sage_mq.messages import Envelope
+from sage_mq.store import EngineRecord
+
+engine_app = typer.Typer(help="Start, list, stop engines and read their logs.")
+
+_STATE_STYLE = {"RUNNING": "green", "FAILED": "red", "UNHEALTHY": "yellow", "STOPPED": "dim"}
+
+
+def _progress(env: Envelope) -> None:
+    data = env.payload.model_dump(mode="json")
+    detail = {k: v for k, v in data.items() if k not in ("engine_id", "argv", "last_lines")}
+    console.print(f"  [cyan]{env.type}[/cyan] {detail}", highlight=False)
+
+
+@engine_app.command("start")
+def start(
+    model: Annotated[
+        str, typer.Argument(help="Model id or path, e.g. Qwen/Qwen2.5-1.5B-Instruct.")
+    ],
+    engine_kind: Annotated[str, typer.Option("--engine-kind", help="llm or embedding.")] = "llm",
+    use_gpu: Annotated[
+        bool | None,
+        typer.Option("--use-gpu/--no-gpu", help="Default: LLMs on GPU, embeddings on CPU."),
+    ] = None,
+    tensor_parallel_size: Annotated[int, typer.Option("-tp", "--tensor-parallel-size")] = 1,
+    port: Annotated[
+        int | None, typer.Option(help="Fixed port (default: from the node's range).")
+    ] = None,
+    node: Annotated[str | None, typer.Option(help="Pin to this node id.")] = None,
+    backend: Annotated[str | None, typer.Option(help="vllm, embedding, command or fake.")] = None,
+    extra_args: Annotated[
+        str, typer.Option(help='Extra engine arguments, e.g. "--max-model-len 4096".')
+    ] = "",
+    required_memory_gb: Annotated[
+        float | None, typer.Option(help="Override the memory estimate.")
+    ] = None,
+    wait: Annotated[bool, typer.Option("--wait", help="Show progress until RUNNING.")] = False,
+    timeout: Annotated[float, typer.Option(help="Seconds --wait waits.")] = 1800.0,
+    json_output: JsonFlag = False,
+    redis_url: RedisUrl = DEFAULT_URL,
+) -> None:
+    """Start an engine somewhere in the fleet."""
+    if engine_kind not in ("llm", "embedding"):
+        fail(f"--engine-kind must be llm or embedding, not {engine_kind!r}")
+    try:
+        args = shlex.split(extra_args)
+    except ValueError as exc:
+        fail(f"cannot split --extra-args: {exc}")
+
+    async def main() -> EngineRecord:
+        async with ControlPlaneManager(settings_for(redis_url)) as cp:
+            return await cp.request_engine_startup(
+                model,
+                engine_kind=engine_kind,
+                use_gpu=use_gpu,
+                tensor_parallel_size=tensor_parallel_size,
+                port=port,
+                node=node,
+                backend=backend,
+                extra_args=args,
+                required_memory_gb=required_memory_gb,
+                wait=wait,
+                timeout=timeout,
+                on_event=None if json_output else _progress,
+            )
+
+    record = run(main)
+    if json_output:
+        print_json(record.public())
+    elif wait:
+        console.print(f"[green]{record.engine_id} RUNNING[/green] at {record.url}", highlight=False)
+    else:
+        console.print(f"requested {record.engine_id}; follow with `sage llm events --follow`")
+
+
+@engine_app.command("list")
+def list_engines(json_output: JsonFlag = False, redis_url: RedisUrl = DEFAULT_URL) -> None:
+    """Every engine with its state, node, URL and GPUs."""
+
+    async def main() -> list[EngineRecord]:
+        async with ControlPlaneManager(settings_for(redis_url)) as cp:
+            return await cp.list_engines()
+
+    records = run(main)
+    if json_output:
+        print_json([r.public() for r in records])
+        return
+    table = Table(
+        "ENGINE",
+        "MODEL",
+        "KIND",
+        "BACKEND",
+        "STATE",
+        "NODE",
+        "URL",
+        "GPUS",
+        "PID",
+        "RESTARTS",
+        "LAST ERROR",
+    )
+    for r in records:
+        style = _STATE_STYLE.get(r.state.value, "")
+        table.add_row(
+            r.engine_id,
+            r.model,
+            r.kind,
+            r.backend,
+            f"[{style}]{r.state.value}[/{style}]" if style else r.state.value,
+            r.node or "-",
+            r.url or "-",
+            ",".join(map(str, r.gpus)) or "-",
+            str(r.pid or "-"),
+            str(r.restarts),
+            (r.last_error or "")[:60],
+        )
+    console.print(table)
+
+
+@engine_app.command("stop")
+def stop(
+    engine_id: Annotated[str, typer.Argument(help="Engine id (see `engine list`).")],
+    wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Wait until STOPPED.")] = True,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait.")] = 60.0,
+    json_output: JsonFlag = False,
+    redis_url: RedisUrl = DEFAULT_URL,
+) -> None:
+    """Stop an engine: SIGTERM, grace, SIGKILL; its GPUs and port are freed."""
+
+    async def main() -> EngineRecord:
+        async with ControlPlaneManager(settings_for(redis_url)) as cp:
+            return await cp.stop_engine(engine_id, wait=wait, timeout=timeout)
+
+    record = run(main)
+    if json_output:
+        print_json(record.public())
+    else:
+        console.print(f"{record.engine_id} {record.state.value if wait else 'stop requested'}")
+
+
+@engine_app.command("logs")
+def logs(
+    engine_id: Annotated[str, typer.Argument(help="Engine id.")],
+    follow: Annotated[
+        bool, typer.Option("--follow", "-f", help="Keep printing new lines.")
+    ] = False,
+    lines: Annotated[int, typer.Option("--lines", "-n", help="How many lines first.")] = 100,
+    redis_url: RedisUrl = DEFAULT_URL,
+) -> None:
+    """An engine's log (shipped to Redis by its agent, so readable from any host)."""
+
+    async def main() -> None:
+        async with ControlPlaneManager(settings_for(redis_url)) as cp:
+            await cp.get_engine(engine_id)
+            key = cp.keys.engine_log(engine_id)
+            rows = await cp.bus.history(key, lines)
+            for _entry_id, fields in rows:
+                typer.echo(fields.get("line", ""))
+            cursor = rows[-1][0] if rows else "0-0"
+            if not follow:
+                return
+            async for entry_id, fields in cp.bus.tail(key, cursor):
+                if entry_id:
+                    typer.echo(fields.get("line", ""))
+
+    run(main)

@@ -1,0 +1,132 @@
+"""``sage llm status``, ``events`` and ``gpu``: looking at the fleet."""
+
+from __future__ import annotations
+
+import datetime
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from sage_mq.cli.common import (
+    DEFAULT_URL,
+    JsonFlag,
+    RedisUrl,
+    console,
+    print_json,
+    run,
+    settings_for,
+)
+from sage_mq.control import ControlPlaneManager
+from sage_mq.errors import DecodeError
+from sage_mq.gpu import GIB
+from sage_mq.messages import decode, to_json
+
+
+def status(json_output: JsonFlag = False, redis_url: RedisUrl = DEFAULT_URL) -> None:
+    """Engines by state, nodes alive, GPUs, stream backlogs."""
+
+    async def main() -> dict[str, Any]:
+        async with ControlPlaneManager(settings_for(redis_url)) as cp:
+            return await cp.status()
+
+    summary = run(main)
+    if json_output:
+        print_json(summary)
+        return
+    engines, nodes, gpus, streams = (summary[k] for k in ("engines", "nodes", "gpus", "streams"))
+    states = ", ".join(f"{k} {v}" for k, v in sorted(engines["by_state"].items())) or "none"
+    console.print(f"namespace   {summary['namespace']}", highlight=False)
+    console.print(f"nodes       {nodes['alive']} alive of {nodes['total']}", highlight=False)
+    console.print(f"gpus        {gpus['total']} ({gpus['memory_total_gib']} GiB)", highlight=False)
+    console.print(f"engines     {engines['total']}: {states}", highlight=False)
+    console.print(
+        f"streams     requests {streams['requests']}, events {streams['events']}, "
+        f"dead letters {streams['dead']}",
+        highlight=False,
+    )
+
+
+def _event_line(entry_id: str, fields: dict[str, str]) -> str:
+    try:
+        env = decode(fields)
+    except DecodeError as exc:
+        return f"{entry_id} (undecodable: {exc})"
+    when = datetime.datetime.fromtimestamp(env.ts).strftime("%H:%M:%S.%f")[:-3]
+    data = to_json(env)["data"]
+    detail = " ".join(f"{k}={v}" for k, v in data.items() if k not in ("argv", "last_lines"))
+    return f"{when} {env.type:<20} {detail}"
+
+
+def events(
+    follow: Annotated[
+        bool, typer.Option("--follow", "-f", help="Keep printing new events.")
+    ] = False,
+    count: Annotated[int, typer.Option("--count", "-n", help="How many past events.")] = 50,
+    json_output: JsonFlag = False,
+    redis_url: RedisUrl = DEFAULT_URL,
+) -> None:
+    """Recent events from ``sage:events`` (every step of every engine)."""
+
+    def show(entry_id: str, fields: dict[str, str]) -> None:
+        if json_output:
+            print_json({"entry_id": entry_id, **fields})
+        else:
+            typer.echo(_event_line(entry_id, fields))
+
+    async def main() -> None:
+        async with ControlPlaneManager(settings_for(redis_url)) as cp:
+            rows = await cp.bus.history(cp.keys.events, count)
+            for entry_id, fields in rows:
+                show(entry_id, fields)
+            if follow:
+                cursor = rows[-1][0] if rows else "0-0"
+                async for entry_id, fields in cp.bus.tail(cp.keys.events, cursor):
+                    if entry_id:
+                        show(entry_id, fields)
+
+    run(main)
+
+
+def gpu(json_output: JsonFlag = False, redis_url: RedisUrl = DEFAULT_URL) -> None:
+    """GPUs of every node, with what the scheduler has reserved on each."""
+
+    async def main() -> list[dict[str, Any]]:
+        async with ControlPlaneManager(settings_for(redis_url)) as cp:
+            rows = []
+            for node, alive in await cp.list_nodes():
+                reservations = await cp.store.reservations(node.node_id)
+                for g in node.gpus:
+                    holders = {e: r.memory_gb for e, r in reservations.items() if g.index in r.gpus}
+                    rows.append(
+                        {
+                            "node": node.node_id,
+                            "alive": alive,
+                            "index": g.index,
+                            "name": g.name,
+                            "memory_total_gib": round(g.memory_total / GIB, 1),
+                            "memory_used_gib": round(g.memory_used / GIB, 1),
+                            "reserved_gib": round(sum(holders.values()), 1),
+                            "engines": sorted(holders),
+                            "fake": g.fake,
+                        }
+                    )
+            return rows
+
+    rows = run(main)
+    if json_output:
+        print_json(rows)
+        return
+    table = Table("NODE", "GPU", "NAME", "TOTAL GiB", "USED GiB", "RESERVED GiB", "ENGINES")
+    for r in rows:
+        node = r["node"] if r["alive"] else f"{r['node']} (down)"
+        table.add_row(
+            node,
+            str(r["index"]),
+            r["name"],
+            str(r["memory_total_gib"]),
+            str(r["memory_used_gib"]),
+            str(r["reserved_gib"]),
+            ", ".join(r["engines"]) or "-",
+        )
+    console.print(table if rows else "no GPUs in the fleet (nodes without GPUs run CPU engines)")

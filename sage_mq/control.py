@@ -1,0 +1,256 @@
+"""ControlPlaneManager: the management facade over Redis (used by the CLI, gateway and client).
+
+It publishes requests to the scheduler and can wait for their outcome on ``sage:events``.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+from pydantic import ValidationError
+
+from sage_mq.bus import Bus
+from sage_mq.connection import Redis, connect, redis_errors
+from sage_mq.errors import (
+    DecodeError,
+    EngineFailedError,
+    EngineNotFound,
+    InvalidRequest,
+    RequestRejectedError,
+    WaitTimeout,
+)
+from sage_mq.gpu import GIB
+from sage_mq.keys import Keys
+from sage_mq.messages import Envelope, StartEngine, StopEngine, decode, envelope
+from sage_mq.scheduler.placement import check_request
+from sage_mq.settings import Settings
+from sage_mq.store import EngineRecord, EngineState, NodeRecord, Store
+
+log = logging.getLogger(__name__)
+EventCallback = Callable[[Envelope], None]
+_FAILURE_EVENTS = ("engine.failed", "request.rejected")
+
+
+class ControlPlaneManager:
+    """Start, stop, list and inspect engines across the fleet."""
+
+    def __init__(self, settings: Settings | None = None, *, redis: Redis | None = None) -> None:
+        self.settings = settings or Settings()
+        self.redis = redis or connect(self.settings)
+        self._owns_redis = redis is None
+        self.keys = Keys(self.settings.namespace)
+        self.bus = Bus(self.redis, self.keys, self.settings.bus)
+        self.store = Store(self.redis, self.keys)
+
+    async def __aenter__(self) -> ControlPlaneManager:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Release the Redis connection if this manager made it."""
+        if self._owns_redis:
+            await self.redis.aclose()
+
+    # -- engines -------------------------------------------------------------------------
+    async def request_engine_startup(
+        self,
+        model_id: str,
+        *,
+        engine_kind: str = "llm",
+        use_gpu: bool | None = None,
+        tensor_parallel_size: int = 1,
+        pipeline_parallel_size: int = 1,
+        port: int | None = None,
+        node: str | None = None,
+        backend: str | None = None,
+        extra_args: Sequence[str] = (),
+        required_memory_gb: float | None = None,
+        engine_label: str | None = None,
+        max_concurrent_requests: int | None = None,
+        metadata: dict[str, Any] | None = None,
+        engine_id: str | None = None,
+        wait: bool = False,
+        timeout: float = 1800.0,
+        on_event: EventCallback | None = None,
+    ) -> EngineRecord:
+        """Ask the scheduler to start an engine; with ``wait``, return once it is RUNNING.
+
+        Raises :class:`InvalidRequest` for a request that can never succeed, and (when waiting)
+        :class:`RequestRejectedError`, :class:`EngineFailedError` or :class:`WaitTimeout`.
+        """
+        fields = dict(
+            engine_id=engine_id or new_engine_id(engine_label or model_id),
+            model=model_id,
+            kind=engine_kind,
+            backend=backend,
+            use_gpu=use_gpu,
+            tensor_parallel_size=tensor_parallel_size,
+            pipeline_parallel_size=pipeline_parallel_size,
+            port=port,
+            node=node,
+            extra_args=tuple(extra_args),
+            required_memory_gb=required_memory_gb,
+            engine_label=engine_label,
+            max_concurrent_requests=max_concurrent_requests,
+            metadata=metadata or {},
+        )
+        try:
+            request = StartEngine.model_validate(fields)
+        except ValidationError as exc:
+            raise InvalidRequest(_explain(exc)) from None
+        check_request(request)
+        cursor = await self.bus.last_id(self.keys.events)
+        env = envelope(request)
+        await self.bus.publish(self.keys.requests, env)
+        log.info("requested start of %s (%s)", request.engine_id, model_id)
+        if not wait:
+            return EngineRecord(
+                engine_id=request.engine_id,
+                model=model_id,
+                kind=engine_kind,
+                backend=backend or "",
+                use_gpu=use_gpu,
+            )
+        return await self.wait_for_engine(
+            request.engine_id,
+            until=(EngineState.RUNNING,),
+            since=cursor,
+            timeout=timeout,
+            on_event=on_event,
+        )
+
+    async def stop_engine(
+        self,
+        engine_id: str,
+        *,
+        wait: bool = False,
+        timeout: float = 60.0,
+        on_event: EventCallback | None = None,
+    ) -> EngineRecord:
+        """Ask the scheduler to stop an engine; with ``wait``, return once it is STOPPED."""
+        record = await self.get_engine(engine_id)
+        cursor = await self.bus.last_id(self.keys.events)
+        await self.bus.publish(self.keys.requests, StopEngine(engine_id=engine_id))
+        if not wait:
+            return record
+        return await self.wait_for_engine(
+            engine_id,
+            until=(EngineState.STOPPED,),
+            since=cursor,
+            timeout=timeout,
+            on_event=on_event,
+        )
+
+    async def get_engine(self, engine_id: str) -> EngineRecord:
+        """The engine record; :class:`EngineNotFound` if there is none."""
+        record = await self.store.get_engine(engine_id)
+        if record is None:
+            raise EngineNotFound(f"no engine {engine_id!r} (see `sage llm engine list`)")
+        return record
+
+    async def list_engines(self) -> list[EngineRecord]:
+        """Every engine record, oldest first."""
+        return await self.store.list_engines()
+
+    async def list_nodes(self) -> list[tuple[NodeRecord, bool]]:
+        """Every node with whether its agent is alive."""
+        return await self.store.list_nodes()
+
+    async def status(self) -> dict[str, Any]:
+        """A summary of the fleet: engines by state, nodes, GPUs, stream backlogs."""
+        engines = await self.list_engines()
+        nodes = await self.list_nodes()
+        by_state: dict[str, int] = {}
+        for record in engines:
+            by_state[record.state.value] = by_state.get(record.state.value, 0) + 1
+        with redis_errors("reading stream lengths"):
+            streams = {
+                name: int(await self.redis.xlen(key))
+                for name, key in (
+                    ("requests", self.keys.requests),
+                    ("events", self.keys.events),
+                    ("dead", self.keys.dead),
+                )
+            }
+        gpus = [g for record, alive in nodes if alive for g in record.gpus]
+        return {
+            "namespace": self.keys.namespace,
+            "engines": {"total": len(engines), "by_state": by_state},
+            "nodes": {"total": len(nodes), "alive": sum(1 for _, alive in nodes if alive)},
+            "gpus": {
+                "total": len(gpus),
+                "memory_total_gib": round(sum(g.memory_total for g in gpus) / GIB, 1),
+            },
+            "streams": streams,
+        }
+
+    # -- waiting for outcomes ------------------------------------------------------------
+    async def wait_for_engine(
+        self,
+        engine_id: str,
+        *,
+        until: Iterable[EngineState],
+        since: str = "$",
+        timeout: float = 600.0,
+        on_event: EventCallback | None = None,
+    ) -> EngineRecord:
+        """Follow ``sage:events`` until the engine reaches one of ``until`` (or fails)."""
+        goal = set(until)
+        deadline = time.monotonic() + timeout
+        async for entry_id, fields in self.bus.tail(self.keys.events, since):
+            env = _decode_quietly(fields) if entry_id else None
+            if env is not None and getattr(env.payload, "engine_id", None) == engine_id:
+                if on_event is not None:
+                    on_event(env)
+                if env.type in _FAILURE_EVENTS and EngineState.FAILED not in goal:
+                    raise _failure(env)
+            record = await self.store.get_engine(engine_id)
+            if record is not None and record.state in goal:
+                return record
+            if record is not None and record.state.terminal and not goal & {record.state}:
+                raise EngineFailedError(f"{engine_id} is {record.state}: {record.last_error}")
+            if time.monotonic() > deadline:
+                state = record.state if record else "unknown"
+                raise WaitTimeout(
+                    f"{engine_id} still {state} after {timeout:.0f}s; "
+                    "follow it with `sage llm events --follow`"
+                )
+        raise WaitTimeout(f"event stream ended while waiting for {engine_id}")  # pragma: no cover
+
+
+def new_engine_id(name: str) -> str:
+    """A readable, unique engine id: the model's last path part, slugged, plus 6 hex digits."""
+    base = name.rstrip("/").rsplit("/", 1)[-1].lower()
+    slug = re.sub(r"[^a-z0-9._-]+", "-", base).strip("-.")[:40] or "engine"
+    return f"{slug}-{uuid.uuid4().hex[:6]}"
+
+
+def _decode_quietly(fields: dict[str, str]) -> Envelope | None:
+    try:
+        return decode(fields)
+    except DecodeError:
+        return None
+
+
+def _failure(env: Envelope) -> Exception:
+    reason = str(getattr(env.payload, "reason", "unknown reason"))
+    if env.type == "request.rejected":
+        return RequestRejectedError(reason)
+    lines = tuple(getattr(env.payload, "last_lines", ()))
+    tail = ("\n  " + "\n  ".join(lines[-5:])) if lines else ""
+    return EngineFailedError(f"{reason}{tail}")
+
+
+def _explain(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err.get("loc", ()))
+        parts.append(f"{where}: {err.get('msg')}")
+    return "invalid engine request: " + "; ".join(parts)

@@ -1,0 +1,365 @@
+"""Message types on the streams, and their flat, redis-cli-readable encoding.
+
+A stream entry is ``{type, data, id, ts, v}``: ``type`` a dotted name, ``data`` the JSON payload,
+``id`` unique (idempotency), ``ts`` seconds since the epoch, ``v`` the schema version.
+Requests go to the scheduler, commands (imperative) to one node agent, events (past tense) to all.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Mapping
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from sage_mq.errors import DecodeError
+
+SCHEMA_VERSION = 1
+EngineKind = Literal["llm", "embedding"]
+BACKENDS = ("vllm", "embedding", "command", "fake")
+
+
+class Message(BaseModel):
+    """Base of every payload: frozen, no unknown fields, told apart by ``TYPE``."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    TYPE: ClassVar[str]
+
+
+# -- requests to the scheduler (sage:requests) -------------------------------------------
+
+
+class StartEngine(Message):
+    """Start an engine somewhere in the fleet."""
+
+    TYPE: ClassVar[str] = "engine.start"
+    engine_id: str = Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9._-]+$")
+    model: str = Field(min_length=1)
+    kind: EngineKind = "llm"
+    backend: Literal["vllm", "embedding", "command", "fake"] | None = None
+    use_gpu: bool | None = None
+    tensor_parallel_size: int = Field(1, ge=1, le=64)
+    pipeline_parallel_size: int = Field(1, ge=1, le=64)
+    port: int | None = Field(None, ge=1, le=65535)
+    node: str | None = None
+    extra_args: tuple[str, ...] = ()
+    required_memory_gb: float | None = Field(None, gt=0)
+    engine_label: str | None = None
+    max_concurrent_requests: int | None = Field(None, ge=1)
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+class StopEngine(Message):
+    """Stop an engine and free its GPUs and port."""
+
+    TYPE: ClassVar[str] = "engine.stop"
+    engine_id: str
+
+
+# -- commands to one node agent (sage:node:<id>:commands) --------------------------------
+
+
+class LaunchEngine(Message):
+    """Spawn an engine process with exactly these parameters."""
+
+    TYPE: ClassVar[str] = "engine.launch"
+    engine_id: str
+    generation: int = Field(ge=1)
+    model: str
+    kind: EngineKind
+    backend: str
+    host: str
+    port: int = Field(ge=1, le=65535)
+    gpus: tuple[int, ...] = ()
+    use_gpu: bool = False
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    extra_args: tuple[str, ...] = ()
+    gpu_memory_utilization: float | None = None
+    startup_timeout_s: float | None = Field(None, gt=0)
+
+
+class TerminateEngine(Message):
+    """Stop an engine process: SIGTERM to its group, grace, SIGKILL."""
+
+    TYPE: ClassVar[str] = "engine.terminate"
+    engine_id: str
+    grace_s: float | None = None
+
+
+class AllocateGpus(Message):
+    """Record that these GPUs of the node are reserved for an engine."""
+
+    TYPE: ClassVar[str] = "gpu.allocate"
+    engine_id: str
+    gpus: tuple[int, ...]
+    memory_gb: float
+
+
+class ReleaseGpus(Message):
+    """Drop an engine's GPU reservation on the node."""
+
+    TYPE: ClassVar[str] = "gpu.release"
+    engine_id: str
+
+
+class HealthTick(Message):
+    """Probe every engine on the node now and report."""
+
+    TYPE: ClassVar[str] = "health.tick"
+    timeout_s: float = 5.0
+
+
+# -- events (sage:events) ----------------------------------------------------------------
+
+
+class EnginePlaced(Message):
+    """The scheduler chose a node, GPUs and port for an engine."""
+
+    TYPE: ClassVar[str] = "engine.placed"
+    engine_id: str
+    node: str
+    port: int
+    gpus: tuple[int, ...] = ()
+    memory_gb: float = 0.0
+
+
+class EngineStarting(Message):
+    """The agent spawned the engine process."""
+
+    TYPE: ClassVar[str] = "engine.starting"
+    engine_id: str
+    node: str
+    generation: int
+    pid: int
+    argv: tuple[str, ...]
+
+
+class EngineReady(Message):
+    """The engine answered its health endpoint."""
+
+    TYPE: ClassVar[str] = "engine.ready"
+    engine_id: str
+    node: str
+    generation: int
+    url: str
+
+
+class EngineExited(Message):
+    """The engine process ended without being asked to."""
+
+    TYPE: ClassVar[str] = "engine.exited"
+    engine_id: str
+    node: str
+    generation: int
+    returncode: int | None
+    reason: str
+    last_lines: tuple[str, ...] = ()
+
+
+class EngineLaunchFailed(Message):
+    """The agent could not spawn the engine (port busy, bad argv, unknown GPU…)."""
+
+    TYPE: ClassVar[str] = "engine.launch_failed"
+    engine_id: str
+    node: str
+    generation: int
+    reason: str
+
+
+class EngineAdopted(Message):
+    """A restarted agent found the engine's process still running and took it back."""
+
+    TYPE: ClassVar[str] = "engine.adopted"
+    engine_id: str
+    node: str
+    generation: int
+    pid: int
+
+
+class EngineUnhealthy(Message):
+    """The engine is failing its probes (or did not become ready in time)."""
+
+    TYPE: ClassVar[str] = "engine.unhealthy"
+    engine_id: str
+    node: str
+    reason: str
+
+
+class EngineRestarting(Message):
+    """The scheduler will launch the engine again after ``delay_s``."""
+
+    TYPE: ClassVar[str] = "engine.restarting"
+    engine_id: str
+    attempt: int
+    delay_s: float
+
+
+class EngineFailed(Message):
+    """The engine is FAILED: it holds no GPU and no port any more."""
+
+    TYPE: ClassVar[str] = "engine.failed"
+    engine_id: str
+    reason: str
+    last_lines: tuple[str, ...] = ()
+
+
+class EngineStopped(Message):
+    """The engine process is gone after a stop (or was never launched)."""
+
+    TYPE: ClassVar[str] = "engine.stopped"
+    engine_id: str
+    node: str | None = None
+    returncode: int | None = None
+
+
+class NodeJoined(Message):
+    """A node agent registered (or re-registered after a restart)."""
+
+    TYPE: ClassVar[str] = "node.joined"
+    node_id: str
+    address: str
+    gpu_count: int
+    epoch: int
+
+
+class NodeLost(Message):
+    """A node's liveness key expired."""
+
+    TYPE: ClassVar[str] = "node.lost"
+    node_id: str
+
+
+class NodeHealth(Message):
+    """Probe results of every engine on a node for one health tick."""
+
+    TYPE: ClassVar[str] = "node.health"
+    node_id: str
+    results: dict[str, bool]
+
+
+class GpusAllocated(Message):
+    """The agent recorded a GPU reservation."""
+
+    TYPE: ClassVar[str] = "gpu.allocated"
+    node: str
+    engine_id: str
+    gpus: tuple[int, ...]
+
+
+class GpusReleased(Message):
+    """The agent dropped a GPU reservation."""
+
+    TYPE: ClassVar[str] = "gpu.released"
+    node: str
+    engine_id: str
+
+
+class RequestRejected(Message):
+    """The scheduler refused a request; ``reason`` says why in words."""
+
+    TYPE: ClassVar[str] = "request.rejected"
+    request_id: str
+    request_type: str
+    engine_id: str | None = None
+    reason: str
+
+
+MESSAGE_TYPES: dict[str, type[Message]] = {
+    cls.TYPE: cls
+    for cls in (
+        StartEngine,
+        StopEngine,
+        LaunchEngine,
+        TerminateEngine,
+        AllocateGpus,
+        ReleaseGpus,
+        HealthTick,
+        EnginePlaced,
+        EngineStarting,
+        EngineReady,
+        EngineExited,
+        EngineLaunchFailed,
+        EngineAdopted,
+        EngineUnhealthy,
+        EngineRestarting,
+        EngineFailed,
+        EngineStopped,
+        NodeJoined,
+        NodeLost,
+        NodeHealth,
+        GpusAllocated,
+        GpusReleased,
+        RequestRejected,
+    )
+}
+
+
+class Envelope(BaseModel):
+    """One message with its identity: what goes into a stream entry."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    id: str
+    type: str
+    ts: float
+    v: int = SCHEMA_VERSION
+    payload: Message
+
+
+def envelope(payload: Message, *, message_id: str | None = None) -> Envelope:
+    """Wrap a payload with a fresh id (or a given one, for idempotent re-sends)."""
+    return Envelope(
+        id=message_id or uuid.uuid4().hex, type=payload.TYPE, ts=time.time(), payload=payload
+    )
+
+
+def encode(env: Envelope) -> dict[str, str]:
+    """The flat stream fields of an envelope."""
+    return {
+        "type": env.type,
+        "data": env.payload.model_dump_json(),
+        "id": env.id,
+        "ts": f"{env.ts:.6f}",
+        "v": str(env.v),
+    }
+
+
+def decode(fields: Mapping[str, str]) -> Envelope:
+    """An envelope from stream fields; anything unusable raises :class:`DecodeError`."""
+    missing = [name for name in ("type", "data", "id") if not fields.get(name)]
+    if missing:
+        raise DecodeError(f"stream entry lacks field(s) {', '.join(missing)}")
+    type_name = fields["type"]
+    model = MESSAGE_TYPES.get(type_name)
+    if model is None:
+        raise DecodeError(f"unknown message type {type_name!r}")
+    try:
+        version = int(fields.get("v") or SCHEMA_VERSION)
+        ts = float(fields.get("ts") or time.time())
+    except ValueError as exc:
+        raise DecodeError(f"bad v/ts field in {type_name} entry: {exc}") from None
+    if version > SCHEMA_VERSION:
+        raise DecodeError(
+            f"{type_name} has schema version {version}; this build reads ≤ {SCHEMA_VERSION}"
+        )
+    try:
+        payload = model.model_validate_json(fields["data"])
+    except ValidationError as exc:
+        raise DecodeError(f"invalid {type_name} payload: {_first_error(exc)}") from None
+    return Envelope(id=fields["id"], type=type_name, ts=ts, v=version, payload=payload)
+
+
+def _first_error(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    where = ".".join(str(p) for p in err.get("loc", ())) or "payload"
+    return f"{where}: {err.get('msg', 'invalid')} ({exc.error_count()} error(s))"
+
+
+def to_json(env: Envelope) -> dict[str, Any]:
+    """A JSON-ready dict of an envelope, for ``--json`` output and logs."""
+    out: dict[str, Any] = json.loads(env.model_dump_json(exclude={"payload"}))
+    out["data"] = env.payload.model_dump(mode="json")
+    return out

@@ -1,0 +1,133 @@
+"""Pure placement policy: which node, which GPUs, which port. No I/O; tested with tables."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from sage_mq.errors import InvalidRequest, PlacementError
+from sage_mq.messages import StartEngine
+
+
+@dataclass(frozen=True)
+class GpuView:
+    """One GPU as the scheduler sees it: its size and what is already reserved on it."""
+
+    index: int
+    total_gb: float
+    reserved_gb: float = 0.0
+
+    @property
+    def free_gb(self) -> float:
+        """GiB not reserved by any engine."""
+        return self.total_gb - self.reserved_gb
+
+
+@dataclass(frozen=True)
+class NodeView:
+    """A live node: its GPUs, how many engines it holds, its port range and used ports."""
+
+    node_id: str
+    address: str
+    gpus: tuple[GpuView, ...] = ()
+    engines: int = 0
+    port_range: tuple[int, int] = (40000, 40999)
+    ports_in_use: frozenset[int] = field(default_factory=frozenset)
+
+
+@dataclass(frozen=True)
+class Demand:
+    """What an engine needs: GPUs (count and GiB on each) or CPU, maybe on a pinned node."""
+
+    gpu_count: int
+    memory_gb_per_gpu: float
+    node: str | None = None
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where an engine goes."""
+
+    node_id: str
+    address: str
+    gpus: tuple[int, ...]
+    memory_gb_per_gpu: float
+
+
+def wants_gpu(kind: str, use_gpu: bool | None) -> bool:
+    """use_gpu semantics: None → LLMs on GPU, embeddings on CPU; True/False as said."""
+    if use_gpu is None:
+        return kind == "llm"
+    return use_gpu
+
+
+def check_request(req: StartEngine) -> None:
+    """Refuse requests that can never be placed as written, with what to change."""
+    if req.use_gpu is False and req.tensor_parallel_size * req.pipeline_parallel_size > 1:
+        raise InvalidRequest(
+            f"{req.engine_id}: tensor/pipeline parallelism needs GPUs; drop --no-gpu or set -tp 1"
+        )
+    if req.backend == "command" and not req.extra_args:
+        raise InvalidRequest(
+            f"{req.engine_id}: backend 'command' needs an argv template in extra_args, "
+            "e.g. --extra-args 'my-server --model {model} --host {host} --port {port}'"
+        )
+
+
+def place(demand: Demand, nodes: Sequence[NodeView]) -> Placement:
+    """Choose a node (and GPUs) for an engine, or raise :class:`PlacementError` saying why."""
+    candidates = [n for n in nodes if demand.node is None or n.node_id == demand.node]
+    if not candidates:
+        if demand.node is not None:
+            live = ", ".join(sorted(n.node_id for n in nodes)) or "none"
+            raise PlacementError(f"node {demand.node!r} is not live (live nodes: {live})")
+        raise PlacementError("no live node: start one with `sage llm node run --node-id ID`")
+    if demand.gpu_count == 0:
+        best = min(candidates, key=lambda n: (n.engines, n.node_id))
+        return Placement(best.node_id, best.address, (), 0.0)
+    fits = [p for p in (_fit_on(n, demand) for n in candidates) if p is not None]
+    if not fits:
+        raise PlacementError(_no_gpu_fits(demand, candidates))
+    return min(fits, key=lambda scored: (scored[0], scored[1].node_id))[1]
+
+
+def _fit_on(node: NodeView, demand: Demand) -> tuple[float, Placement] | None:
+    """Best fit on one node: the tightest GPUs that hold the demand; score = GiB left over."""
+    usable = sorted(
+        (g for g in node.gpus if g.free_gb + 1e-9 >= demand.memory_gb_per_gpu),
+        key=lambda g: (g.free_gb, g.index),
+    )
+    if len(usable) < demand.gpu_count:
+        return None
+    chosen = sorted(usable[: demand.gpu_count], key=lambda g: g.index)
+    leftover = sum(g.free_gb - demand.memory_gb_per_gpu for g in chosen)
+    gpus = tuple(g.index for g in chosen)
+    return leftover, Placement(node.node_id, node.address, gpus, demand.memory_gb_per_gpu)
+
+
+def _no_gpu_fits(demand: Demand, nodes: Sequence[NodeView]) -> str:
+    need = (
+        f"no GPU fits: needs {demand.gpu_count} GPU(s) with "
+        f"≥{demand.memory_gb_per_gpu:.1f} GiB free each on one node"
+    )
+    seen = []
+    for n in sorted(nodes, key=lambda n: n.node_id):
+        if not n.gpus:
+            seen.append(f"{n.node_id}: no GPUs")
+            continue
+        free = ", ".join(f"{g.free_gb:.1f}" for g in n.gpus)
+        seen.append(f"{n.node_id}: {len(n.gpus)} GPU(s), free GiB [{free}]")
+    return f"{need}; {'; '.join(seen)}"
+
+
+def choose_port(node: NodeView, requested: int | None = None) -> int:
+    """The requested port if free, else the lowest free port of the node's range."""
+    low, high = node.port_range
+    if requested is not None:
+        if requested in node.ports_in_use:
+            raise PlacementError(f"port {requested} is already assigned on node {node.node_id}")
+        return requested
+    for port in range(low, high + 1):
+        if port not in node.ports_in_use:
+            return port
+    raise PlacementError(f"no free port left on node {node.node_id} in {low}-{high}")

@@ -1,0 +1,97 @@
+"""Settings, read once at the edge (CLI or ``create()``) and passed down.
+
+This is the only module that reads the environment.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sage_mq.keys import DEFAULT_NAMESPACE
+
+DEFAULT_REDIS_URL = "redis://localhost:6379/0"
+ENV_REDIS_URL = "SAGE_MQ_REDIS_URL"
+ENV_NAMESPACE = "SAGE_MQ_NAMESPACE"
+ENV_FAKE_GPUS = "SAGE_MQ_FAKE_GPUS"
+ENV_STATE_DIR = "SAGE_MQ_STATE_DIR"
+
+
+@dataclass(frozen=True)
+class BusSettings:
+    """How stream consumers read, retry, claim and dead-letter."""
+
+    block_ms: int = 1000
+    """XREADGROUP BLOCK; must stay below the Redis client's socket timeout."""
+    batch_size: int = 64
+    claim_min_idle_ms: int = 10_000
+    """Entries pending this long (a dead consumer's, or a failed handler's) are re-claimed."""
+    max_deliveries: int = 5
+    stream_maxlen: int = 100_000
+    dead_maxlen: int = 10_000
+    idempotency_ttl_s: int = 24 * 3600
+
+
+@dataclass(frozen=True)
+class AgentSettings:
+    """One node agent's identity, timings and local directories."""
+
+    node_id: str
+    advertise_address: str = "127.0.0.1"
+    port_range: tuple[int, int] = (40000, 40999)
+    state_dir: Path = field(default_factory=lambda: default_state_dir())
+    liveness_ttl_s: float = 5.0
+    stop_grace_s: float = 10.0
+    log_max_bytes: int = 20 * 1024 * 1024
+    log_backups: int = 3
+    log_stream_maxlen: int = 2000
+    readiness_poll_s: float = 0.1
+
+    @property
+    def node_dir(self) -> Path:
+        """Directory for this node's engine state files and logs."""
+        return self.state_dir / self.node_id
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Connection and namespace shared by every actor."""
+
+    redis_url: str = DEFAULT_REDIS_URL
+    namespace: str = DEFAULT_NAMESPACE
+    bus: BusSettings = field(default_factory=BusSettings)
+    socket_timeout_s: float = 5.0
+
+    @classmethod
+    def from_env(
+        cls, env: Mapping[str, str] | None = None, *, redis_url: str | None = None
+    ) -> Settings:
+        """Settings from the environment, with explicit arguments taking precedence."""
+        env = os.environ if env is None else env
+        return cls(
+            redis_url=redis_url or env.get(ENV_REDIS_URL) or DEFAULT_REDIS_URL,
+            namespace=env.get(ENV_NAMESPACE) or DEFAULT_NAMESPACE,
+        )
+
+
+def fake_gpus_from_env(env: Mapping[str, str] | None = None) -> str | None:
+    """The fake GPU inventory spec from ``SAGE_MQ_FAKE_GPUS``, if set."""
+    env = os.environ if env is None else env
+    return env.get(ENV_FAKE_GPUS) or None
+
+
+def default_state_dir(env: Mapping[str, str] | None = None) -> Path:
+    """Where agents keep engine state files and logs (``SAGE_MQ_STATE_DIR`` overrides)."""
+    env = os.environ if env is None else env
+    if env.get(ENV_STATE_DIR):
+        return Path(env[ENV_STATE_DIR])
+    base = env.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "sage-mq"
+
+
+def engine_base_env(env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment engine processes inherit (the agent's own, minus our secrets)."""
+    env = os.environ if env is None else env
+    return {k: v for k, v in env.items() if k != ENV_REDIS_URL}

@@ -1,0 +1,278 @@
+"""Engine and node records in Redis hashes (DESIGN.md §2), readable with ``redis-cli HGETALL``.
+
+Plain string fields are stored as they are; every other field as JSON (``[0, 1]``, ``true``,
+``null``, ``40001``), so a record reads naturally in redis-cli and decodes without guessing.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from enum import StrEnum
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from sage_mq.connection import Redis, redis_errors
+from sage_mq.errors import DecodeError
+from sage_mq.gpu import GpuInfo
+from sage_mq.keys import Keys
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class EngineState(StrEnum):
+    """Engine states (contract)."""
+
+    PENDING = "PENDING"
+    STARTING = "STARTING"
+    RUNNING = "RUNNING"
+    UNHEALTHY = "UNHEALTHY"
+    RESTARTING = "RESTARTING"
+    STOPPING = "STOPPING"
+    STOPPED = "STOPPED"
+    FAILED = "FAILED"
+
+    @property
+    def terminal(self) -> bool:
+        """FAILED and STOPPED engines hold no GPU and no port."""
+        return self in (EngineState.FAILED, EngineState.STOPPED)
+
+
+class EngineRecord(BaseModel):
+    """The engine record: contract fields first, then what restarts and placement need."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+    engine_id: str
+    model: str
+    kind: str = "llm"
+    backend: str = "vllm"
+    state: EngineState = EngineState.PENDING
+    node: str | None = None
+    host: str | None = None
+    port: int | None = None
+    url: str | None = None
+    gpus: list[int] = Field(default_factory=list)
+    use_gpu: bool | None = None
+    argv: list[str] = Field(default_factory=list)
+    pid: int | None = None
+    restarts: int = 0
+    last_error: str | None = None
+    created_at: float = Field(default_factory=time.time)
+    updated_at: float = Field(default_factory=time.time)
+    # -- beyond the contract --
+    generation: int = 0
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    extra_args: list[str] = Field(default_factory=list)
+    required_memory_gb: float | None = None
+    memory_gb: float = 0.0
+    engine_label: str | None = None
+    max_concurrent_requests: int | None = None
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    requested_port: int | None = None
+    requested_node: str | None = None
+
+    def public(self) -> dict[str, Any]:
+        """The JSON shape of ``engine list --json`` and the REST API."""
+        return self.model_dump(mode="json")
+
+
+class NodeRecord(BaseModel):
+    """The node record an agent writes when it registers."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+    node_id: str
+    address: str
+    gpus: list[GpuInfo] = Field(default_factory=list)
+    epoch: int = 0
+    last_seen: float = Field(default_factory=time.time)
+    started_at: float = Field(default_factory=time.time)
+    port_range_start: int = 40000
+    port_range_end: int = 40999
+    hostname: str = ""
+    agent_pid: int | None = None
+
+
+class Reservation(BaseModel):
+    """GPUs and memory (GiB per GPU) held by one engine on a node."""
+
+    model_config = ConfigDict(frozen=True)
+    gpus: list[int]
+    memory_gb: float
+
+
+_RAW = {
+    "engine_id",
+    "model",
+    "kind",
+    "backend",
+    "state",
+    "node",
+    "host",
+    "url",
+    "last_error",
+    "engine_label",
+    "requested_node",
+    "node_id",
+    "address",
+    "hostname",
+}
+
+
+def to_hash(record: BaseModel, only: set[str] | None = None) -> dict[str, str]:
+    """Hash fields of a record (all of them, or ``only`` these)."""
+    data = record.model_dump(mode="json", include=only)
+    return {k: _field(k, v) for k, v in data.items()}
+
+
+def _field(name: str, value: Any) -> str:
+    if name in _RAW:
+        return "" if value is None else str(value)
+    return json.dumps(value)
+
+
+def from_hash(model: type[M], fields: dict[str, str]) -> M:
+    """A record from hash fields; raises :class:`DecodeError` if it is not one of ours."""
+    data: dict[str, Any] = {}
+    for name, raw in fields.items():
+        if name in _RAW:
+            data[name] = raw if raw != "" else None
+        else:
+            try:
+                data[name] = json.loads(raw)
+            except json.JSONDecodeError:
+                raise DecodeError(f"{model.__name__} field {name}={raw!r} is not JSON") from None
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise DecodeError(f"bad {model.__name__}: {exc.errors()[0]}") from None
+
+
+class Store:
+    """Reads and writes records; the only module that knows their hash layout."""
+
+    def __init__(self, redis: Redis, keys: Keys) -> None:
+        self.redis: Any = redis  # RESP2 with str replies; see connection.connect
+        self.keys = keys
+
+    # -- engines -------------------------------------------------------------------------
+    async def put_engine(self, record: EngineRecord) -> None:
+        """Write a whole engine record and add it to the engine set."""
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(self.keys.engine(record.engine_id), mapping=to_hash(record))
+            pipe.sadd(self.keys.engines, record.engine_id)
+            with redis_errors("saving an engine record"):
+                await pipe.execute()
+
+    async def update_engine(self, engine_id: str, **changes: Any) -> EngineRecord | None:
+        """Change some fields of an existing record (``updated_at`` too); None if none exists."""
+        current = await self.get_engine(engine_id)
+        if current is None:
+            return None
+        updated = current.model_copy(update={**changes, "updated_at": time.time()})
+        updated = EngineRecord.model_validate(updated.model_dump())  # re-validate the changes
+        fields = to_hash(updated, only={*changes, "updated_at"})
+        with redis_errors("updating an engine record"):
+            await self.redis.hset(self.keys.engine(engine_id), mapping=fields)
+        return updated
+
+    async def get_engine(self, engine_id: str) -> EngineRecord | None:
+        """The engine record, or None."""
+        with redis_errors("reading an engine record"):
+            fields = await self.redis.hgetall(self.keys.engine(engine_id))
+        return from_hash(EngineRecord, fields) if fields else None
+
+    async def list_engines(self) -> list[EngineRecord]:
+        """Every engine record, oldest first."""
+        with redis_errors("listing engines"):
+            ids = sorted(await self.redis.smembers(self.keys.engines))
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for engine_id in ids:
+                    pipe.hgetall(self.keys.engine(engine_id))
+                rows = await pipe.execute()
+        records = [from_hash(EngineRecord, r) for r in rows if r]
+        return sorted(records, key=lambda r: (r.created_at, r.engine_id))
+
+    # -- nodes ---------------------------------------------------------------------------
+    async def put_node(self, record: NodeRecord, ttl_s: float) -> None:
+        """Register a node: its record, its membership and a fresh liveness key."""
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(self.keys.node(record.node_id), mapping=to_hash(record))
+            pipe.sadd(self.keys.nodes, record.node_id)
+            pipe.set(self.keys.node_alive(record.node_id), str(record.epoch), px=int(ttl_s * 1000))
+            with redis_errors("registering a node"):
+                await pipe.execute()
+
+    async def touch_node(self, node_id: str, epoch: int, ttl_s: float) -> None:
+        """Refresh a node's liveness key and last-seen time."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.set(self.keys.node_alive(node_id), str(epoch), px=int(ttl_s * 1000))
+            pipe.hset(self.keys.node(node_id), "last_seen", json.dumps(time.time()))
+            with redis_errors("refreshing node liveness"):
+                await pipe.execute()
+
+    async def next_epoch(self, node_id: str) -> int:
+        """A new, larger agent epoch for a node (each agent start gets one)."""
+        with redis_errors("taking an agent epoch"):
+            return int(await self.redis.hincrby(self.keys.node(node_id), "epoch", 1))
+
+    async def get_node(self, node_id: str) -> NodeRecord | None:
+        """The node record, or None."""
+        with redis_errors("reading a node record"):
+            fields = await self.redis.hgetall(self.keys.node(node_id))
+        return from_hash(NodeRecord, fields) if fields.get("address") else None
+
+    async def list_nodes(self) -> list[tuple[NodeRecord, bool]]:
+        """Every node record with whether its agent is alive now."""
+        with redis_errors("listing nodes"):
+            ids = sorted(await self.redis.smembers(self.keys.nodes))
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for node_id in ids:
+                    pipe.hgetall(self.keys.node(node_id))
+                    pipe.exists(self.keys.node_alive(node_id))
+                rows = await pipe.execute()
+        out = []
+        for fields, alive in zip(rows[::2], rows[1::2], strict=True):
+            if fields.get("address"):
+                out.append((from_hash(NodeRecord, fields), bool(alive)))
+        return out
+
+    # -- ports and GPU reservations (written by the scheduler only) ----------------------
+    async def assign_port(self, node_id: str, port: int, engine_id: str) -> bool:
+        """Take a port on a node for an engine; False if another engine holds it."""
+        key = self.keys.node_ports(node_id)
+        with redis_errors("assigning a port"):
+            if await self.redis.hsetnx(key, str(port), engine_id):
+                return True
+            return bool(await self.redis.hget(key, str(port)) == engine_id)
+
+    async def release_port(self, node_id: str, port: int, engine_id: str) -> None:
+        """Give a port back, if this engine holds it."""
+        key = self.keys.node_ports(node_id)
+        with redis_errors("releasing a port"):
+            if await self.redis.hget(key, str(port)) == engine_id:
+                await self.redis.hdel(key, str(port))
+
+    async def ports_in_use(self, node_id: str) -> dict[int, str]:
+        """Port -> engine id of every port assigned on a node."""
+        with redis_errors("reading ports"):
+            rows = await self.redis.hgetall(self.keys.node_ports(node_id))
+        return {int(port): engine_id for port, engine_id in rows.items()}
+
+    async def reserve_gpus(self, node_id: str, engine_id: str, reservation: Reservation) -> None:
+        """Record an engine's GPU reservation on a node."""
+        key = self.keys.node_reservations(node_id)
+        with redis_errors("reserving GPUs"):
+            await self.redis.hset(key, engine_id, reservation.model_dump_json())
+
+    async def release_gpus(self, node_id: str, engine_id: str) -> None:
+        """Drop an engine's GPU reservation on a node."""
+        with redis_errors("releasing GPUs"):
+            await self.redis.hdel(self.keys.node_reservations(node_id), engine_id)
+
+    async def reservations(self, node_id: str) -> dict[str, Reservation]:
+        """Engine id -> reservation, for one node."""
+        with redis_errors("reading GPU reservations"):
+            rows = await self.redis.hgetall(self.keys.node_reservations(node_id))
+        return {eid: Reservation.model_validate_json(raw) for eid, raw in rows.items()}
