@@ -12,7 +12,6 @@ import contextlib
 import json
 import logging
 import signal
-import subprocess
 import time
 from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
@@ -46,7 +45,8 @@ class ManagedEngine:
     stopping: bool = field(default=False, compare=False)
     adopted: bool = field(default=False, compare=False)
     exited: asyncio.Future[int | None] | None = field(default=None, compare=False, repr=False)
-    _child: subprocess.Popen[bytes] | None = field(default=None, compare=False, repr=False)
+    child: bool = field(default=False, compare=False)
+    """Spawned by this manager (so its exit code can be read), not adopted."""
     _cancel_watch: Callable[[], None] | None = field(default=None, compare=False, repr=False)
 
     @property
@@ -109,26 +109,26 @@ class EngineLifecycleManager:
         argv = build_argv(cmd)
         log_path = self.log_dir / f"{cmd.engine_id}.log"
         logs.rotate(log_path, self.log_backups)
-        child = processes.spawn(argv, build_env(cmd, self.base_env), log_path)
+        pid = processes.spawn(argv, build_env(cmd, self.base_env), log_path)
         engine = ManagedEngine(
             engine_id=cmd.engine_id,
             generation=cmd.generation,
-            pid=child.pid,
-            create_time=processes.create_time(child.pid) or time.time(),
+            pid=pid,
+            create_time=processes.create_time(pid) or time.time(),
             argv=argv,
             kind=cmd.kind,
             backend=cmd.backend,
             host=cmd.host,
             port=cmd.port,
             log_path=str(log_path),
-            _child=child,
+            child=True,
         )
         self._track(engine)
         log.info(
             "spawned %s (generation %d) pid %d: %s",
             cmd.engine_id,
             cmd.generation,
-            child.pid,
+            pid,
             " ".join(argv),
         )
         return engine
@@ -159,7 +159,7 @@ class EngineLifecycleManager:
         return None
 
     def _is_ours(self, engine: ManagedEngine) -> bool:
-        return engine._child is not None or processes.same_process(engine.pid, engine.create_time)
+        return engine.child or processes.same_process(engine.pid, engine.create_time)
 
     # -- watching ------------------------------------------------------------------------
     def _track(self, engine: ManagedEngine) -> None:
@@ -169,7 +169,7 @@ class EngineLifecycleManager:
         engine._cancel_watch = processes.watch_exit(engine.pid, lambda: self._exited(engine))
 
     def _exited(self, engine: ManagedEngine) -> None:
-        returncode = engine._child.wait() if engine._child is not None else None
+        returncode = processes.reap(engine.pid) if engine.child else None
         assert engine.exited is not None
         if not engine.exited.done():
             engine.exited.set_result(returncode)

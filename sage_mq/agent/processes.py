@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import os
 import signal
-import subprocess
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -16,26 +15,39 @@ import psutil
 from sage_mq.errors import LaunchError
 
 
-def spawn(argv: Sequence[str], env: Mapping[str, str], log_path: Path) -> subprocess.Popen[bytes]:
-    """Start ``argv`` (never through a shell) in its own session and process group.
+def spawn(argv: Sequence[str], env: Mapping[str, str], log_path: Path) -> int:
+    """Start ``argv`` (never through a shell) in its own session and process group; its pid.
 
     stdout and stderr go straight to the log file, so the engine does not depend on the agent
-    staying alive to drain a pipe.
+    staying alive to drain a pipe, and outlives the agent by design (no Popen object to leak).
     """
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "ab") as log_file:
-        try:
-            return subprocess.Popen(
-                list(argv),
-                env=dict(env),
-                stdin=subprocess.DEVNULL,
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                close_fds=True,
-            )
-        except OSError as exc:
-            raise LaunchError(f"cannot execute {argv[0]!r}: {exc.strerror or exc}") from None
+    log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
+    try:
+        return os.posix_spawnp(
+            argv[0],
+            list(argv),
+            dict(env),
+            file_actions=[
+                (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+                (os.POSIX_SPAWN_DUP2, log_fd, 1),
+                (os.POSIX_SPAWN_DUP2, log_fd, 2),
+            ],
+            setsid=True,
+        )
+    except OSError as exc:
+        raise LaunchError(f"cannot execute {argv[0]!r}: {exc.strerror or exc}") from None
+    finally:
+        os.close(log_fd)
+
+
+def reap(pid: int) -> int | None:
+    """The exit code of an ended child (negative: killed by that signal); None if not ours."""
+    try:
+        _pid, status = os.waitpid(pid, 0)
+    except ChildProcessError:
+        return None
+    return os.waitstatus_to_exitcode(status)
 
 
 def create_time(pid: int) -> float | None:
@@ -47,9 +59,9 @@ def create_time(pid: int) -> float | None:
 
 
 def same_process(pid: int, started: float) -> bool:
-    """True if ``pid`` is still the process that started at ``started``."""
+    """True if ``pid`` is still the (living, not zombie) process that started at ``started``."""
     now = create_time(pid)
-    return now is not None and abs(now - started) < 0.05
+    return now is not None and abs(now - started) < 0.05 and not _is_zombie(pid)
 
 
 def signal_group(pgid: int, sig: int) -> bool:

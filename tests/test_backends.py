@@ -1,0 +1,89 @@
+"""Backends build real argv and env: vLLM, our embedding server, command templates, fake."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import pytest
+
+from sage_mq.engines.backends import (
+    build_argv, build_env, gpu_memory_utilization, health_paths, startup_timeout_s,
+)  # fmt: skip
+from sage_mq.errors import InvalidRequest
+from sage_mq.messages import LaunchEngine
+
+
+def launch(**overrides: Any) -> LaunchEngine:
+    fields: dict[str, Any] = dict(engine_id="e", generation=1, model="Qwen/Qwen2.5-1.5B-Instruct",
+                                  kind="llm", backend="vllm", host="10.1.2.3", port=40001)  # fmt: skip
+    fields.update(overrides)
+    return LaunchEngine(**fields)
+
+
+def test_vllm_argv_is_the_openai_api_server_with_parallelism_and_extra_args() -> None:
+    cmd = launch(gpus=(2, 3), use_gpu=True, tensor_parallel_size=2, gpu_memory_utilization=0.42,
+                 extra_args=("--max-model-len", "4096"))  # fmt: skip
+    assert build_argv(cmd, python="/py") == [
+        "/py", "-m", "vllm.entrypoints.openai.api_server", "--model", "Qwen/Qwen2.5-1.5B-Instruct",
+        "--host", "10.1.2.3", "--port", "40001", "--tensor-parallel-size", "2",
+        "--pipeline-parallel-size", "1", "--gpu-memory-utilization", "0.42",
+        "--max-model-len", "4096",
+    ]  # fmt: skip
+    assert build_env(cmd, {"PATH": "/bin"})["CUDA_VISIBLE_DEVICES"] == "2,3"
+
+
+def test_a_user_gpu_memory_utilization_wins_over_ours() -> None:
+    cmd = launch(gpu_memory_utilization=0.3, extra_args=("--gpu-memory-utilization", "0.8"))
+    argv = build_argv(cmd)
+    assert argv.count("--gpu-memory-utilization") == 1 and argv[-1] == "0.8"
+
+
+@pytest.mark.parametrize(("use_gpu", "gpus", "device", "visible"),
+                         [(True, (1,), "cuda", "1"), (False, (), "cpu", "")])  # fmt: skip
+def test_embedding_server_argv_names_the_device_and_env_hides_gpus_for_cpu(
+    use_gpu: bool, gpus: tuple[int, ...], device: str, visible: str
+) -> None:
+    cmd = launch(kind="embedding", backend="embedding", model="BAAI/bge-m3", use_gpu=use_gpu,
+                 gpus=gpus)  # fmt: skip
+    assert build_argv(cmd, python="/py") == [
+        "/py", "-m", "sage_mq.engines.embedding_server", "--model", "BAAI/bge-m3",
+        "--host", "10.1.2.3", "--port", "40001", "--device", device,
+    ]  # fmt: skip
+    env = build_env(cmd, {"CUDA_VISIBLE_DEVICES": "0,1,2,3", "HOME": "/h"})
+    assert env["CUDA_VISIBLE_DEVICES"] == visible and env["HOME"] == "/h"
+
+
+def test_command_backend_fills_placeholders_without_a_shell() -> None:
+    cmd = launch(backend="command", use_gpu=True, gpus=(0,),
+                 extra_args=("my-server", "--model={model}", "--bind", "{host}:{port}",
+                             "--device", "{device}", "; rm -rf /"))  # fmt: skip
+    assert build_argv(cmd) == ["my-server", "--model=Qwen/Qwen2.5-1.5B-Instruct", "--bind",
+                               "10.1.2.3:40001", "--device", "cuda", "; rm -rf /"]  # fmt: skip
+    with pytest.raises(InvalidRequest, match="argv template"):
+        build_argv(launch(backend="command"))
+
+
+def test_fake_backend_runs_our_fake_engine_with_fault_flags() -> None:
+    argv = build_argv(launch(backend="fake", extra_args=("--crash-after", "2")))
+    assert argv[:3] == [sys.executable, "-m", "sage_mq.engines.fake_server"]
+    assert argv[-2:] == ["--crash-after", "2"] and "--kind" in argv
+
+
+def test_unknown_backend_is_refused() -> None:
+    with pytest.raises(InvalidRequest, match="unknown backend"):
+        build_argv(launch(backend="tgi"))
+
+
+def test_health_paths_and_startup_times_per_backend() -> None:
+    assert health_paths("llm") == ("/health", "/v1/models")
+    assert health_paths("embedding") == ("/health",)
+    assert startup_timeout_s("vllm") > 600 > startup_timeout_s("fake")
+
+
+@pytest.mark.parametrize(("need", "total", "fraction"),
+                         [(8.0, 80.0, 0.1), (7.9, 80.0, 0.1), (0.5, 80.0, 0.05), (90, 80, 0.95)])  # fmt: skip
+def test_vllm_gets_the_fraction_of_the_gpu_that_was_reserved(
+    need: float, total: float, fraction: float
+) -> None:
+    assert gpu_memory_utilization(need, total) == fraction

@@ -1,0 +1,233 @@
+"""The bus against a real redis-server: delivery, redelivery, claiming, dead letters, idempotency."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+
+from sage_mq.bus import Bus
+from sage_mq.connection import Redis, connect
+from sage_mq.errors import ConfigError, ControlPlaneUnavailable
+from sage_mq.keys import Keys
+from sage_mq.messages import Envelope, StopEngine, envelope
+from sage_mq.settings import BusSettings, Settings
+from tests.conftest import Processes, RedisServer
+
+
+def make_bus(redis: Redis, settings: Settings) -> Bus:
+    return Bus(redis, Keys(settings.namespace), settings.bus)
+
+
+def recorder() -> tuple[list[str], Callable[[Envelope], Awaitable[None]]]:
+    seen: list[str] = []
+
+    async def handler(env: Envelope) -> None:
+        assert isinstance(env.payload, StopEngine)
+        seen.append(env.payload.engine_id)
+
+    return seen, handler
+
+
+async def pending_count(redis: Redis, stream: str, group: str = "g") -> int:
+    info: Any = await redis.xpending(stream, group)
+    return int(info["pending"])
+
+
+async def test_published_messages_are_delivered_in_order_and_acked(
+    aredis: Redis, settings: Settings
+) -> None:
+    bus = make_bus(aredis, settings)
+    stream = f"{settings.namespace}:s"
+    await bus.publish_many(stream, [StopEngine(engine_id=f"e{i}") for i in range(5)])
+    await bus.publish(stream, StopEngine(engine_id="e5"))
+    seen, handler = recorder()
+    consumer = bus.consumer([stream], "g", "c1", handler)
+    await consumer.run(until_idle=True)
+    assert seen == [f"e{i}" for i in range(6)]
+    assert await pending_count(aredis, stream) == 0
+    assert consumer.handled == 6
+
+
+async def test_one_consumer_reads_several_streams(aredis: Redis, settings: Settings) -> None:
+    bus = make_bus(aredis, settings)
+    a, b = f"{settings.namespace}:a", f"{settings.namespace}:b"
+    await bus.publish(a, StopEngine(engine_id="from-a"))
+    await bus.publish(b, StopEngine(engine_id="from-b"))
+    seen, handler = recorder()
+    await bus.consumer([a, b], "g", "c1", handler).run(until_idle=True)
+    assert sorted(seen) == ["from-a", "from-b"]
+
+
+async def test_the_same_message_id_twice_has_one_effect(aredis: Redis, settings: Settings) -> None:
+    bus = make_bus(aredis, settings)
+    stream = f"{settings.namespace}:s"
+    env = envelope(StopEngine(engine_id="once"))
+    await bus.publish(stream, env)
+    await bus.publish(stream, env)  # a client retrying after a lost reply
+    seen, handler = recorder()
+    await bus.consumer([stream], "g", "c1", handler).run(until_idle=True)
+    assert seen == ["once"]
+    assert await pending_count(aredis, stream) == 0
+
+
+async def test_garbage_goes_to_dead_letters_at_once_and_the_loop_keeps_going(
+    aredis: Redis, settings: Settings
+) -> None:
+    bus = make_bus(aredis, settings)
+    stream = f"{settings.namespace}:s"
+    await aredis.xadd(stream, {"hello": "world"})
+    await aredis.xadd(stream, {"type": "engine.stop", "data": "{oops", "id": "x1"})
+    await bus.publish(stream, StopEngine(engine_id="fine"))
+    seen, handler = recorder()
+    await bus.consumer([stream], "g", "c1", handler).run(until_idle=True)
+    assert seen == ["fine"]
+    dead = await aredis.xrange(bus.keys.dead)
+    assert len(dead) == 2
+    reasons = [fields["reason"] for _id, fields in dead]
+    assert "lacks field" in reasons[0] and "invalid engine.stop" in reasons[1]
+    assert {fields["stream"] for _id, fields in dead} == {stream}
+    assert json.loads(dead[0][1]["fields"]) == {"hello": "world"}
+    assert await pending_count(aredis, stream) == 0
+
+
+async def test_a_failing_handler_is_retried_then_dead_lettered_after_max_deliveries(
+    aredis: Redis, settings: Settings
+) -> None:
+    bus = make_bus(aredis, settings)  # max_deliveries=3, claim_min_idle_ms=300
+    stream = f"{settings.namespace}:s"
+    await bus.publish(stream, StopEngine(engine_id="poison"))
+    await bus.publish(stream, StopEngine(engine_id="good"))
+    attempts: list[str] = []
+
+    async def handler(env: Envelope) -> None:
+        assert isinstance(env.payload, StopEngine)
+        attempts.append(env.payload.engine_id)
+        if env.payload.engine_id == "poison":
+            raise RuntimeError("cannot handle this")
+
+    consumer = bus.consumer([stream], "g", "c1", handler)
+    task = asyncio.create_task(consumer.run())
+    for _ in range(100):
+        if await aredis.xlen(bus.keys.dead):
+            break
+        await asyncio.sleep(0.05)
+    consumer.stop()
+    await task
+    assert attempts.count("poison") == 3 and attempts.count("good") == 1
+    (_id, fields), = await aredis.xrange(bus.keys.dead)
+    assert "delivery 3 of 3" in fields["reason"] and "cannot handle this" in fields["reason"]
+    assert fields["deliveries"] == "3"
+    assert await pending_count(aredis, stream) == 0
+
+
+async def wait_for_list(redis: Redis, key: str, n: int, timeout: float = 15.0) -> list[str]:
+    for _ in range(int(timeout / 0.05)):
+        items: list[str] = await redis.lrange(key, 0, -1)
+        if len(items) >= n:
+            return items
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{key} never had {n} items")
+
+
+async def test_an_entry_of_a_consumer_killed_mid_handling_is_redelivered_to_it_on_restart(
+    aredis: Redis, settings: Settings, redis_server: RedisServer, processes: Processes
+) -> None:
+    bus = make_bus(aredis, settings)
+    stream = f"{settings.namespace}:s"
+    ns = settings.namespace
+    env = envelope(StopEngine(engine_id="mid-flight"))
+    await bus.publish(stream, env)
+    argv = [sys.executable, "-m", "tests.helpers.stuck_consumer", redis_server.url, ns, stream, "c1"]
+    proc = processes.start("stuck", argv, dict(os.environ))
+    assert await wait_for_list(aredis, f"{ns}:test:started", 1) == [env.id]
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(5)
+    assert await pending_count(aredis, stream) == 1
+    seen, handler = recorder()  # the same consumer name, back after a crash
+    await bus.consumer([stream], "g", "c1", handler).run(until_idle=True)
+    assert seen == ["mid-flight"]
+    assert await pending_count(aredis, stream) == 0
+
+
+async def test_entries_of_a_dead_consumer_are_claimed_by_another_after_min_idle(
+    aredis: Redis, settings: Settings, redis_server: RedisServer, processes: Processes
+) -> None:
+    bus = make_bus(aredis, settings)
+    stream = f"{settings.namespace}:s"
+    ns = settings.namespace
+    await bus.publish(stream, StopEngine(engine_id="orphan"))
+    argv = [sys.executable, "-m", "tests.helpers.stuck_consumer", redis_server.url, ns, stream, "dead"]
+    proc = processes.start("stuck", argv, dict(os.environ))
+    await wait_for_list(aredis, f"{ns}:test:started", 1)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(5)
+    seen, handler = recorder()
+    other = bus.consumer([stream], "g", "survivor", handler)  # claims after 300 ms idle
+    task = asyncio.create_task(other.run())
+    for _ in range(100):
+        if seen:
+            break
+        await asyncio.sleep(0.05)
+    other.stop()
+    await task
+    assert seen == ["orphan"]
+    detail: Any = await aredis.xpending_range(stream, "g", "-", "+", 10)
+    assert detail == []  # acked by the survivor
+
+
+async def test_block_time_must_stay_below_the_socket_timeout(settings: Settings) -> None:
+    slow = Settings(redis_url=settings.redis_url, bus=BusSettings(block_ms=6000))
+    redis = connect(slow)
+    with pytest.raises(ConfigError, match="socket timeout"):
+        Bus(redis, Keys(), slow.bus)
+    await redis.aclose()
+
+
+async def test_an_unreachable_redis_is_our_error_not_redis_pys(settings: Settings) -> None:
+    from tests.conftest import free_port
+
+    gone = Settings(redis_url=f"redis://127.0.0.1:{free_port()}/0", socket_timeout_s=2.0)
+    redis = connect(gone)
+    with pytest.raises(ControlPlaneUnavailable, match="Redis unreachable"):
+        await Bus(redis, Keys()).publish("s", StopEngine(engine_id="e"))
+    await redis.aclose()
+
+
+async def test_a_consumer_survives_a_redis_restart_that_lost_its_group(
+    private_redis: RedisServer,
+) -> None:
+    settings = Settings(redis_url=private_redis.url, namespace="r",
+                        bus=BusSettings(block_ms=100, claim_min_idle_ms=300))  # fmt: skip
+    redis = connect(settings)
+    bus = make_bus(redis, settings)
+    seen, handler = recorder()
+    consumer = bus.consumer(["r:s"], "g", "c1", handler)
+    task = asyncio.create_task(consumer.run())
+    await bus.publish("r:s", StopEngine(engine_id="before"))
+    for _ in range(100):
+        if seen:
+            break
+        await asyncio.sleep(0.05)
+    private_redis.kill()
+    private_redis.start()  # no persistence: streams and groups are gone
+    for _ in range(200):
+        try:
+            await bus.publish("r:s", StopEngine(engine_id="after"))
+            break
+        except ControlPlaneUnavailable:
+            await asyncio.sleep(0.05)
+    for _ in range(200):
+        if "after" in seen:
+            break
+        await asyncio.sleep(0.05)
+    consumer.stop()
+    await task
+    await redis.aclose()
+    assert seen == ["before", "after"]

@@ -1,0 +1,98 @@
+"""Placement policy as plain functions: use_gpu semantics, best fit, TP, pins, ports, reasons."""
+
+from __future__ import annotations
+
+import pytest
+
+from sage_mq.errors import InvalidRequest, PlacementError
+from sage_mq.messages import StartEngine
+from sage_mq.scheduler.placement import (
+    Demand, GpuView, NodeView, check_request, choose_port, place, wants_gpu,
+)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("kind", "use_gpu", "expected"),
+    [("llm", None, True), ("embedding", None, False), ("llm", True, True),
+     ("embedding", True, True), ("llm", False, False), ("embedding", False, False)],
+)  # fmt: skip
+def test_use_gpu_none_means_llm_on_gpu_and_embedding_on_cpu(
+    kind: str, use_gpu: bool | None, expected: bool
+) -> None:
+    assert wants_gpu(kind, use_gpu) is expected
+
+
+def node(node_id: str, *free_and_total: tuple[float, float], engines: int = 0) -> NodeView:
+    gpus = tuple(GpuView(i, total, total - free) for i, (free, total) in enumerate(free_and_total))
+    return NodeView(node_id, f"10.0.0.{len(node_id)}", gpus, engines)
+
+
+def test_best_fit_picks_the_tightest_gpus_that_hold_the_engine() -> None:
+    nodes = [node("a", (80, 80), (80, 80)), node("b", (20, 24), (10, 24))]
+    placed = place(Demand(1, 8.0), nodes)
+    assert (placed.node_id, placed.gpus) == ("b", (1,))
+
+
+def test_tensor_parallel_takes_that_many_gpus_on_one_node() -> None:
+    nodes = [node("a", (24, 24)), node("b", (24, 24), (24, 24))]
+    placed = place(Demand(2, 10.0), nodes)
+    assert (placed.node_id, placed.gpus) == ("b", (0, 1))
+
+
+def test_no_gpu_fits_says_what_was_needed_and_what_each_node_has() -> None:
+    with pytest.raises(PlacementError) as err:
+        place(Demand(2, 30.0), [node("a", (24, 24), (24, 24)), node("cpu")])
+    message = str(err.value)
+    assert "no GPU fits" in message and "2 GPU(s)" in message and "30.0 GiB" in message
+    assert "a: 2 GPU(s), free GiB [24.0, 24.0]" in message and "cpu: no GPUs" in message
+
+
+def test_cpu_engines_go_to_the_node_with_fewest_engines() -> None:
+    nodes = [node("a", engines=3), node("b", engines=1), node("c", engines=1)]
+    assert place(Demand(0, 0.0), nodes).node_id == "b"
+
+
+def test_a_pinned_node_is_used_or_the_request_is_refused() -> None:
+    nodes = [node("a", (24, 24)), node("b", (24, 24))]
+    assert place(Demand(1, 1.0, node="b"), nodes).node_id == "b"
+    with pytest.raises(PlacementError, match="node 'z' is not live"):
+        place(Demand(1, 1.0, node="z"), nodes)
+
+
+def test_no_live_node_is_refused_with_how_to_start_one() -> None:
+    with pytest.raises(PlacementError, match="sage llm node run"):
+        place(Demand(0, 0.0), [])
+
+
+def test_reservations_count_against_free_memory() -> None:
+    full = NodeView("a", "h", (GpuView(0, 24.0, 20.0),))
+    with pytest.raises(PlacementError):
+        place(Demand(1, 5.0), [full])
+    assert place(Demand(1, 4.0), [full]).gpus == (0,)
+
+
+@pytest.mark.parametrize(
+    ("in_use", "requested", "expected"),
+    [(set(), None, 40000), ({40000, 40001}, None, 40002), ({40000}, 40005, 40005)],
+)
+def test_ports_come_from_the_node_range(
+    in_use: set[int], requested: int | None, expected: int
+) -> None:
+    view = NodeView("a", "h", port_range=(40000, 40009), ports_in_use=frozenset(in_use))
+    assert choose_port(view, requested) == expected
+
+
+def test_a_taken_or_exhausted_port_is_refused() -> None:
+    view = NodeView("a", "h", port_range=(40000, 40001), ports_in_use=frozenset({40000, 40001}))
+    with pytest.raises(PlacementError, match="already assigned"):
+        choose_port(view, 40000)
+    with pytest.raises(PlacementError, match="no free port"):
+        choose_port(view)
+
+
+def test_requests_that_can_never_run_are_refused_up_front() -> None:
+    with pytest.raises(InvalidRequest, match="needs GPUs"):
+        check_request(StartEngine(engine_id="e", model="m", use_gpu=False, tensor_parallel_size=2))
+    with pytest.raises(InvalidRequest, match="argv template"):
+        check_request(StartEngine(engine_id="e", model="m", backend="command"))
+    check_request(StartEngine(engine_id="e", model="m", backend="command", extra_args=("x",)))
