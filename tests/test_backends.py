@@ -8,28 +8,57 @@ from typing import Any
 import pytest
 
 from sage_mq.engines.backends import (
-    build_argv, build_env, gpu_memory_utilization, health_paths, startup_timeout_s,
-)  # fmt: skip
+    build_argv,
+    build_env,
+    gpu_memory_utilization,
+    health_paths,
+    startup_timeout_s,
+)
 from sage_mq.errors import InvalidRequest
 from sage_mq.messages import LaunchEngine
 
 
 def launch(**overrides: Any) -> LaunchEngine:
-    fields: dict[str, Any] = dict(engine_id="e", generation=1, model="Qwen/Qwen2.5-1.5B-Instruct",
-                                  kind="llm", backend="vllm", host="10.1.2.3", port=40001)  # fmt: skip
+    fields: dict[str, Any] = dict(
+        engine_id="e",
+        generation=1,
+        model="Qwen/Qwen2.5-1.5B-Instruct",
+        kind="llm",
+        backend="vllm",
+        host="10.1.2.3",
+        port=40001,
+    )
     fields.update(overrides)
     return LaunchEngine(**fields)
 
 
 def test_vllm_argv_is_the_openai_api_server_with_parallelism_and_extra_args() -> None:
-    cmd = launch(gpus=(2, 3), use_gpu=True, tensor_parallel_size=2, gpu_memory_utilization=0.42,
-                 extra_args=("--max-model-len", "4096"))  # fmt: skip
+    cmd = launch(
+        gpus=(2, 3),
+        use_gpu=True,
+        tensor_parallel_size=2,
+        gpu_memory_utilization=0.42,
+        extra_args=("--max-model-len", "4096"),
+    )
     assert build_argv(cmd, python="/py") == [
-        "/py", "-m", "vllm.entrypoints.openai.api_server", "--model", "Qwen/Qwen2.5-1.5B-Instruct",
-        "--host", "10.1.2.3", "--port", "40001", "--tensor-parallel-size", "2",
-        "--pipeline-parallel-size", "1", "--gpu-memory-utilization", "0.42",
-        "--max-model-len", "4096",
-    ]  # fmt: skip
+        "/py",
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        "Qwen/Qwen2.5-1.5B-Instruct",
+        "--host",
+        "10.1.2.3",
+        "--port",
+        "40001",
+        "--tensor-parallel-size",
+        "2",
+        "--pipeline-parallel-size",
+        "1",
+        "--gpu-memory-utilization",
+        "0.42",
+        "--max-model-len",
+        "4096",
+    ]
     assert build_env(cmd, {"PATH": "/bin"})["CUDA_VISIBLE_DEVICES"] == "2,3"
 
 
@@ -39,27 +68,56 @@ def test_a_user_gpu_memory_utilization_wins_over_ours() -> None:
     assert argv.count("--gpu-memory-utilization") == 1 and argv[-1] == "0.8"
 
 
-@pytest.mark.parametrize(("use_gpu", "gpus", "device", "visible"),
-                         [(True, (1,), "cuda", "1"), (False, (), "cpu", "")])  # fmt: skip
+@pytest.mark.parametrize(
+    ("use_gpu", "gpus", "device", "visible"), [(True, (1,), "cuda", "1"), (False, (), "cpu", "")]
+)
 def test_embedding_server_argv_names_the_device_and_env_hides_gpus_for_cpu(
     use_gpu: bool, gpus: tuple[int, ...], device: str, visible: str
 ) -> None:
-    cmd = launch(kind="embedding", backend="embedding", model="BAAI/bge-m3", use_gpu=use_gpu,
-                 gpus=gpus)  # fmt: skip
+    cmd = launch(
+        kind="embedding", backend="embedding", model="BAAI/bge-m3", use_gpu=use_gpu, gpus=gpus
+    )
     assert build_argv(cmd, python="/py") == [
-        "/py", "-m", "sage_mq.engines.embedding_server", "--model", "BAAI/bge-m3",
-        "--host", "10.1.2.3", "--port", "40001", "--device", device,
-    ]  # fmt: skip
+        "/py",
+        "-m",
+        "sage_mq.engines.embedding_server",
+        "--model",
+        "BAAI/bge-m3",
+        "--host",
+        "10.1.2.3",
+        "--port",
+        "40001",
+        "--device",
+        device,
+    ]
     env = build_env(cmd, {"CUDA_VISIBLE_DEVICES": "0,1,2,3", "HOME": "/h"})
     assert env["CUDA_VISIBLE_DEVICES"] == visible and env["HOME"] == "/h"
 
 
 def test_command_backend_fills_placeholders_without_a_shell() -> None:
-    cmd = launch(backend="command", use_gpu=True, gpus=(0,),
-                 extra_args=("my-server", "--model={model}", "--bind", "{host}:{port}",
-                             "--device", "{device}", "; rm -rf /"))  # fmt: skip
-    assert build_argv(cmd) == ["my-server", "--model=Qwen/Qwen2.5-1.5B-Instruct", "--bind",
-                               "10.1.2.3:40001", "--device", "cuda", "; rm -rf /"]  # fmt: skip
+    cmd = launch(
+        backend="command",
+        use_gpu=True,
+        gpus=(0,),
+        extra_args=(
+            "my-server",
+            "--model={model}",
+            "--bind",
+            "{host}:{port}",
+            "--device",
+            "{device}",
+            "; rm -rf /",
+        ),
+    )
+    assert build_argv(cmd) == [
+        "my-server",
+        "--model=Qwen/Qwen2.5-1.5B-Instruct",
+        "--bind",
+        "10.1.2.3:40001",
+        "--device",
+        "cuda",
+        "; rm -rf /",
+    ]
     with pytest.raises(InvalidRequest, match="argv template"):
         build_argv(launch(backend="command"))
 
@@ -81,8 +139,10 @@ def test_health_paths_and_startup_times_per_backend() -> None:
     assert startup_timeout_s("vllm") > 600 > startup_timeout_s("fake")
 
 
-@pytest.mark.parametrize(("need", "total", "fraction"),
-                         [(8.0, 80.0, 0.1), (7.9, 80.0, 0.1), (0.5, 80.0, 0.05), (90, 80, 0.95)])  # fmt: skip
+@pytest.mark.parametrize(
+    ("need", "total", "fraction"),
+    [(8.0, 80.0, 0.1), (7.9, 80.0, 0.1), (0.5, 80.0, 0.05), (90, 80, 0.95)],
+)
 def test_vllm_gets_the_fraction_of_the_gpu_that_was_reserved(
     need: float, total: float, fraction: float
 ) -> None:

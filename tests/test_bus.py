@@ -1,4 +1,4 @@
-"""The bus against a real redis-server: delivery, redelivery, claiming, dead letters, idempotency."""
+"""The bus on a real redis-server: delivery, redelivery, claiming, dead letters, idempotency."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from sage_mq.errors import ConfigError, ControlPlaneUnavailable
 from sage_mq.keys import Keys
 from sage_mq.messages import Envelope, StopEngine, envelope
 from sage_mq.settings import BusSettings, Settings
-from tests.conftest import Processes, RedisServer
+from tests.helpers.servers import Processes, RedisServer
 
 
 def make_bus(redis: Redis, settings: Settings) -> Bus:
@@ -121,7 +121,7 @@ async def test_a_failing_handler_is_retried_then_dead_lettered_after_max_deliver
     consumer.stop()
     await task
     assert attempts.count("poison") == 3 and attempts.count("good") == 1
-    (_id, fields), = await aredis.xrange(bus.keys.dead)
+    ((_id, fields),) = await aredis.xrange(bus.keys.dead)
     assert "delivery 3 of 3" in fields["reason"] and "cannot handle this" in fields["reason"]
     assert fields["deliveries"] == "3"
     assert await pending_count(aredis, stream) == 0
@@ -144,7 +144,15 @@ async def test_an_entry_of_a_consumer_killed_mid_handling_is_redelivered_to_it_o
     ns = settings.namespace
     env = envelope(StopEngine(engine_id="mid-flight"))
     await bus.publish(stream, env)
-    argv = [sys.executable, "-m", "tests.helpers.stuck_consumer", redis_server.url, ns, stream, "c1"]
+    argv = [
+        sys.executable,
+        "-m",
+        "tests.helpers.stuck_consumer",
+        redis_server.url,
+        ns,
+        stream,
+        "c1",
+    ]
     proc = processes.start("stuck", argv, dict(os.environ))
     assert await wait_for_list(aredis, f"{ns}:test:started", 1) == [env.id]
     os.killpg(proc.pid, signal.SIGKILL)
@@ -163,7 +171,15 @@ async def test_entries_of_a_dead_consumer_are_claimed_by_another_after_min_idle(
     stream = f"{settings.namespace}:s"
     ns = settings.namespace
     await bus.publish(stream, StopEngine(engine_id="orphan"))
-    argv = [sys.executable, "-m", "tests.helpers.stuck_consumer", redis_server.url, ns, stream, "dead"]
+    argv = [
+        sys.executable,
+        "-m",
+        "tests.helpers.stuck_consumer",
+        redis_server.url,
+        ns,
+        stream,
+        "dead",
+    ]
     proc = processes.start("stuck", argv, dict(os.environ))
     await wait_for_list(aredis, f"{ns}:test:started", 1)
     os.killpg(proc.pid, signal.SIGKILL)
@@ -191,7 +207,7 @@ async def test_block_time_must_stay_below_the_socket_timeout(settings: Settings)
 
 
 async def test_an_unreachable_redis_is_our_error_not_redis_pys(settings: Settings) -> None:
-    from tests.conftest import free_port
+    from tests.helpers.servers import free_port
 
     gone = Settings(redis_url=f"redis://127.0.0.1:{free_port()}/0", socket_timeout_s=2.0)
     redis = connect(gone)
@@ -203,8 +219,11 @@ async def test_an_unreachable_redis_is_our_error_not_redis_pys(settings: Setting
 async def test_a_consumer_survives_a_redis_restart_that_lost_its_group(
     private_redis: RedisServer,
 ) -> None:
-    settings = Settings(redis_url=private_redis.url, namespace="r",
-                        bus=BusSettings(block_ms=100, claim_min_idle_ms=300))  # fmt: skip
+    settings = Settings(
+        redis_url=private_redis.url,
+        namespace="r",
+        bus=BusSettings(block_ms=100, claim_min_idle_ms=300),
+    )
     redis = connect(settings)
     bus = make_bus(redis, settings)
     seen, handler = recorder()

@@ -12,8 +12,10 @@ from typing import Any
 import httpx
 import pytest
 
-from sage_mq.engines.embedding_server import EXIT_MISSING_DEPENDENCY, build_app as embedding_app
-from sage_mq.engines.fake_server import FakeEngine, build_app as fake_app
+from sage_mq.engines.embedding_server import EXIT_MISSING_DEPENDENCY
+from sage_mq.engines.embedding_server import build_app as embedding_app
+from sage_mq.engines.fake_server import FakeEngine
+from sage_mq.engines.fake_server import build_app as fake_app
 
 
 def client(app: Any) -> httpx.AsyncClient:
@@ -57,8 +59,9 @@ async def test_fake_completions_and_embeddings_in_floats_and_base64() -> None:
     async with client(fake_app(engine)) as c:
         done = (await c.post("/v1/completions", json={"prompt": "say"})).json()
         floats = (await c.post("/v1/embeddings", json={"input": ["a", "b"]})).json()
-        packed = (await c.post("/v1/embeddings",
-                               json={"input": "a", "encoding_format": "base64"})).json()  # fmt: skip
+        packed = (
+            await c.post("/v1/embeddings", json={"input": "a", "encoding_format": "base64"})
+        ).json()
     assert done["choices"][0]["text"] == "[demo] You said: say"
     a, b = (row["embedding"] for row in floats["data"])
     assert len(a) == 8 and a != b and abs(sum(x * x for x in a) - 1) < 1e-9
@@ -68,10 +71,12 @@ async def test_fake_completions_and_embeddings_in_floats_and_base64() -> None:
 
 @pytest.mark.parametrize(
     ("path", "body", "param"),
-    [("/v1/chat/completions", {"messages": []}, "messages"),
-     ("/v1/completions", {"prompt": 3}, "prompt"),
-     ("/v1/embeddings", {"input": [1, 2]}, "input")],
-)  # fmt: skip
+    [
+        ("/v1/chat/completions", {"messages": []}, "messages"),
+        ("/v1/completions", {"prompt": 3}, "prompt"),
+        ("/v1/embeddings", {"input": [1, 2]}, "input"),
+    ],
+)
 async def test_fake_engine_answers_bad_bodies_with_openai_errors(
     path: str, body: dict[str, Any], param: str
 ) -> None:
@@ -115,8 +120,10 @@ def test_embedding_server_without_sentence_transformers_exits_at_once_with_one_l
         pytest.skip("sentence-transformers is installed here")
     done = subprocess.run(
         [sys.executable, "-m", "sage_mq.engines.embedding_server", "--model", "m", "--port", "1"],
-        capture_output=True, text=True, timeout=30,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert done.returncode == EXIT_MISSING_DEPENDENCY
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "pip install 'sage-mq[embedding]'" in lines[0]

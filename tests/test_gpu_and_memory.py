@@ -14,8 +14,13 @@ from sage_mq.memory import FAKE_ENGINE_GB, estimate_memory_gb, params_from_name
 
 @pytest.mark.parametrize(
     ("spec", "sizes_gib"),
-    [("2x80GiB", [80, 80]), ("80GiB,24GiB", [80, 24]), ("1x24", [24]), (" 2 x 40GiB , 16GiB", [40, 40, 16])],
-)  # fmt: skip
+    [
+        ("2x80GiB", [80, 80]),
+        ("80GiB,24GiB", [80, 24]),
+        ("1x24", [24]),
+        (" 2 x 40GiB , 16GiB", [40, 40, 16]),
+    ],
+)
 def test_fake_gpu_specs(spec: str, sizes_gib: list[int]) -> None:
     assert parse_fake_gpus(spec) == [s * GIB for s in sizes_gib]
 
@@ -28,7 +33,10 @@ def test_bad_fake_gpu_specs_say_what_is_expected(spec: str) -> None:
 
 def test_fake_inventory_reports_every_gpu_free() -> None:
     gpus = GPUResourceManager(FakeGpus("2x24GiB")).gpus()
-    assert [(g.index, g.memory_free, g.fake) for g in gpus] == [(0, 24 * GIB, True), (1, 24 * GIB, True)]
+    assert [(g.index, g.memory_free, g.fake) for g in gpus] == [
+        (0, 24 * GIB, True),
+        (1, 24 * GIB, True),
+    ]
 
 
 def test_detect_prefers_a_fake_spec_and_finds_no_nvml_here(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -82,9 +90,14 @@ def test_nvml_path_reads_names_memory_and_processes() -> None:
 
 @pytest.mark.parametrize(
     ("name", "params"),
-    [("Qwen/Qwen2.5-1.5B-Instruct", 1.5), ("meta-llama/Llama-3.1-70B", 70.0),
-     ("intfloat/e5-small-560M", 0.56), ("BAAI/bge-m3", None), ("demo", None)],
-)  # fmt: skip
+    [
+        ("Qwen/Qwen2.5-1.5B-Instruct", 1.5),
+        ("meta-llama/Llama-3.1-70B", 70.0),
+        ("intfloat/e5-small-560M", 0.56),
+        ("BAAI/bge-m3", None),
+        ("demo", None),
+    ],
+)
 def test_parameter_count_is_read_off_the_model_name(name: str, params: float | None) -> None:
     assert params_from_name(name) == params
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import sys
@@ -33,8 +34,9 @@ class Exits:
 @pytest.fixture
 async def manager(tmp_path: Path):  # type: ignore[no-untyped-def]
     exits = Exits()
-    mgr = EngineLifecycleManager(tmp_path, on_exit=exits, base_env=marked_env(tmp_path),
-                                 stop_grace_s=2.0)  # fmt: skip
+    mgr = EngineLifecycleManager(
+        tmp_path, on_exit=exits, base_env=marked_env(tmp_path), stop_grace_s=2.0
+    )
     mgr.exits = exits  # type: ignore[attr-defined]
     yield mgr
     for engine_id in list(mgr.engines):
@@ -42,7 +44,9 @@ async def manager(tmp_path: Path):  # type: ignore[no-untyped-def]
     await mgr.close()
 
 
-async def test_launch_becomes_healthy_and_the_env_pins_gpus(manager: EngineLifecycleManager) -> None:
+async def test_launch_becomes_healthy_and_the_env_pins_gpus(
+    manager: EngineLifecycleManager,
+) -> None:
     engine = await manager.launch(fake_launch(use_gpu=True, gpus=(1, 0)))
     assert await manager.wait_ready("e1", timeout_s=30)
     assert await manager.health_check("e1", timeout=5.0)
@@ -61,7 +65,7 @@ async def test_kill_9_of_an_engine_is_reported_well_under_a_second(
     killed_at = time.monotonic()
     os.kill(engine.pid, signal.SIGKILL)
     await asyncio.wait_for(manager.exits.event.wait(), 5)  # type: ignore[attr-defined]
-    (engine_id, returncode, seen_at), = manager.exits.seen  # type: ignore[attr-defined]
+    ((engine_id, returncode, seen_at),) = manager.exits.seen  # type: ignore[attr-defined]
     assert (engine_id, returncode) == ("e1", -signal.SIGKILL)
     assert seen_at - killed_at < 0.5
     assert "e1" not in manager.engines
@@ -77,8 +81,9 @@ async def test_stop_terminates_the_whole_process_group_and_is_not_an_exit(
         "sys.argv = ['x', '--model', '{model}', '--host', '{host}', '--port', '{port}']; "
         "runpy.run_module('sage_mq.engines.fake_server', run_name='__main__')"
     )
-    engine = await manager.launch(fake_launch(backend="command",
-                                              extra_args=(sys.executable, "-c", wrapper)))
+    engine = await manager.launch(
+        fake_launch(backend="command", extra_args=(sys.executable, "-c", wrapper))
+    )
     assert await manager.wait_ready("e1", timeout_s=30)
     (worker,) = psutil.Process(engine.pid).children()
     assert os.getpgid(worker.pid) == engine.pid
@@ -146,11 +151,20 @@ async def test_a_reused_pid_is_never_mistaken_for_an_engine(tmp_path: Path) -> N
     mgr = EngineLifecycleManager(tmp_path)
     mgr.state_dir.mkdir(parents=True)
     stranger = psutil.Process(os.getpid())  # alive, but started at another time than recorded
-    (mgr.state_dir / "e1.json").write_text(
-        '{"engine_id": "e1", "generation": 1, "pid": %d, "create_time": %f, "argv": [], '
-        '"kind": "llm", "backend": "fake", "host": "127.0.0.1", "port": 1, "log_path": "x", '
-        '"started_at": 0}' % (stranger.pid, stranger.create_time() - 1000)
-    )
+    state = {
+        "engine_id": "e1",
+        "generation": 1,
+        "pid": stranger.pid,
+        "create_time": stranger.create_time() - 1000,
+        "argv": [],
+        "kind": "llm",
+        "backend": "fake",
+        "host": "127.0.0.1",
+        "port": 1,
+        "log_path": "x",
+        "started_at": 0,
+    }
+    (mgr.state_dir / "e1.json").write_text(json.dumps(state))
     (mgr.state_dir / "junk.json").write_text("{not json")
     adopted, gone = mgr.recover()
     assert adopted == [] and [e.engine_id for e in gone] == ["e1"]

@@ -9,14 +9,27 @@ from pydantic import ValidationError
 
 from sage_mq.errors import DecodeError
 from sage_mq.messages import (
-    MESSAGE_TYPES, EngineExited, LaunchEngine, StartEngine, decode, encode, envelope,
-)  # fmt: skip
+    MESSAGE_TYPES,
+    EngineExited,
+    LaunchEngine,
+    StartEngine,
+    decode,
+    encode,
+    envelope,
+)
 
 SAMPLES = {
     "engine.start": {"engine_id": "e1", "model": "m", "use_gpu": True},
     "engine.stop": {"engine_id": "e1"},
-    "engine.launch": {"engine_id": "e1", "generation": 1, "model": "m", "kind": "llm",
-                      "backend": "fake", "host": "127.0.0.1", "port": 40000},
+    "engine.launch": {
+        "engine_id": "e1",
+        "generation": 1,
+        "model": "m",
+        "kind": "llm",
+        "backend": "fake",
+        "host": "127.0.0.1",
+        "port": 40000,
+    },
     "engine.terminate": {"engine_id": "e1"},
     "gpu.allocate": {"engine_id": "e1", "gpus": [0, 1], "memory_gb": 3.5},
     "gpu.release": {"engine_id": "e1"},
@@ -24,8 +37,14 @@ SAMPLES = {
     "engine.placed": {"engine_id": "e1", "node": "n", "port": 1},
     "engine.starting": {"engine_id": "e1", "node": "n", "generation": 1, "pid": 5, "argv": ["x"]},
     "engine.ready": {"engine_id": "e1", "node": "n", "generation": 1, "url": "http://h:1"},
-    "engine.exited": {"engine_id": "e1", "node": "n", "generation": 1, "returncode": -9,
-                      "reason": "killed", "last_lines": ["a"]},
+    "engine.exited": {
+        "engine_id": "e1",
+        "node": "n",
+        "generation": 1,
+        "returncode": -9,
+        "reason": "killed",
+        "last_lines": ["a"],
+    },
     "engine.launch_failed": {"engine_id": "e1", "node": "n", "generation": 1, "reason": "r"},
     "engine.adopted": {"engine_id": "e1", "node": "n", "generation": 1, "pid": 5},
     "engine.unhealthy": {"engine_id": "e1", "node": "n", "reason": "r"},
@@ -38,7 +57,7 @@ SAMPLES = {
     "gpu.allocated": {"node": "n", "engine_id": "e1", "gpus": [0]},
     "gpu.released": {"node": "n", "engine_id": "e1"},
     "request.rejected": {"request_id": "r", "request_type": "engine.start", "reason": "no GPU"},
-}  # fmt: skip
+}
 
 
 def test_every_message_type_has_a_sample() -> None:
@@ -76,18 +95,22 @@ def test_messages_are_frozen_and_refuse_unknown_fields() -> None:
         ({"type": "engine.stop", "data": '{"engine_id": "e", "x": 1}', "id": "1"}, "x"),
         ({"type": "engine.stop", "data": '{"engine_id": "e"}', "id": "1", "v": "9"}, "version"),
         ({"type": "engine.stop", "data": '{"engine_id": "e"}', "id": "1", "ts": "noon"}, "ts"),
-        ({"type": "engine.start", "data": '{"engine_id": "a b", "model": "m"}', "id": "1"},
-         "engine_id"),
+        (
+            {"type": "engine.start", "data": '{"engine_id": "a b", "model": "m"}', "id": "1"},
+            "engine_id",
+        ),
     ],
-)  # fmt: skip
+)
 def test_undecodable_entries_raise_one_decode_error(fields: dict[str, str], says: str) -> None:
     with pytest.raises(DecodeError, match=says.replace("(", r"\(").replace(")", r"\)")):
         decode(fields)
 
 
 def test_an_explicit_message_id_is_kept_for_idempotent_resends() -> None:
-    env = envelope(EngineExited(engine_id="e", node="n", generation=1, returncode=0, reason="r"),
-                   message_id="fixed")  # fmt: skip
+    env = envelope(
+        EngineExited(engine_id="e", node="n", generation=1, returncode=0, reason="r"),
+        message_id="fixed",
+    )
     assert decode(encode(env)).id == "fixed"
 
 
@@ -97,5 +120,6 @@ def test_start_engine_validates_ranges() -> None:
     with pytest.raises(ValidationError):
         StartEngine(engine_id="e", model="m", port=70000)
     with pytest.raises(ValidationError):
-        LaunchEngine(engine_id="e", generation=0, model="m", kind="llm", backend="fake",
-                     host="h", port=1)  # fmt: skip
+        LaunchEngine(
+            engine_id="e", generation=0, model="m", kind="llm", backend="fake", host="h", port=1
+        )

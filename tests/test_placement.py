@@ -7,15 +7,27 @@ import pytest
 from sage_mq.errors import InvalidRequest, PlacementError
 from sage_mq.messages import StartEngine
 from sage_mq.scheduler.placement import (
-    Demand, GpuView, NodeView, check_request, choose_port, place, wants_gpu,
-)  # fmt: skip
+    Demand,
+    GpuView,
+    NodeView,
+    check_request,
+    choose_port,
+    place,
+    wants_gpu,
+)
 
 
 @pytest.mark.parametrize(
     ("kind", "use_gpu", "expected"),
-    [("llm", None, True), ("embedding", None, False), ("llm", True, True),
-     ("embedding", True, True), ("llm", False, False), ("embedding", False, False)],
-)  # fmt: skip
+    [
+        ("llm", None, True),
+        ("embedding", None, False),
+        ("llm", True, True),
+        ("embedding", True, True),
+        ("llm", False, False),
+        ("embedding", False, False),
+    ],
+)
 def test_use_gpu_none_means_llm_on_gpu_and_embedding_on_cpu(
     kind: str, use_gpu: bool | None, expected: bool
 ) -> None:

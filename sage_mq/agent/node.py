@@ -140,28 +140,24 @@ class NodeAgent:
         delay = 0.2
         while not self._stopping.is_set():
             try:
-                self.epoch = await self.store.next_epoch(self.node_id)
-                await self._write_node_record()
-                await self.outbox.send(
-                    NodeJoined(
-                        node_id=self.node_id,
-                        address=self.agent.advertise_address,
-                        gpu_count=len(self.gpus.gpus()),
-                        epoch=self.epoch,
-                    )
-                )
-                log.info(
-                    "node %s joined (epoch %d, %s)",
-                    self.node_id,
-                    self.epoch,
-                    self.agent.advertise_address,
-                )
+                await self._announce()
                 return
             except ControlPlaneUnavailable as exc:
                 log.warning("cannot register node %s yet: %s", self.node_id, exc)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stopping.wait(), delay)
                 delay = min(delay * 2, 5.0)
+
+    async def _announce(self) -> None:
+        """Take a new epoch, write the node record and liveness key, publish node.joined."""
+        self.epoch = await self.store.next_epoch(self.node_id)
+        await self._write_node_record()
+        gpu_count = len(self.gpus.gpus())
+        address = self.agent.advertise_address
+        await self.outbox.send(
+            NodeJoined(node_id=self.node_id, address=address, gpu_count=gpu_count, epoch=self.epoch)
+        )
+        log.info("node %s joined (epoch %d, %s)", self.node_id, self.epoch, address)
 
     async def _write_node_record(self) -> None:
         low, high = self.agent.port_range
@@ -184,8 +180,11 @@ class NodeAgent:
             await asyncio.sleep(interval)
             beats += 1
             try:
-                if await self.store.get_node(self.node_id) is None or beats % 30 == 0:
-                    await self._write_node_record()  # Redis lost it, or GPU figures went stale
+                if await self.store.get_node(self.node_id) is None:
+                    log.warning("node %s vanished from Redis; registering again", self.node_id)
+                    await self._announce()
+                elif beats % 30 == 0:
+                    await self._write_node_record()  # GPU memory figures go stale
                 else:
                     await self.store.touch_node(self.node_id, self.epoch, self.agent.liveness_ttl_s)
                 await self.outbox.flush()

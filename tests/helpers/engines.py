@@ -9,13 +9,20 @@ from typing import Any
 import psutil
 
 from sage_mq.messages import LaunchEngine
-from tests.conftest import free_port
+from tests.helpers.servers import free_port
 
 
 def fake_launch(engine_id: str = "e1", *, generation: int = 1, **overrides: Any) -> LaunchEngine:
     """A launch command for our fake engine on a free loopback port."""
-    fields: dict[str, Any] = dict(engine_id=engine_id, generation=generation, model="demo",
-                                  kind="llm", backend="fake", host="127.0.0.1", port=free_port())  # fmt: skip
+    fields: dict[str, Any] = dict(
+        engine_id=engine_id,
+        generation=generation,
+        model="demo",
+        kind="llm",
+        backend="fake",
+        host="127.0.0.1",
+        port=free_port(),
+    )
     fields.update(overrides)
     return LaunchEngine(**fields)
 
@@ -25,7 +32,10 @@ def engine_processes(engine_id: str, state_dir: Path | None = None) -> list[psut
     found = []
     for proc in psutil.process_iter(["cmdline", "status"]):
         cmdline = proc.info["cmdline"] or []
-        if proc.info["status"] == psutil.STATUS_ZOMBIE or "sage_mq.engines.fake_server" not in cmdline:
+        if (
+            proc.info["status"] == psutil.STATUS_ZOMBIE
+            or "sage_mq.engines.fake_server" not in cmdline
+        ):
             continue
         try:
             env = proc.environ()

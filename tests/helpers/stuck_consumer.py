@@ -13,8 +13,9 @@ from sage_mq.settings import BusSettings, Settings
 
 
 async def main(url: str, namespace: str, stream: str, name: str) -> None:
-    settings = Settings(redis_url=url, namespace=namespace,
-                        bus=BusSettings(block_ms=100, claim_min_idle_ms=60_000))  # fmt: skip
+    settings = Settings(
+        redis_url=url, namespace=namespace, bus=BusSettings(block_ms=100, claim_min_idle_ms=60_000)
+    )
     redis = connect(settings)
     bus = Bus(redis, Keys(namespace), settings.bus)
 

@@ -1,0 +1,242 @@
+"""NodeAgent against a real Redis with real fake-engine processes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from sage_mq.agent import processes
+from sage_mq.agent.node import NodeAgent
+from sage_mq.bus import Bus
+from sage_mq.connection import Redis
+from sage_mq.gpu import FakeGpus, GPUResourceManager
+from sage_mq.keys import Keys
+from sage_mq.messages import (
+    AllocateGpus,
+    EngineExited,
+    EngineStarting,
+    HealthTick,
+    LaunchEngine,
+    Message,
+    NodeHealth,
+    TerminateEngine,
+    envelope,
+)
+from sage_mq.settings import AgentSettings, Settings
+from sage_mq.store import Store
+from tests.helpers.engines import engine_processes, fake_launch, marked_env
+from tests.helpers.events import Events
+from tests.helpers.servers import RedisServer
+
+
+class RunningAgent:
+    def __init__(self, settings: Settings, state: Path, node_id: str = "n1") -> None:
+        self.agent = NodeAgent(
+            settings,
+            AgentSettings(node_id=node_id, state_dir=state, liveness_ttl_s=2.0, stop_grace_s=2.0),
+            gpus=GPUResourceManager(FakeGpus("2x24GiB")),
+            base_env=marked_env(state),
+        )
+        self.task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> NodeAgent:
+        self.task = asyncio.create_task(self.agent.run())
+        return self.agent
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.agent.stop()
+        assert self.task is not None
+        await self.task
+        await self.agent.close()
+
+
+@pytest.fixture
+async def engines_cleanup(tmp_path: Path) -> AsyncIterator[Path]:
+    yield tmp_path
+    for proc in engine_processes("", tmp_path):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+async def command(redis: Redis, settings: Settings, message: Message, node: str = "n1") -> None:
+    bus = Bus(redis, Keys(settings.namespace), settings.bus)
+    await bus.publish(Keys(settings.namespace).node_commands(node), message)
+
+
+async def test_the_agent_registers_its_node_with_gpus_and_liveness(
+    aredis: Redis, settings: Settings, engines_cleanup: Path
+) -> None:
+    async with RunningAgent(settings, engines_cleanup):
+        events = Events(aredis, settings.namespace)
+        joined = await events.wait("node.joined")
+        store = Store(aredis, Keys(settings.namespace))
+        ((node, alive),) = await store.list_nodes()
+    assert joined.payload.model_dump()["gpu_count"] == 2
+    assert alive and node.address == "127.0.0.1" and len(node.gpus) == 2 and node.epoch == 1
+    assert await aredis.ttl(Keys(settings.namespace).node_alive("n1")) <= 2
+
+
+async def test_launch_reports_starting_then_ready_and_kill_9_reports_exited_at_once(
+    aredis: Redis, settings: Settings, engines_cleanup: Path
+) -> None:
+    events = Events(aredis, settings.namespace)
+    async with RunningAgent(settings, engines_cleanup):
+        await command(aredis, settings, fake_launch())
+        starting = await events.wait("engine.starting", "e1")
+        await events.wait("engine.ready", "e1")
+        assert isinstance(starting.payload, EngineStarting)
+        killed_at = time.time()
+        os.kill(starting.payload.pid, signal.SIGKILL)
+        exited = await events.wait("engine.exited", "e1", timeout=5)
+    assert isinstance(exited.payload, EngineExited)
+    assert exited.payload.returncode == -9 and "SIGKILL" in exited.payload.reason
+    assert exited.ts - killed_at < 0.5
+    assert any("serving demo" in line for line in exited.payload.last_lines)
+
+
+async def test_terminate_leaves_no_process_of_the_group_and_reports_stopped(
+    aredis: Redis, settings: Settings, engines_cleanup: Path
+) -> None:
+    events = Events(aredis, settings.namespace)
+    async with RunningAgent(settings, engines_cleanup):
+        await command(aredis, settings, fake_launch())
+        starting = await events.wait("engine.starting", "e1")
+        await events.wait("engine.ready", "e1")
+        await command(aredis, settings, TerminateEngine(engine_id="e1"))
+        await events.wait("engine.stopped", "e1")
+        await command(aredis, settings, TerminateEngine(engine_id="e1"))  # already gone: success
+        await events.wait("engine.stopped", "e1", count=2)
+    assert not processes.group_alive(starting.payload.model_dump()["pid"])
+    assert "engine.exited" not in await events.types("e1")
+
+
+async def test_a_redelivered_launch_never_starts_a_second_process(
+    aredis: Redis, settings: Settings, engines_cleanup: Path
+) -> None:
+    events = Events(aredis, settings.namespace)
+    launch = fake_launch()
+    async with RunningAgent(settings, engines_cleanup) as agent:
+        await command(aredis, settings, launch)
+        await events.wait("engine.ready", "e1")
+        await agent.handle(envelope(launch))  # as if the bus delivered it again
+        await events.wait("engine.starting", "e1", count=2)
+        assert len(engine_processes("", engines_cleanup)) == 1
+        # An older generation is refused outright; a newer one replaces the process.
+        await agent.handle(envelope(launch.model_copy(update={"generation": 0})))
+        await command(aredis, settings, launch.model_copy(update={"generation": 2}))
+        newer = await events.wait("engine.starting", "e1", count=3)
+        await events.wait("engine.ready", "e1", count=3)
+        assert newer.payload.model_dump()["generation"] == 2
+        assert [p.pid for p in engine_processes("", engines_cleanup)] == [
+            newer.payload.model_dump()["pid"]
+        ]
+
+
+async def test_launch_refuses_a_busy_port_and_a_gpu_the_node_lacks(
+    aredis: Redis, settings: Settings, engines_cleanup: Path
+) -> None:
+    events = Events(aredis, settings.namespace)
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        busy = squatter.getsockname()[1]
+        async with RunningAgent(settings, engines_cleanup):
+            await command(aredis, settings, fake_launch("busy", port=busy))
+            await command(aredis, settings, fake_launch("nogpu", use_gpu=True, gpus=(0, 7)))
+            busy_event = await events.wait("engine.launch_failed", "busy")
+            gpu_event = await events.wait("engine.launch_failed", "nogpu")
+    assert f"port {busy}" in busy_event.payload.model_dump()["reason"]
+    assert "GPU(s) [7] do not exist" in gpu_event.payload.model_dump()["reason"]
+    assert engine_processes("", engines_cleanup) == []
+
+
+async def test_health_tick_probes_every_engine_and_gpu_allocations_are_acknowledged(
+    aredis: Redis, settings: Settings, engines_cleanup: Path
+) -> None:
+    events = Events(aredis, settings.namespace)
+    async with RunningAgent(settings, engines_cleanup) as agent:
+        await command(aredis, settings, AllocateGpus(engine_id="e1", gpus=(1,), memory_gb=4))
+        await command(aredis, settings, fake_launch(use_gpu=True, gpus=(1,)))
+        await events.wait("engine.ready", "e1")
+        await command(aredis, settings, HealthTick(timeout_s=2))
+        health = await events.wait("node.health")
+        assert agent.allocations == {"e1": (1,)}
+    assert isinstance(health.payload, NodeHealth) and health.payload.results == {"e1": True}
+    assert "gpu.allocated" in await events.types("e1")
+
+
+async def test_a_restarted_agent_adopts_its_engines_and_duplicates_none(
+    aredis: Redis, settings: Settings, engines_cleanup: Path
+) -> None:
+    events = Events(aredis, settings.namespace)
+    launch = fake_launch()
+    async with RunningAgent(settings, engines_cleanup):
+        await command(aredis, settings, launch)
+        first = await events.wait("engine.ready", "e1")
+        pid = (await events.wait("engine.starting", "e1")).payload.model_dump()["pid"]
+    # The agent is gone (its run() returned); the engine kept running.
+    assert [p.pid for p in engine_processes("", engines_cleanup)] == [pid]
+    async with RunningAgent(settings, engines_cleanup) as agent:
+        adopted = await events.wait("engine.adopted", "e1")
+        await events.wait("engine.ready", "e1", count=2)
+        await agent.handle(envelope(launch))  # the old launch, delivered once more
+        assert [p.pid for p in engine_processes("", engines_cleanup)] == [pid]
+        assert await Store(aredis, Keys(settings.namespace)).get_node("n1") is not None
+        node_epoch = (await events.wait("node.joined", count=2)).payload.model_dump()["epoch"]
+    assert adopted.payload.model_dump()["pid"] == pid and first.type == "engine.ready"
+    assert node_epoch == 2
+
+
+async def test_an_engine_that_died_while_the_agent_was_down_is_reported_exited(
+    aredis: Redis, settings: Settings, engines_cleanup: Path
+) -> None:
+    events = Events(aredis, settings.namespace)
+    async with RunningAgent(settings, engines_cleanup):
+        await command(aredis, settings, fake_launch())
+        await events.wait("engine.ready", "e1")
+        pid = (await events.wait("engine.starting", "e1")).payload.model_dump()["pid"]
+    os.killpg(pid, signal.SIGKILL)
+    await asyncio.sleep(0.1)
+    async with RunningAgent(settings, engines_cleanup):
+        exited = await events.wait("engine.exited", "e1")
+    assert exited.payload.model_dump()["reason"] == "process ended while the agent was down"
+
+
+async def test_events_wait_in_the_outbox_while_redis_is_away(
+    private_redis: RedisServer, tmp_path: Path
+) -> None:
+    settings = Settings(redis_url=private_redis.url, namespace="o")
+    runner = RunningAgent(settings, tmp_path)
+    try:
+        async with runner as agent:
+            events = Events(agent.redis, "o")
+            await command(agent.redis, settings, fake_launch())
+            starting = await events.wait("engine.starting", "e1")
+            await events.wait("engine.ready", "e1")
+            private_redis.kill()
+            os.kill(starting.payload.model_dump()["pid"], signal.SIGKILL)
+            for _ in range(100):
+                if agent.outbox.pending:
+                    break
+                await asyncio.sleep(0.05)
+            assert [e.type for e in agent.outbox.pending] == ["engine.exited"]
+            private_redis.start()  # empty: the agent must re-register and deliver what waited
+            exited = await events.wait("engine.exited", "e1", timeout=15)
+            await events.wait("node.joined", timeout=15)
+        assert exited.payload.model_dump()["returncode"] == -9
+    finally:
+        for proc in engine_processes("", tmp_path):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_launch_engine_helper_is_a_fake_engine() -> None:
+    assert isinstance(fake_launch(), LaunchEngine) and fake_launch().backend == "fake"
