@@ -206,15 +206,18 @@ class ControlPlaneManager:
         deadline = time.monotonic() + timeout
         async for entry_id, fields in self.bus.tail(self.keys.events, since):
             env = _decode_quietly(fields) if entry_id else None
-            if env is not None and getattr(env.payload, "engine_id", None) == engine_id:
+            ours = env is not None and getattr(env.payload, "engine_id", None) == engine_id
+            if env is not None and ours:
                 if on_event is not None:
                     on_event(env)
                 if env.type in _FAILURE_EVENTS and EngineState.FAILED not in goal:
                     raise _failure(env)
+            if entry_id and not ours:
+                continue  # someone else's event: no need to look at the record
             record = await self.store.get_engine(engine_id)
             if record is not None and record.state in goal:
                 return record
-            if record is not None and record.state.terminal and not goal & {record.state}:
+            if record is not None and record.state.terminal:
                 raise EngineFailedError(f"{engine_id} is {record.state}: {record.last_error}")
             if time.monotonic() > deadline:
                 state = record.state if record else "unknown"

@@ -137,7 +137,9 @@ def from_hash(model: type[M], fields: dict[str, str]) -> M:
     data: dict[str, Any] = {}
     for name, raw in fields.items():
         if name in _RAW:
-            data[name] = raw if raw != "" else None
+            field = model.model_fields.get(name)
+            empty_is_none = raw == "" and field is not None and field.default is None
+            data[name] = None if empty_is_none else raw
         else:
             try:
                 data[name] = json.loads(raw)

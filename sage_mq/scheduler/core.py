@@ -293,7 +293,7 @@ class Scheduler:
         record = await self._current(ev.engine_id, ev.generation)
         if record is None or record.state not in _LIVE:
             return
-        reason = f"engine {ev.reason}"
+        reason = f"engine {ev.reason}" + (f": {ev.last_lines[-1]}" if ev.last_lines else "")
         await self._finish(record, S.FAILED, reason)
         await self._emit(
             EngineFailed(engine_id=ev.engine_id, reason=reason, last_lines=ev.last_lines)

@@ -1,0 +1,267 @@
+"""Whole fleet, real processes: redis-server, scheduler, node agent, fake engines, and the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+import pytest
+
+from tests.helpers.engines import engine_processes
+from tests.helpers.servers import Processes, RedisServer, free_port
+
+pytestmark = pytest.mark.fleet
+
+
+class FleetProcs:
+    """A scheduler and a node agent as real processes, and the CLI run as a user would."""
+
+    def __init__(self, procs: Processes, redis: RedisServer, state: Path) -> None:
+        self.procs = procs
+        self.state = state
+        self.env = {
+            **os.environ,
+            "SAGE_MQ_REDIS_URL": redis.url,
+            "SAGE_MQ_NAMESPACE": f"f{free_port()}",
+            "SAGE_MQ_STATE_DIR": str(state),
+            "SAGE_MQ_TEST_STATE": str(state),
+        }
+        self.agent: subprocess.Popen[bytes] | None = None
+
+    def start_scheduler(self) -> None:
+        self.procs.sage("scheduler", ["llm", "scheduler", "run"], self.env)
+
+    def start_agent(self) -> None:
+        self.agent = self.procs.sage(
+            "agent",
+            [
+                "llm",
+                "node",
+                "run",
+                "--node-id",
+                "n1",
+                "--fake-gpus",
+                "2x24GiB",
+                "--liveness-ttl",
+                "3",
+                "--stop-grace",
+                "3",
+            ],
+            self.env,
+        )
+
+    def cli(
+        self, *args: str, check: bool = True, timeout: float = 60
+    ) -> subprocess.CompletedProcess[str]:
+        done = subprocess.run(
+            [sys.executable, "-m", "sage_mq", *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+        if check and done.returncode != 0:
+            raise AssertionError(
+                f"sage {' '.join(args)} -> {done.returncode}\n{done.stdout}\n{done.stderr}"
+            )
+        return done
+
+    def json(self, *args: str) -> Any:
+        return json.loads(self.cli(*args, "--json").stdout)
+
+    def wait_node(self) -> None:
+        for _ in range(200):
+            if self.json("llm", "status")["nodes"]["alive"] == 1:
+                return
+            time.sleep(0.05)
+        raise AssertionError(f"the node never joined:\n{self.procs.log('agent')}")
+
+
+@pytest.fixture
+def fleet(processes: Processes, redis_server: RedisServer, tmp_path: Path) -> Iterator[FleetProcs]:
+    fleet = FleetProcs(processes, redis_server, tmp_path / "state")
+    fleet.start_scheduler()
+    fleet.start_agent()
+    fleet.wait_node()
+    yield fleet
+    for proc in engine_processes("", fleet.state):
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_start_call_list_watch_and_stop_an_engine_from_the_cli(fleet: FleetProcs) -> None:
+    record = fleet.json("llm", "engine", "start", "demo", "--backend", "fake", "--wait")
+    assert record["state"] == "RUNNING" and record["gpus"] == [0] and record["node"] == "n1"
+    reply = httpx.post(
+        f"{record['url']}/v1/chat/completions",
+        json={"model": "demo", "messages": [{"role": "user", "content": "hi"}]},
+    )
+    assert reply.json()["choices"][0]["message"]["content"] == "[demo] You said: hi"
+
+    (listed,) = fleet.json("llm", "engine", "list")
+    assert set(listed) >= {
+        "engine_id",
+        "model",
+        "kind",
+        "backend",
+        "state",
+        "node",
+        "host",
+        "port",
+        "url",
+        "gpus",
+        "use_gpu",
+        "argv",
+        "pid",
+        "restarts",
+        "last_error",
+        "created_at",
+        "updated_at",
+    }
+    (proc,) = engine_processes("", fleet.state)
+    assert proc.pid == listed["pid"] and proc.environ()["CUDA_VISIBLE_DEVICES"] == "0"
+
+    events = fleet.cli("llm", "events").stdout
+    for step in (
+        "node.joined",
+        "engine.placed",
+        "gpu.allocated",
+        "engine.starting",
+        "engine.ready",
+    ):
+        assert step in events
+    assert "serving demo" in fleet.cli("llm", "engine", "logs", record["engine_id"]).stdout
+    gpus = fleet.json("llm", "gpu")
+    assert [g["engines"] for g in gpus] == [[record["engine_id"]], []]
+
+    stopped = fleet.json("llm", "engine", "stop", record["engine_id"])
+    assert stopped["state"] == "STOPPED" and stopped["port"] is None
+    assert engine_processes("", fleet.state) == []
+    assert not psutil.pid_exists(proc.pid)
+    assert fleet.json("llm", "gpu")[0]["engines"] == []
+
+
+def test_an_embedding_engine_on_gpu_gets_cuda_and_a_missing_dependency_is_a_clear_failure(
+    fleet: FleetProcs,
+) -> None:
+    try:
+        import sentence_transformers  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        pytest.skip("sentence-transformers is installed: this engine would load a real model")
+    done = fleet.cli(
+        "llm",
+        "engine",
+        "start",
+        "BAAI/bge-m3",
+        "--engine-kind",
+        "embedding",
+        "--use-gpu",
+        "--wait",
+        check=False,
+    )
+    assert done.returncode == 1
+    assert "sentence-transformers is not installed" in done.stderr
+    assert "Traceback" not in done.stderr
+    (record,) = fleet.json("llm", "engine", "list")
+    assert record["state"] == "FAILED" and "--device" in record["argv"]
+    assert record["argv"][record["argv"].index("--device") + 1] == "cuda"
+    assert record["use_gpu"] is True and "exited with code 2" in record["last_error"]
+
+
+def test_a_killed_agent_comes_back_and_adopts_its_engine_without_a_duplicate(
+    fleet: FleetProcs,
+) -> None:
+    record = fleet.json("llm", "engine", "start", "demo", "--backend", "fake", "--wait")
+    assert fleet.agent is not None
+    os.killpg(fleet.agent.pid, signal.SIGKILL)
+    fleet.agent.wait(5)
+    (proc,) = engine_processes("", fleet.state)  # the engine outlives its agent
+    assert httpx.get(f"{record['url']}/health").status_code == 200
+    fleet.start_agent()
+    for _ in range(200):
+        if "engine.adopted" in fleet.cli("llm", "events").stdout:
+            break
+        time.sleep(0.05)
+    else:
+        raise AssertionError(fleet.procs.log("agent"))
+    assert [p.pid for p in engine_processes("", fleet.state)] == [proc.pid]
+    assert fleet.json("llm", "engine", "list")[0]["state"] == "RUNNING"
+    assert fleet.json("llm", "engine", "stop", record["engine_id"])["state"] == "STOPPED"
+    assert engine_processes("", fleet.state) == []
+
+
+def test_two_tp2_engines_do_not_fit_two_gpus_and_the_reason_says_so(fleet: FleetProcs) -> None:
+    first = fleet.json(
+        "llm",
+        "engine",
+        "start",
+        "big",
+        "--backend",
+        "fake",
+        "-tp",
+        "2",
+        "--required-memory-gb",
+        "40",
+        "--wait",
+    )
+    assert first["gpus"] == [0, 1]
+    done = fleet.cli(
+        "llm",
+        "engine",
+        "start",
+        "big",
+        "--backend",
+        "fake",
+        "-tp",
+        "2",
+        "--required-memory-gb",
+        "40",
+        "--wait",
+        check=False,
+    )
+    assert done.returncode == 1 and "no GPU fits" in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (
+            ["llm", "engine", "start", "m", "--engine-kind", "chat"],
+            "--engine-kind must be llm or embedding",
+        ),
+        (["llm", "engine", "start", "m", "--no-gpu", "-tp", "2"], "needs GPUs"),
+        (["llm", "engine", "start", "m", "--backend", "tgi"], "backend"),
+        (["llm", "engine", "start", "m", "--extra-args", "'unclosed"], "cannot split --extra-args"),
+        (["llm", "engine", "stop", "ghost"], "no engine 'ghost'"),
+        (["llm", "node", "run", "--node-id", "x", "--fake-gpus", "lots"], "fake GPU spec"),
+    ],
+)
+def test_bad_input_exits_non_zero_with_one_clear_line(
+    fleet: FleetProcs, args: list[str], says: str
+) -> None:
+    done = fleet.cli(*args, check=False, timeout=30)
+    assert done.returncode != 0
+    assert says in done.stderr and "Traceback" not in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_an_unreachable_redis_is_one_line_with_the_password_hidden(tmp_path: Path) -> None:
+    url = f"redis://user:s3cret@127.0.0.1:{free_port()}/0"
+    done = subprocess.run(
+        [sys.executable, "-m", "sage_mq", "llm", "engine", "list", "--redis-url", url],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 1 and "Redis unreachable" in done.stderr
+    assert "s3cret" not in done.stderr and len(done.stderr.strip().splitlines()) == 1

@@ -1,0 +1,248 @@
+"""Scheduler against a real Redis: placement, use_gpu, ports, reservations, states from events."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from sage_mq.bus import Bus
+from sage_mq.connection import Redis
+from sage_mq.engines.backends import build_argv, build_env
+from sage_mq.gpu import FakeGpus
+from sage_mq.keys import Keys
+from sage_mq.messages import (
+    EngineExited,
+    EngineLaunchFailed,
+    EngineReady,
+    EngineStarting,
+    EngineStopped,
+    LaunchEngine,
+    Message,
+    StartEngine,
+    StopEngine,
+    TerminateEngine,
+    decode,
+)
+from sage_mq.scheduler import Scheduler
+from sage_mq.settings import Settings
+from sage_mq.store import EngineRecord, EngineState, NodeRecord, Store
+from tests.helpers.events import Events
+
+
+class Fleet:
+    """A scheduler over registered (simulated) nodes; we play the agents' part by hand."""
+
+    def __init__(self, redis: Redis, settings: Settings) -> None:
+        self.redis: Any = redis
+        self.keys = Keys(settings.namespace)
+        self.bus = Bus(redis, self.keys, settings.bus)
+        self.store = Store(redis, self.keys)
+        self.scheduler = Scheduler(settings, redis=redis, name="s1")
+        self.events = Events(redis, settings.namespace)
+
+    async def node(self, node_id: str, gpus: str | None = None, address: str = "127.0.0.1") -> None:
+        inventory = FakeGpus(gpus).snapshot() if gpus else []
+        await self.store.put_node(NodeRecord(node_id=node_id, address=address, gpus=inventory), 60)
+
+    async def request(self, *messages: Message) -> None:
+        await self.bus.publish_many(self.keys.requests, list(messages))
+        await self.scheduler.run(until_idle=True)
+
+    async def event(self, *messages: Message) -> None:
+        await self.bus.publish_many(self.keys.events, list(messages))
+        await self.scheduler.run(until_idle=True)
+
+    async def commands(self, node_id: str) -> list[Message]:
+        rows = await self.redis.xrange(self.keys.node_commands(node_id))
+        return [decode(fields).payload for _id, fields in rows]
+
+    async def launch_of(self, engine_id: str, node_id: str = "n1") -> LaunchEngine:
+        for cmd in await self.commands(node_id):
+            if isinstance(cmd, LaunchEngine) and cmd.engine_id == engine_id:
+                return cmd
+        raise AssertionError(f"no launch of {engine_id} on {node_id}")
+
+    async def record(self, engine_id: str) -> EngineRecord:
+        record = await self.store.get_engine(engine_id)
+        assert record is not None
+        return record
+
+
+@pytest.fixture
+async def fleet(aredis: Redis, settings: Settings) -> Fleet:
+    return Fleet(aredis, settings)
+
+
+@pytest.mark.parametrize(
+    ("kind", "use_gpu", "on_gpu"),
+    [
+        ("llm", None, True),
+        ("llm", True, True),
+        ("llm", False, False),
+        ("embedding", None, False),
+        ("embedding", True, True),
+        ("embedding", False, False),
+    ],
+)
+async def test_use_gpu_decides_gpus_device_and_visible_devices(
+    fleet: Fleet, kind: str, use_gpu: bool | None, on_gpu: bool
+) -> None:
+    await fleet.node("n1", "2x24GiB")
+    await fleet.request(StartEngine(engine_id="e", model="m-1B", kind=kind, use_gpu=use_gpu))
+    record = await fleet.record("e")
+    launch = await fleet.launch_of("e")
+    assert record.state == EngineState.STARTING and record.use_gpu is use_gpu
+    assert bool(record.gpus) is on_gpu and launch.use_gpu is on_gpu
+    assert record.backend == ("embedding" if kind == "embedding" else "vllm")
+    visible = build_env(launch, {})["CUDA_VISIBLE_DEVICES"]
+    assert visible == (",".join(map(str, record.gpus)) if on_gpu else "")
+    if kind == "embedding":
+        argv = build_argv(launch)
+        assert argv[argv.index("--device") + 1] == ("cuda" if on_gpu else "cpu")
+
+
+async def test_gpu_required_on_a_node_without_gpus_is_rejected_with_a_reason(
+    fleet: Fleet,
+) -> None:
+    await fleet.node("cpu-only")
+    await fleet.request(
+        StartEngine(engine_id="e", model="BAAI/bge-m3", kind="embedding", use_gpu=True)
+    )
+    rejected = await fleet.events.wait("request.rejected", "e")
+    reason = rejected.payload.model_dump()["reason"]
+    assert "no GPU fits" in reason and "cpu-only: no GPUs" in reason
+    record = await fleet.record("e")
+    assert record.state == EngineState.FAILED and record.last_error == reason
+    assert "engine.failed" in await fleet.events.types("e")
+    assert await fleet.commands("cpu-only") == []
+
+
+async def test_tensor_parallel_2_reserves_two_gpus_until_the_engine_stops(fleet: Fleet) -> None:
+    await fleet.node("n1", "2x24GiB")
+    big = dict(model="big", tensor_parallel_size=2, required_memory_gb=40.0)
+    await fleet.request(StartEngine(engine_id="a", **big))  # 20 GiB on each GPU
+    record = await fleet.record("a")
+    assert record.gpus == [0, 1] and record.memory_gb == 40.0
+    launch = await fleet.launch_of("a")
+    assert launch.tensor_parallel_size == 2 and launch.gpu_memory_utilization == 0.84
+    await fleet.request(StartEngine(engine_id="b", **big))
+    assert (
+        "no GPU fits"
+        in (await fleet.events.wait("request.rejected", "b")).payload.model_dump()["reason"]
+    )
+    # Stop a: the agent reports it stopped; its GPUs and port come back.
+    await fleet.request(StopEngine(engine_id="a"))
+    assert isinstance((await fleet.commands("n1"))[-1], TerminateEngine)
+    assert (await fleet.record("a")).state == EngineState.STOPPING
+    await fleet.event(EngineStopped(engine_id="a", node="n1", returncode=0))
+    stopped = await fleet.record("a")
+    assert stopped.state == EngineState.STOPPED and stopped.gpus == [] and stopped.port is None
+    assert await fleet.store.reservations("n1") == {} and await fleet.store.ports_in_use("n1") == {}
+    await fleet.request(StartEngine(engine_id="c", **big))
+    assert (await fleet.record("c")).gpus == [0, 1]
+
+
+async def test_concurrent_start_requests_get_distinct_ports(fleet: Fleet) -> None:
+    await fleet.node("n1")
+    await fleet.request(
+        *(
+            StartEngine(engine_id=f"e{i}", model="demo", backend="fake", use_gpu=False)
+            for i in range(20)
+        )
+    )
+    ports = [(await fleet.record(f"e{i}")).port for i in range(20)]
+    assert len(set(ports)) == 20 and min(p for p in ports if p) == 40000
+    assert len(await fleet.store.ports_in_use("n1")) == 20
+
+
+async def test_a_requested_port_and_node_are_honoured_or_refused(fleet: Fleet) -> None:
+    await fleet.node("n1")
+    await fleet.node("n2", address="127.0.0.2")
+    await fleet.request(StartEngine(engine_id="a", model="m", use_gpu=False, port=41234, node="n2"))
+    record = await fleet.record("a")
+    assert (record.node, record.port, record.url) == ("n2", 41234, "http://127.0.0.2:41234")
+    await fleet.request(StartEngine(engine_id="b", model="m", use_gpu=False, port=41234, node="n2"))
+    assert (
+        "already assigned"
+        in (await fleet.events.wait("request.rejected", "b")).payload.model_dump()["reason"]
+    )
+
+
+async def test_engine_states_follow_agent_events_and_stale_generations_are_ignored(
+    fleet: Fleet,
+) -> None:
+    await fleet.node("n1")
+    await fleet.request(StartEngine(engine_id="e", model="demo", backend="fake", use_gpu=False))
+    await fleet.event(EngineStarting(engine_id="e", node="n1", generation=1, pid=42, argv=("x",)))
+    assert (await fleet.record("e")).pid == 42
+    await fleet.event(EngineReady(engine_id="e", node="n1", generation=0, url="http://old"))
+    assert (await fleet.record("e")).state == EngineState.STARTING  # stale generation
+    await fleet.event(
+        EngineReady(engine_id="e", node="n1", generation=1, url="http://127.0.0.1:40000")
+    )
+    assert (await fleet.record("e")).state == EngineState.RUNNING
+    await fleet.event(
+        EngineExited(
+            engine_id="e",
+            node="n1",
+            generation=1,
+            returncode=-9,
+            reason="killed by SIGKILL",
+            last_lines=("bye",),
+        )
+    )
+    record = await fleet.record("e")
+    assert record.state == EngineState.FAILED and "SIGKILL" in (record.last_error or "")
+    assert record.port is None and await fleet.store.ports_in_use("n1") == {}
+    failed = await fleet.events.wait("engine.failed", "e")
+    assert failed.payload.model_dump()["last_lines"] == ("bye",)
+
+
+async def test_a_launch_failure_ends_failed_with_the_agents_reason(fleet: Fleet) -> None:
+    await fleet.node("n1", "1x24GiB")
+    await fleet.request(StartEngine(engine_id="e", model="m-1B"))
+    await fleet.event(
+        EngineLaunchFailed(
+            engine_id="e",
+            node="n1",
+            generation=1,
+            reason="port 40000 on 127.0.0.1 is already in use",
+        )
+    )
+    record = await fleet.record("e")
+    assert record.state == EngineState.FAILED and "already in use" in (record.last_error or "")
+    assert await fleet.store.reservations("n1") == {}
+
+
+async def test_stop_of_an_unknown_or_unplaced_engine(fleet: Fleet) -> None:
+    await fleet.request(StopEngine(engine_id="ghost"))
+    assert (
+        "no engine 'ghost'"
+        in (await fleet.events.wait("request.rejected", "ghost")).payload.model_dump()["reason"]
+    )
+    await fleet.request(StartEngine(engine_id="e", model="m", use_gpu=False))  # no node: FAILED
+    await fleet.request(StopEngine(engine_id="e"))
+    assert (await fleet.record("e")).state == EngineState.STOPPED
+    await fleet.events.wait("engine.stopped", "e")
+
+
+async def test_a_redelivered_start_does_not_place_twice_and_a_reused_id_is_refused(
+    fleet: Fleet,
+) -> None:
+    await fleet.node("n1")
+    start = StartEngine(engine_id="e", model="m", use_gpu=False)
+    from sage_mq.messages import envelope
+
+    env = envelope(start)
+    await fleet.scheduler.handle(env)
+    await fleet.scheduler.handle(env)  # delivered again
+    launches = [c for c in await fleet.commands("n1") if isinstance(c, LaunchEngine)]
+    assert len(launches) == 1
+    await fleet.request(StopEngine(engine_id="e"))
+    await fleet.event(EngineStopped(engine_id="e", node="n1"))
+    await fleet.request(start)
+    assert (
+        "exists"
+        in (await fleet.events.wait("request.rejected", "e")).payload.model_dump()["reason"]
+    )
