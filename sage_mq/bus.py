@@ -1,9 +1,11 @@
 """The one module that speaks Redis streams: publishing, consumer groups, retry, dead letters.
 
-Delivery is at-least-once: a handler that returns has its entry acked (and its message id
-marked done, so a re-sent id is carried out at most once); one that raises leaves the entry
-pending, to be re-claimed after ``claim_min_idle_ms`` by this or another consumer. Entries that
-cannot be decoded, or that were delivered ``max_deliveries`` times, go to the dead-letter stream.
+Delivery is at-least-once. A handler that returns has its entry acked, and its message id marked
+done (so a re-sent id is carried out at most once), in one transaction with the messages it
+returned for publishing: those are never lost nor doubled around a crash. A handler that raises
+leaves the entry pending, to be re-claimed after ``claim_min_idle_ms`` by this or another
+consumer. Entries that cannot be decoded, or were delivered ``max_deliveries`` times, go to the
+dead-letter stream.
 """
 
 from __future__ import annotations
@@ -29,7 +31,9 @@ from sage_mq.settings import BusSettings
 
 log = logging.getLogger(__name__)
 
-Handler = Callable[[Envelope], Awaitable[None]]
+Outgoing = Sequence[tuple[str, Message]]
+"""(stream, message) pairs a handler returns: published in the same transaction as its ack."""
+Handler = Callable[[Envelope], Awaitable[Outgoing | None]]
 Entry = tuple[str, dict[str, str]]
 _UNREACHABLE = (RedisConnectionError, RedisTimeoutError, OSError)
 
@@ -275,30 +279,59 @@ class Consumer:
         return out
 
     async def _settle_all(self, deliveries: list[Delivery]) -> None:
+        """Decode a batch, look up all its idempotency markers at once, then settle in order."""
+        decoded: list[tuple[Delivery, Envelope | DecodeError]] = []
         for delivery in deliveries:
-            await self._settle(delivery)
+            try:
+                decoded.append((delivery, decode(delivery.fields)))
+            except DecodeError as exc:
+                decoded.append((delivery, exc))
+        ids = [env.id for _d, env in decoded if isinstance(env, Envelope)]
+        done = await self._already_done(ids)
+        for delivery, env in decoded:
+            if self._stopping.is_set():
+                return  # the rest stays pending and is read again on restart
+            await self._settle(delivery, env, done)
 
-    async def _settle(self, delivery: Delivery) -> None:
-        """Decode, dedupe, handle, then ack, retry later, or dead-letter: the one place."""
-        try:
-            env = decode(delivery.fields)
-        except DecodeError as exc:
-            await self.bus.dead_letter(delivery, self.group, f"undecodable: {exc}")
+    async def _already_done(self, message_ids: list[str]) -> set[str]:
+        if not message_ids:
+            return set()
+        markers = [self.bus.keys.processed(self.group, i) for i in message_ids]
+        found = await self.bus.redis.mget(markers)
+        return {i for i, value in zip(message_ids, found, strict=True) if value is not None}
+
+    async def _settle(
+        self, delivery: Delivery, env: Envelope | DecodeError, done: set[str]
+    ) -> None:
+        """Ack, retry later, or dead-letter one entry: the one place where that is decided."""
+        if isinstance(env, DecodeError):
+            await self.bus.dead_letter(delivery, self.group, f"undecodable: {env}")
             return
-        marker = self.bus.keys.processed(self.group, env.id)
-        if await self.bus.redis.exists(marker):
+        if env.id in done:
             await self.bus.redis.xack(delivery.stream, self.group, delivery.entry_id)
             log.debug("%s: %s %s already carried out; acked", self.group, env.type, env.id)
             return
         try:
-            await self.handler(env)
+            outgoing = await self.handler(env)
         except Exception as exc:
             await self._failed(delivery, env, exc)
             return
         async with self.bus.redis.pipeline(transaction=True) as pipe:
-            pipe.set(marker, "1", ex=self.bus.settings.idempotency_ttl_s)
+            for stream, message in outgoing or ():
+                pipe.xadd(
+                    stream,
+                    encode(envelope(message)),
+                    maxlen=self.bus._maxlen(stream),
+                    approximate=True,
+                )
+            pipe.set(
+                self.bus.keys.processed(self.group, env.id),
+                "1",
+                ex=self.bus.settings.idempotency_ttl_s,
+            )
             pipe.xack(delivery.stream, self.group, delivery.entry_id)
             await pipe.execute()
+        done.add(env.id)  # the same id twice in one batch: the second is a duplicate too
         self.handled += 1
 
     async def _failed(self, delivery: Delivery, env: Envelope, exc: Exception) -> None:

@@ -250,3 +250,23 @@ async def test_a_consumer_survives_a_redis_restart_that_lost_its_group(
     await task
     await redis.aclose()
     assert seen == ["before", "after"]
+
+
+async def test_messages_a_handler_returns_are_published_with_its_ack_exactly_once(
+    aredis: Redis, settings: Settings
+) -> None:
+    from sage_mq.messages import NodeLost, decode
+
+    bus = make_bus(aredis, settings)
+    stream, out = f"{settings.namespace}:s", f"{settings.namespace}:out"
+    env = envelope(StopEngine(engine_id="e"))
+    await bus.publish(stream, env)
+    await bus.publish(stream, env)  # a duplicate id: its result must not be published again
+
+    async def handler(got: Envelope) -> list[tuple[str, NodeLost]]:
+        return [(out, NodeLost(node_id="n"))]
+
+    await bus.consumer([stream], "g", "c1", handler).run(until_idle=True)
+    rows = await aredis.xrange(out)
+    assert [decode(fields).type for _id, fields in rows] == ["node.lost"]
+    assert await pending_count(aredis, stream) == 0

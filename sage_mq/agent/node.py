@@ -21,7 +21,7 @@ from sage_mq.agent.lifecycle import EngineLifecycleManager, ManagedEngine
 from sage_mq.agent.logship import LogShipper
 from sage_mq.agent.outbox import Outbox
 from sage_mq.agent.processes import describe_returncode
-from sage_mq.bus import Bus
+from sage_mq.bus import Bus, Outgoing
 from sage_mq.connection import Redis, connect
 from sage_mq.engines.backends import startup_timeout_s
 from sage_mq.errors import ControlPlaneUnavailable, InvalidRequest, LaunchError
@@ -226,7 +226,7 @@ class NodeAgent:
             )
 
     # -- commands ------------------------------------------------------------------------
-    async def handle(self, env: Envelope) -> None:
+    async def handle(self, env: Envelope) -> Outgoing | None:
         """Carry out one command from this node's stream."""
         payload = env.payload
         if isinstance(payload, LaunchEngine):
@@ -240,9 +240,11 @@ class NodeAgent:
             await self.outbox.send(GpusReleased(node=self.node_id, engine_id=payload.engine_id))
         elif isinstance(payload, HealthTick):
             results = await self.lifecycle.health_check_all(payload.timeout_s)
-            await self.outbox.send(NodeHealth(node_id=self.node_id, results=results))
+            # Sent with the ack: if Redis is away both wait, and the tick is probed again.
+            return [(self.keys.events, NodeHealth(node_id=self.node_id, results=results))]
         else:
             log.warning("node %s ignores %s (not a node command)", self.node_id, env.type)
+        return None
 
     async def _launch(self, cmd: LaunchEngine) -> None:
         current = self.lifecycle.engines.get(cmd.engine_id)
