@@ -33,125 +33,151 @@ from sage_mq.keys import Keys
 from sage_mq.messages import Envelope, HealthTick, NodeHealth, decode
 from sage_mq.settings import BusSettings, Settings
 
-RoundTrip = Callable[[], Awaitable[None]]
+
+class Side:
+    """One side of the comparison: a running agent-side consumer and a client round trip."""
+
+    name: str
+
+    async def one(self) -> None:
+        """One command out and its reply back."""
+        raise NotImplementedError
+
+    async def rate(self, n: int, batch: int) -> float:
+        """Commands/s for n commands sent in pipelines of ``batch``."""
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        """Stop the agent side and disconnect."""
+        raise NotImplementedError
 
 
-async def floor_side(url: str, n: int, batch: int) -> tuple[list[float], float]:
-    """Raw redis-py: latencies of n sequential round trips, then throughput with batching."""
-    agent = aioredis.Redis.from_url(url, protocol=2, decode_responses=True)
-    client = aioredis.Redis.from_url(url, protocol=2, decode_responses=True)
-    await agent.xgroup_create("floor:cmd", "g", id="0", mkstream=True)
-    stop = asyncio.Event()
+class Floor(Side):
+    """Raw redis-py: XADD → XREADGROUP → reply XADD + XACK → XREAD."""
 
-    async def agent_loop() -> None:
-        while not stop.is_set():
-            reply = await agent.xreadgroup("g", "a", {"floor:cmd": ">"}, count=batch, block=100)
+    name = "floor (raw redis-py)"
+
+    def __init__(self, url: str, batch: int) -> None:
+        self.cmd, self.evt = f"floor{batch}:cmd", f"floor{batch}:evt"
+        self.agent = aioredis.Redis.from_url(url, protocol=2, decode_responses=True)
+        self.client = aioredis.Redis.from_url(url, protocol=2, decode_responses=True)
+        self.batch = batch
+        self.stop = asyncio.Event()
+        self.cursor = "0-0"
+        self.task: asyncio.Task[None] | None = None
+
+    async def start(self) -> Floor:
+        await self.agent.xgroup_create(self.cmd, "g", id="0", mkstream=True)
+        self.task = asyncio.create_task(self._agent_loop())
+        return self
+
+    async def _agent_loop(self) -> None:
+        while not self.stop.is_set():
+            reply = await self.agent.xreadgroup(
+                "g", "a", {self.cmd: ">"}, count=self.batch, block=100
+            )
             for _stream, rows in reply or ():
                 for entry_id, fields in rows:
-                    await agent.xadd("floor:evt", {"type": "reply", "data": fields["data"]})
-                    await agent.xack("floor:cmd", "g", entry_id)
+                    await self.agent.xadd(self.evt, {"type": "reply", "data": fields["data"]})
+                    await self.agent.xack(self.cmd, "g", entry_id)
 
-    task = asyncio.create_task(agent_loop())
-    cursor = "0-0"
-
-    async def one() -> None:
-        nonlocal cursor
-        await client.xadd("floor:cmd", {"type": "cmd", "data": "{}"})
+    async def one(self) -> None:
+        await self.client.xadd(self.cmd, {"type": "cmd", "data": "{}"})
         while True:
-            reply = await client.xread({"floor:evt": cursor}, count=1, block=1000)
+            reply = await self.client.xread({self.evt: self.cursor}, count=1, block=1000)
             if reply:
-                cursor = reply[0][1][-1][0]
+                self.cursor = reply[0][1][-1][0]
                 return
 
-    latencies = await _measure(one, n)
-    rate = await _throughput(
-        client, "floor:cmd", "floor:evt", n, batch, lambda: {"type": "cmd", "data": "{}"}
-    )
-    stop.set()
-    await task
-    await agent.aclose()
-    await client.aclose()
-    return latencies, rate
+    async def rate(self, n: int, batch: int) -> float:
+        async def send(count: int) -> None:
+            async with self.client.pipeline(transaction=False) as pipe:
+                for _ in range(count):
+                    pipe.xadd(self.cmd, {"type": "cmd", "data": "{}"})
+                await pipe.execute()
+
+        return await _throughput(self.client, self.evt, n, batch, send)
+
+    async def close(self) -> None:
+        self.stop.set()
+        assert self.task is not None
+        await self.task
+        await self.agent.aclose()
+        await self.client.aclose()
 
 
-async def ours_side(url: str, n: int, batch: int) -> tuple[list[float], float]:
-    """Our bus and message models, agent-side consumer and handler."""
-    settings = Settings(
-        redis_url=url, namespace="ours", bus=BusSettings(batch_size=batch, block_ms=100)
-    )
-    agent_redis, client_redis = connect(settings), connect(settings)
-    keys = Keys("ours")
-    agent_bus, client_bus = (
-        Bus(agent_redis, keys, settings.bus),
-        Bus(client_redis, keys, settings.bus),
-    )
-    commands, events = keys.node_commands("n1"), keys.events
+class Ours(Side):
+    """Our bus and message models, with an agent-side consumer answering health ticks."""
 
-    async def handler(env: Envelope) -> Outgoing:
-        return [(events, NodeHealth(node_id="n1", results={}))]  # as the agent answers a tick
+    name = "ours (Bus + models)"
 
-    consumer = agent_bus.consumer([commands], "agent", "n1", handler)
-    task = asyncio.create_task(consumer.run())
-    cursor = "0-0"
+    def __init__(self, url: str, batch: int) -> None:
+        settings = Settings(
+            redis_url=url, namespace=f"ours{batch}", bus=BusSettings(batch_size=batch, block_ms=100)
+        )
+        self.agent_redis, self.client_redis = connect(settings), connect(settings)
+        keys = Keys(settings.namespace)
+        self.agent_bus = Bus(self.agent_redis, keys, settings.bus)
+        self.client_bus = Bus(self.client_redis, keys, settings.bus)
+        self.commands, self.events = keys.node_commands("n1"), keys.events
+        self.cursor = "0-0"
 
-    async def one() -> None:
-        nonlocal cursor
-        await client_bus.publish(commands, HealthTick())
+        async def handler(env: Envelope) -> Outgoing:
+            return [(self.events, NodeHealth(node_id="n1", results={}))]  # as an agent's tick
+
+        self.consumer = self.agent_bus.consumer([self.commands], "agent", "n1", handler)
+        self.task = asyncio.create_task(self.consumer.run())
+
+    async def one(self) -> None:
+        await self.client_bus.publish(self.commands, HealthTick())
         while True:
-            reply = await client_redis.xread({events: cursor}, count=1, block=1000)
+            reply = await self.client_redis.xread({self.events: self.cursor}, count=1, block=1000)
             if reply:
-                cursor, fields = reply[0][1][-1]
+                self.cursor, fields = reply[0][1][-1]
                 assert decode(fields).type == "node.health"
                 return
 
-    latencies = await _measure(one, n)
-    rate = await _throughput_ours(client_bus, client_redis, commands, events, n, batch)
-    consumer.stop()
-    await task
-    await agent_redis.aclose()
-    await client_redis.aclose()
-    return latencies, rate
+    async def rate(self, n: int, batch: int) -> float:
+        async def send(count: int) -> None:
+            ticks = [HealthTick() for _ in range(count)]
+            if count == 1:
+                await self.client_bus.publish(self.commands, ticks[0])
+            else:
+                await self.client_bus.publish_many(self.commands, ticks)
+
+        return await _throughput(self.client_redis, self.events, n, batch, send)
+
+    async def close(self) -> None:
+        self.consumer.stop()
+        await self.task
+        await self.agent_redis.aclose()
+        await self.client_redis.aclose()
 
 
-async def _measure(one: RoundTrip, n: int) -> list[float]:
-    for _ in range(min(200, n)):
-        await one()  # warm-up: connections, caches
-    latencies = []
-    for _ in range(n):
-        start = time.perf_counter()
-        await one()
-        latencies.append((time.perf_counter() - start) * 1000)
+async def interleaved_latencies(sides: list[Side], n: int, block: int = 100) -> list[list[float]]:
+    """n round trips per side, in alternating blocks, so machine noise falls on both alike."""
+    for side in sides:
+        for _ in range(min(200, n)):
+            await side.one()  # warm-up: connections, caches
+    latencies: list[list[float]] = [[] for _ in sides]
+    for _ in range(0, n, block):
+        for side, out in zip(sides, latencies, strict=True):
+            for _ in range(block):
+                start = time.perf_counter()
+                await side.one()
+                out.append((time.perf_counter() - start) * 1000)
     return latencies
 
 
 async def _throughput(
-    client: Any, stream: str, replies: str, n: int, batch: int, fields: Callable[[], dict[str, str]]
+    client: Any, replies: str, n: int, batch: int, send: Callable[[int], Awaitable[None]]
 ) -> float:
-    """Commands/s: send n (in pipelines of ``batch``), wait until n replies arrived."""
+    """Commands/s: send n (``batch`` per round trip), until n replies have arrived."""
     cursor = await _newest(client, replies)
     start = time.perf_counter()
     waiter = asyncio.create_task(_await_replies(client, replies, cursor, n))
     for i in range(0, n, batch):
-        async with client.pipeline(transaction=False) as pipe:
-            for _ in range(min(batch, n - i)):
-                pipe.xadd(stream, fields())
-            await pipe.execute()
-    await waiter
-    return n / (time.perf_counter() - start)
-
-
-async def _throughput_ours(
-    bus: Bus, client: Any, commands: str, events: str, n: int, batch: int
-) -> float:
-    cursor = await _newest(client, events)
-    start = time.perf_counter()
-    waiter = asyncio.create_task(_await_replies(client, events, cursor, n))
-    for i in range(0, n, batch):
-        chunk = [HealthTick() for _ in range(min(batch, n - i))]
-        if batch == 1:
-            await bus.publish(commands, chunk[0])
-        else:
-            await bus.publish_many(commands, chunk)
+        await send(min(batch, n - i))
     await waiter
     return n / (time.perf_counter() - start)
 
@@ -182,11 +208,15 @@ def summary(latencies: list[float]) -> dict[str, float]:
 
 async def main(n: int) -> dict[str, Any]:
     with redis_server() as url:
-        floor_lat, floor_rate_1 = await floor_side(url, n, batch=1)
-        ours_lat, ours_rate_1 = await ours_side(url, n, batch=1)
-    with redis_server() as url:  # fresh server: same stream sizes for the batched runs
-        _f, floor_rate_b = await floor_side(url, 200, batch=64)
-        _o, ours_rate_b = await ours_side(url, 200, batch=64)
+        sides: list[Side] = [await Floor(url, batch=1).start(), Ours(url, batch=1)]
+        floor_lat, ours_lat = await interleaved_latencies(sides, n)
+        rates_1 = [await side.rate(500, 1) for side in sides]
+        for side in sides:
+            await side.close()
+        sides = [await Floor(url, batch=64).start(), Ours(url, batch=64)]
+        rates_64 = [await side.rate(2000, 64) for side in sides]
+        for side in sides:
+            await side.close()
     floor, ours = summary(floor_lat), summary(ours_lat)
     result = {
         "benchmark": "bus_roundtrip",
@@ -196,16 +226,17 @@ async def main(n: int) -> dict[str, Any]:
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "floor": {
             **floor,
-            "commands_per_s_unbatched": round(floor_rate_1),
-            "commands_per_s_batched_64": round(floor_rate_b),
+            "commands_per_s_unbatched": round(rates_1[0]),
+            "commands_per_s_batched_64": round(rates_64[0]),
         },
         "ours": {
             **ours,
-            "commands_per_s_unbatched": round(ours_rate_1),
-            "commands_per_s_batched_64": round(ours_rate_b),
+            "commands_per_s_unbatched": round(rates_1[1]),
+            "commands_per_s_batched_64": round(rates_64[1]),
         },
         "ratio_p50": round(ours["p50_ms"] / floor["p50_ms"], 2),
         "ratio_p99": round(ours["p99_ms"] / floor["p99_ms"], 2),
+        "ratio_throughput_batched": round(rates_64[1] / rates_64[0], 2),
         "targets": {"ratio_p50_max": 2.0, "ratio_p99_max": 3.0},
     }
     return result

@@ -172,8 +172,8 @@ class Store:
         current = await self.get_engine(engine_id)
         if current is None:
             return None
-        updated = current.model_copy(update={**changes, "updated_at": time.time()})
-        updated = EngineRecord.model_validate(updated.model_dump())  # re-validate the changes
+        merged = {**dict(current), **changes, "updated_at": time.time()}
+        updated = EngineRecord.model_validate(merged)  # a bad value raises, nothing is written
         fields = to_hash(updated, only={*changes, "updated_at"})
         with redis_errors("updating an engine record"):
             await self.redis.hset(self.keys.engine(engine_id), mapping=fields)

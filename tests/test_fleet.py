@@ -265,3 +265,30 @@ def test_an_unreachable_redis_is_one_line_with_the_password_hidden(tmp_path: Pat
     )
     assert done.returncode == 1 and "Redis unreachable" in done.stderr
     assert "s3cret" not in done.stderr and len(done.stderr.strip().splitlines()) == 1
+
+
+def test_a_password_protected_redis_works_and_the_password_is_never_printed(
+    tmp_path: Path,
+) -> None:
+    server = RedisServer(free_port(), tmp_path, password="s3cret-pw")
+    server.start()
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "sage_mq", "llm", "status", "--json", "--redis-url", server.url],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout)["engines"]["total"] == 0
+        wrong = server.url.replace("s3cret-pw", "wrong-pw")
+        bad = subprocess.run(
+            [sys.executable, "-m", "sage_mq", "llm", "status", "--redis-url", wrong],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert bad.returncode == 1 and len(bad.stderr.strip().splitlines()) == 1
+        assert "wrong-pw" not in bad.stderr + bad.stdout
+    finally:
+        server.kill()

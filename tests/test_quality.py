@@ -1,0 +1,43 @@
+"""The code stays lint-clean, formatted, type-checked (mypy --strict) and in small modules."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run(*argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", *argv], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+
+
+@pytest.mark.timeout(300)
+def test_ruff_finds_nothing() -> None:
+    done = run("ruff", "check", "sage_mq", "tests", "benchmarks")
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+@pytest.mark.timeout(300)
+def test_ruff_format_is_applied() -> None:
+    done = run("ruff", "format", "--check", "sage_mq", "tests", "benchmarks")
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+@pytest.mark.timeout(300)
+def test_mypy_strict_is_clean() -> None:
+    done = run("mypy")
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_no_module_is_over_400_lines_and_nothing_pickles_or_uses_a_shell() -> None:
+    for path in (ROOT / "sage_mq").rglob("*.py"):
+        text = path.read_text()
+        assert len(text.splitlines()) <= 400, f"{path} is over 400 lines: split it"
+        assert "import pickle" not in text and "shell=True" not in text, path
+        assert "os.system(" not in text, path
