@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -292,3 +293,80 @@ def test_a_password_protected_redis_works_and_the_password_is_never_printed(
         assert "wrong-pw" not in bad.stderr + bad.stdout
     finally:
         server.kill()
+
+
+def read_until(proc: subprocess.Popen[str], needle: str, timeout: float = 30) -> list[str]:
+    """Lines from a following process until one contains ``needle``."""
+    assert proc.stdout is not None
+    lines: list[str] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        lines.append(proc.stdout.readline())
+        if needle in lines[-1]:
+            return lines
+    raise AssertionError(f"never saw {needle!r} in {lines}")
+
+
+@contextlib.contextmanager
+def following(fleet: FleetProcs, *args: str) -> Iterator[subprocess.Popen[str]]:
+    """A ``sage llm … --follow`` process, killed and its pipe closed afterwards."""
+    with subprocess.Popen(
+        [sys.executable, "-m", "sage_mq", "llm", *args],
+        env=fleet.env,
+        stdout=subprocess.PIPE,
+        text=True,
+    ) as proc:
+        try:
+            yield proc
+        finally:
+            proc.kill()
+
+
+def test_events_and_logs_follow_new_lines_as_they_come(fleet: FleetProcs) -> None:
+    with following(fleet, "events", "--follow") as events:
+        record = fleet.json(
+            "llm",
+            "engine",
+            "start",
+            "demo",
+            "--backend",
+            "fake",
+            "--wait",
+            "--extra-args",
+            "--crash-after 3",
+        )
+        with following(fleet, "engine", "logs", record["engine_id"], "--follow") as logs:
+            read_until(logs, "crashing on purpose after 3.0s with exit code 1")
+        seen = read_until(events, "engine.failed")
+    assert any("engine.ready" in line for line in seen)
+    assert any("engine.exited" in line for line in seen)
+
+
+def test_concurrent_starts_from_the_cli_all_run_on_distinct_ports(fleet: FleetProcs) -> None:
+    starts = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "sage_mq",
+                "llm",
+                "engine",
+                "start",
+                "demo",
+                "--backend",
+                "fake",
+                "--no-gpu",
+                "--wait",
+                "--json",
+            ],
+            env=fleet.env,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(4)
+    ]
+    records = [json.loads(p.communicate(timeout=60)[0]) for p in starts]
+    assert all(p.returncode == 0 for p in starts)
+    assert {r["state"] for r in records} == {"RUNNING"}
+    assert len({r["port"] for r in records}) == 4
+    assert len(engine_processes("", fleet.state)) == 4
