@@ -136,27 +136,36 @@ async def wait_for_list(redis: Redis, key: str, n: int, timeout: float = 15.0) -
     raise AssertionError(f"{key} never had {n} items")
 
 
+async def kill_consumer_mid_handling(
+    redis: Redis, server: RedisServer, processes: Processes, stream: str, name: str
+) -> list[str]:
+    """Run a consumer process until it is inside its handler, then SIGKILL it; the ids it had."""
+    namespace = stream.split(":", 1)[0]
+    argv = [
+        sys.executable,
+        "-m",
+        "tests.helpers.stuck_consumer",
+        server.url,
+        namespace,
+        stream,
+        name,
+    ]
+    proc = processes.start(f"stuck-{name}", argv, dict(os.environ))
+    started = await wait_for_list(redis, f"{namespace}:test:started", 1)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(5)
+    return started
+
+
 async def test_an_entry_of_a_consumer_killed_mid_handling_is_redelivered_to_it_on_restart(
     aredis: Redis, settings: Settings, redis_server: RedisServer, processes: Processes
 ) -> None:
     bus = make_bus(aredis, settings)
     stream = f"{settings.namespace}:s"
-    ns = settings.namespace
     env = envelope(StopEngine(engine_id="mid-flight"))
     await bus.publish(stream, env)
-    argv = [
-        sys.executable,
-        "-m",
-        "tests.helpers.stuck_consumer",
-        redis_server.url,
-        ns,
-        stream,
-        "c1",
-    ]
-    proc = processes.start("stuck", argv, dict(os.environ))
-    assert await wait_for_list(aredis, f"{ns}:test:started", 1) == [env.id]
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(5)
+    started = await kill_consumer_mid_handling(aredis, redis_server, processes, stream, "c1")
+    assert started == [env.id]
     assert await pending_count(aredis, stream) == 1
     seen, handler = recorder()  # the same consumer name, back after a crash
     await bus.consumer([stream], "g", "c1", handler).run(until_idle=True)
@@ -169,21 +178,8 @@ async def test_entries_of_a_dead_consumer_are_claimed_by_another_after_min_idle(
 ) -> None:
     bus = make_bus(aredis, settings)
     stream = f"{settings.namespace}:s"
-    ns = settings.namespace
     await bus.publish(stream, StopEngine(engine_id="orphan"))
-    argv = [
-        sys.executable,
-        "-m",
-        "tests.helpers.stuck_consumer",
-        redis_server.url,
-        ns,
-        stream,
-        "dead",
-    ]
-    proc = processes.start("stuck", argv, dict(os.environ))
-    await wait_for_list(aredis, f"{ns}:test:started", 1)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(5)
+    await kill_consumer_mid_handling(aredis, redis_server, processes, stream, "dead")
     seen, handler = recorder()
     other = bus.consumer([stream], "g", "survivor", handler)  # claims after 300 ms idle
     task = asyncio.create_task(other.run())

@@ -17,7 +17,7 @@ import httpx
 import psutil
 import pytest
 
-from tests.helpers.engines import engine_processes
+from tests.helpers.engines import CONTRACT_FIELDS, engine_processes
 from tests.helpers.servers import Processes, RedisServer, free_port
 
 pytestmark = pytest.mark.fleet
@@ -108,25 +108,7 @@ def test_start_call_list_watch_and_stop_an_engine_from_the_cli(fleet: FleetProcs
     assert reply.json()["choices"][0]["message"]["content"] == "[demo] You said: hi"
 
     (listed,) = fleet.json("llm", "engine", "list")
-    assert set(listed) >= {
-        "engine_id",
-        "model",
-        "kind",
-        "backend",
-        "state",
-        "node",
-        "host",
-        "port",
-        "url",
-        "gpus",
-        "use_gpu",
-        "argv",
-        "pid",
-        "restarts",
-        "last_error",
-        "created_at",
-        "updated_at",
-    }
+    assert set(listed) >= CONTRACT_FIELDS
     (proc,) = engine_processes("", fleet.state)
     assert proc.pid == listed["pid"] and proc.environ()["CUDA_VISIBLE_DEVICES"] == "0"
 

@@ -12,26 +12,7 @@ from sage_mq.errors import DecodeError
 from sage_mq.gpu import FakeGpus
 from sage_mq.keys import Keys
 from sage_mq.store import EngineRecord, EngineState, NodeRecord, Reservation, Store, from_hash
-
-CONTRACT_FIELDS = {
-    "engine_id",
-    "model",
-    "kind",
-    "backend",
-    "state",
-    "node",
-    "host",
-    "port",
-    "url",
-    "gpus",
-    "use_gpu",
-    "argv",
-    "pid",
-    "restarts",
-    "last_error",
-    "created_at",
-    "updated_at",
-}
+from tests.helpers.engines import CONTRACT_FIELDS
 
 
 @pytest.fixture
