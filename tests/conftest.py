@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -10,6 +13,7 @@ import pytest
 
 from sage_mq.connection import Redis, connect
 from sage_mq.settings import BusSettings, Settings
+from tests.helpers.engines import engine_processes
 from tests.helpers.servers import Processes, RedisServer, free_port
 
 
@@ -46,6 +50,15 @@ async def aredis(settings: Settings) -> AsyncIterator[Redis]:
     client = connect(settings)
     yield client
     await client.aclose()
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_engines(tmp_path: Path) -> Iterator[None]:
+    """Whatever happens in a test, the engine processes it started do not outlive it."""
+    yield
+    for proc in engine_processes(tmp_path):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
 
 
 @pytest.fixture

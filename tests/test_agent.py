@@ -61,7 +61,7 @@ class RunningAgent:
 @pytest.fixture
 async def engines_cleanup(tmp_path: Path) -> AsyncIterator[Path]:
     yield tmp_path
-    for proc in engine_processes("", tmp_path):
+    for proc in engine_processes(tmp_path):
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
 
@@ -128,14 +128,14 @@ async def test_a_redelivered_launch_never_starts_a_second_process(
         await events.wait("engine.ready", "e1")
         await agent.handle(envelope(launch))  # as if the bus delivered it again
         await events.wait("engine.starting", "e1", count=2)
-        assert len(engine_processes("", engines_cleanup)) == 1
+        assert len(engine_processes(engines_cleanup)) == 1
         # An older generation is refused outright; a newer one replaces the process.
         await agent.handle(envelope(launch.model_copy(update={"generation": 0})))
         await command(aredis, settings, launch.model_copy(update={"generation": 2}))
         newer = await events.wait("engine.starting", "e1", count=3)
         await events.wait("engine.ready", "e1", count=3)
         assert newer.payload.model_dump()["generation"] == 2
-        assert [p.pid for p in engine_processes("", engines_cleanup)] == [
+        assert [p.pid for p in engine_processes(engines_cleanup)] == [
             newer.payload.model_dump()["pid"]
         ]
 
@@ -155,7 +155,7 @@ async def test_launch_refuses_a_busy_port_and_a_gpu_the_node_lacks(
             gpu_event = await events.wait("engine.launch_failed", "nogpu")
     assert f"port {busy}" in busy_event.payload.model_dump()["reason"]
     assert "GPU(s) [7] do not exist" in gpu_event.payload.model_dump()["reason"]
-    assert engine_processes("", engines_cleanup) == []
+    assert engine_processes(engines_cleanup) == []
 
 
 async def test_health_tick_probes_every_engine_and_gpu_allocations_are_acknowledged(
@@ -183,12 +183,12 @@ async def test_a_restarted_agent_adopts_its_engines_and_duplicates_none(
         first = await events.wait("engine.ready", "e1")
         pid = (await events.wait("engine.starting", "e1")).payload.model_dump()["pid"]
     # The agent is gone (its run() returned); the engine kept running.
-    assert [p.pid for p in engine_processes("", engines_cleanup)] == [pid]
+    assert [p.pid for p in engine_processes(engines_cleanup)] == [pid]
     async with RunningAgent(settings, engines_cleanup) as agent:
         adopted = await events.wait("engine.adopted", "e1")
         await events.wait("engine.ready", "e1", count=2)
         await agent.handle(envelope(launch))  # the old launch, delivered once more
-        assert [p.pid for p in engine_processes("", engines_cleanup)] == [pid]
+        assert [p.pid for p in engine_processes(engines_cleanup)] == [pid]
         assert await Store(aredis, Keys(settings.namespace)).get_node("n1") is not None
         node_epoch = (await events.wait("node.joined", count=2)).payload.model_dump()["epoch"]
     assert adopted.payload.model_dump()["pid"] == pid and first.type == "engine.ready"
@@ -233,7 +233,7 @@ async def test_events_wait_in_the_outbox_while_redis_is_away(
             await events.wait("node.joined", timeout=15)
         assert exited.payload.model_dump()["returncode"] == -9
     finally:
-        for proc in engine_processes("", tmp_path):
+        for proc in engine_processes(tmp_path):
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
 

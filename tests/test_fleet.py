@@ -94,7 +94,7 @@ def fleet(processes: Processes, redis_server: RedisServer, tmp_path: Path) -> It
     fleet.start_agent()
     fleet.wait_node()
     yield fleet
-    for proc in engine_processes("", fleet.state):
+    for proc in engine_processes(fleet.state):
         os.killpg(proc.pid, signal.SIGKILL)
 
 
@@ -109,7 +109,7 @@ def test_start_call_list_watch_and_stop_an_engine_from_the_cli(fleet: FleetProcs
 
     (listed,) = fleet.json("llm", "engine", "list")
     assert set(listed) >= CONTRACT_FIELDS
-    (proc,) = engine_processes("", fleet.state)
+    (proc,) = engine_processes(fleet.state)
     assert proc.pid == listed["pid"] and proc.environ()["CUDA_VISIBLE_DEVICES"] == "0"
 
     events = fleet.cli("llm", "events").stdout
@@ -127,7 +127,7 @@ def test_start_call_list_watch_and_stop_an_engine_from_the_cli(fleet: FleetProcs
 
     stopped = fleet.json("llm", "engine", "stop", record["engine_id"])
     assert stopped["state"] == "STOPPED" and stopped["port"] is None
-    assert engine_processes("", fleet.state) == []
+    assert engine_processes(fleet.state) == []
     assert not psutil.pid_exists(proc.pid)
     assert fleet.json("llm", "gpu")[0]["engines"] == []
 
@@ -168,7 +168,7 @@ def test_a_killed_agent_comes_back_and_adopts_its_engine_without_a_duplicate(
     assert fleet.agent is not None
     os.killpg(fleet.agent.pid, signal.SIGKILL)
     fleet.agent.wait(5)
-    (proc,) = engine_processes("", fleet.state)  # the engine outlives its agent
+    (proc,) = engine_processes(fleet.state)  # the engine outlives its agent
     assert httpx.get(f"{record['url']}/health").status_code == 200
     fleet.start_agent()
     for _ in range(200):
@@ -177,10 +177,10 @@ def test_a_killed_agent_comes_back_and_adopts_its_engine_without_a_duplicate(
         time.sleep(0.05)
     else:
         raise AssertionError(fleet.procs.log("agent"))
-    assert [p.pid for p in engine_processes("", fleet.state)] == [proc.pid]
+    assert [p.pid for p in engine_processes(fleet.state)] == [proc.pid]
     assert fleet.json("llm", "engine", "list")[0]["state"] == "RUNNING"
     assert fleet.json("llm", "engine", "stop", record["engine_id"])["state"] == "STOPPED"
-    assert engine_processes("", fleet.state) == []
+    assert engine_processes(fleet.state) == []
 
 
 def test_two_tp2_engines_do_not_fit_two_gpus_and_the_reason_says_so(fleet: FleetProcs) -> None:
@@ -351,4 +351,4 @@ def test_concurrent_starts_from_the_cli_all_run_on_distinct_ports(fleet: FleetPr
     assert all(p.returncode == 0 for p in starts)
     assert {r["state"] for r in records} == {"RUNNING"}
     assert len({r["port"] for r in records}) == 4
-    assert len(engine_processes("", fleet.state)) == 4
+    assert len(engine_processes(fleet.state)) == 4

@@ -139,7 +139,7 @@ async def test_a_new_manager_adopts_running_engines_and_forgets_dead_ones(tmp_pa
         assert [e.engine_id for e in adopted] == ["alive"] and adopted[0].pid == alive.pid
         assert [e.engine_id for e in gone] == ["doomed"]
         assert await second.health_check("alive")
-        assert [p.pid for p in engine_processes("", tmp_path)] == [alive.pid]  # none duplicated
+        assert [p.pid for p in engine_processes(tmp_path)] == [alive.pid]  # none duplicated
         os.kill(alive.pid, signal.SIGKILL)  # an adopted engine's exit is still seen at once
         await asyncio.wait_for(exits.event.wait(), 5)
         assert exits.seen[0][:2] == ("alive", None)

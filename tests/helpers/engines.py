@@ -33,23 +33,20 @@ def fake_launch(engine_id: str = "e1", *, generation: int = 1, **overrides: Any)
     return LaunchEngine(**fields)
 
 
-def engine_processes(engine_id: str, state_dir: Path | None = None) -> list[psutil.Process]:
-    """Live fake-engine processes started for ``engine_id`` (matched by its log path in env)."""
+def engine_processes(state_dir: Path) -> list[psutil.Process]:
+    """Live fake-engine processes a test started (marked with its directory in their env)."""
     found = []
     for proc in psutil.process_iter(["cmdline", "status"]):
         cmdline = proc.info["cmdline"] or []
-        if (
-            proc.info["status"] == psutil.STATUS_ZOMBIE
-            or "sage_mq.engines.fake_server" not in cmdline
-        ):
+        if proc.info["status"] == psutil.STATUS_ZOMBIE:
+            continue
+        if "sage_mq.engines.fake_server" not in cmdline:
             continue
         try:
-            env = proc.environ()
+            marked = proc.environ().get("SAGE_MQ_TEST_STATE", "")
         except (psutil.AccessDenied, psutil.NoSuchProcess):
             continue
-        if env.get("SAGE_MQ_TEST_ENGINE") == engine_id or (
-            state_dir is not None and env.get("SAGE_MQ_TEST_STATE") == str(state_dir)
-        ):
+        if marked.startswith(str(state_dir)):
             found.append(proc)
     return found
 
