@@ -24,7 +24,7 @@ from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from sage_mq.connection import Redis, redis_errors
-from sage_mq.errors import ConfigError, DecodeError
+from sage_mq.errors import ConfigError, ControlPlaneUnavailable, DecodeError
 from sage_mq.keys import Keys
 from sage_mq.messages import Envelope, Message, decode, encode, envelope
 from sage_mq.settings import BusSettings
@@ -176,13 +176,23 @@ class Consumer:
 
     async def run(self, *, until_idle: bool = False) -> None:
         """Consume until :meth:`stop` (or, with ``until_idle``, until nothing is left to read)."""
-        await self._ensure_groups()
-        await self._settle_all(await self._own_pending())
         backoff = 0.1
+        need_groups = True
+        reread_own = True  # at start, and after an outage: what we were given and did not settle
         while not self._stopping.is_set():
             try:
+                if need_groups:
+                    await self._ensure_groups()
+                    need_groups = False
+                if reread_own:
+                    await self._settle_all(await self._own_pending())
+                    reread_own = False
                 deliveries = await self._claim_stale() + await self._read_new(until_idle)
-            except _UNREACHABLE as exc:
+                if not deliveries and until_idle:
+                    return
+                # Unsettled entries stay pending and are re-claimed once Redis is back.
+                await self._settle_all(deliveries)
+            except (*_UNREACHABLE, ControlPlaneUnavailable) as exc:
                 log.warning(
                     "%s/%s: Redis unreachable (%s); retrying in %.1fs",
                     self.group,
@@ -192,17 +202,15 @@ class Consumer:
                 )
                 await self._sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
+                reread_own = True
                 continue
             except ResponseError as exc:
                 if "NOGROUP" not in str(exc):
                     raise
                 log.warning("%s: consumer group gone (Redis restarted?); recreating", self.group)
-                await self._ensure_groups()
+                need_groups = True
                 continue
             backoff = 0.1
-            if not deliveries and until_idle:
-                return
-            await self._settle_all(deliveries)
 
     async def _sleep(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
@@ -313,6 +321,8 @@ class Consumer:
             return
         try:
             outgoing = await self.handler(env)
+        except ControlPlaneUnavailable:
+            raise  # Redis is away, not the handler at fault: no delivery is held against it
         except Exception as exc:
             await self._failed(delivery, env, exc)
             return

@@ -200,10 +200,15 @@ class ControlPlaneManager:
         since: str = "$",
         timeout: float = 600.0,
         on_event: EventCallback | None = None,
+        pickup_timeout: float = 15.0,
     ) -> EngineRecord:
-        """Follow ``sage:events`` until the engine reaches one of ``until`` (or fails)."""
+        """Follow ``sage:events`` until the engine reaches one of ``until`` (or fails).
+
+        With no record after ``pickup_timeout`` seconds, no scheduler is running: say so.
+        """
         goal = set(until)
-        deadline = time.monotonic() + timeout
+        started = time.monotonic()
+        deadline = started + timeout
         async for entry_id, fields in self.bus.tail(self.keys.events, since):
             env = _decode_quietly(fields) if entry_id else None
             ours = env is not None and getattr(env.payload, "engine_id", None) == engine_id
@@ -215,6 +220,12 @@ class ControlPlaneManager:
             if entry_id and not ours:
                 continue  # someone else's event: no need to look at the record
             record = await self.store.get_engine(engine_id)
+            if record is None and time.monotonic() - started > pickup_timeout:
+                raise WaitTimeout(
+                    f"no scheduler took the request for {engine_id} within {pickup_timeout:.0f}s; "
+                    f"it stays queued in {self.keys.requests} until one runs "
+                    "(`sage llm scheduler run`)"
+                )
             if record is not None and record.state in goal:
                 return record
             if record is not None and record.state.terminal:

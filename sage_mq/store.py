@@ -219,6 +219,11 @@ class Store:
         with redis_errors("taking an agent epoch"):
             return int(await self.redis.hincrby(self.keys.node(node_id), "epoch", 1))
 
+    async def is_alive(self, node_id: str) -> bool:
+        """Whether the node's liveness key exists now."""
+        with redis_errors("reading node liveness"):
+            return bool(await self.redis.exists(self.keys.node_alive(node_id)))
+
     async def get_node(self, node_id: str) -> NodeRecord | None:
         """The node record, or None."""
         with redis_errors("reading a node record"):

@@ -153,7 +153,9 @@ async def test_launch_refuses_a_busy_port_and_a_gpu_the_node_lacks(
             await command(aredis, settings, fake_launch("nogpu", use_gpu=True, gpus=(0, 7)))
             busy_event = await events.wait("engine.launch_failed", "busy")
             gpu_event = await events.wait("engine.launch_failed", "nogpu")
-    assert f"port {busy}" in busy_event.payload.model_dump()["reason"]
+    assert (
+        f"port {busy} on 127.0.0.1 is already in use" in busy_event.payload.model_dump()["reason"]
+    )
     assert "GPU(s) [7] do not exist" in gpu_event.payload.model_dump()["reason"]
     assert engine_processes(engines_cleanup) == []
 
@@ -240,3 +242,14 @@ async def test_events_wait_in_the_outbox_while_redis_is_away(
 
 def test_launch_engine_helper_is_a_fake_engine() -> None:
     assert isinstance(fake_launch(), LaunchEngine) and fake_launch().backend == "fake"
+
+
+async def test_an_advertise_address_not_on_this_host_is_named_as_the_reason(
+    aredis: Redis, settings: Settings, engines_cleanup: Path
+) -> None:
+    events = Events(aredis, settings.namespace)
+    async with RunningAgent(settings, engines_cleanup):
+        # 192.0.2.1 is TEST-NET-1: never assigned to a host; only a local bind is tried.
+        await command(aredis, settings, fake_launch("away", host="192.0.2.1"))
+        failed = await events.wait("engine.launch_failed", "away")
+    assert "192.0.2.1 is not on this host" in failed.payload.model_dump()["reason"]

@@ -266,3 +266,51 @@ async def test_messages_a_handler_returns_are_published_with_its_ack_exactly_onc
     rows = await aredis.xrange(out)
     assert [decode(fields).type for _id, fields in rows] == ["node.lost"]
     assert await pending_count(aredis, stream) == 0
+
+
+async def test_redis_trouble_inside_a_handler_is_retried_and_never_dead_letters(
+    aredis: Redis, settings: Settings
+) -> None:
+    bus = make_bus(aredis, settings)  # max_deliveries=3
+    stream = f"{settings.namespace}:s"
+    await bus.publish(stream, StopEngine(engine_id="e"))
+    attempts = 0
+
+    async def handler(env: Envelope) -> None:
+        nonlocal attempts
+        attempts += 1
+        if attempts <= 4:
+            raise ControlPlaneUnavailable("Redis unreachable while testing")
+
+    consumer = bus.consumer([stream], "g", "c1", handler)
+    task = asyncio.create_task(consumer.run())
+    for _ in range(200):
+        if consumer.handled:
+            break
+        await asyncio.sleep(0.05)
+    consumer.stop()
+    await task
+    assert attempts == 5 and consumer.handled == 1
+    assert await aredis.xlen(bus.keys.dead) == 0
+
+
+async def test_a_consumer_started_before_redis_waits_for_it(private_redis: RedisServer) -> None:
+    settings = Settings(redis_url=private_redis.url, namespace="w", bus=BusSettings(block_ms=100))
+    private_redis.kill()
+    redis = connect(settings)
+    bus = make_bus(redis, settings)
+    seen, handler = recorder()
+    consumer = bus.consumer(["w:s"], "g", "c1", handler)
+    task = asyncio.create_task(consumer.run())
+    await asyncio.sleep(0.5)
+    assert not task.done()
+    private_redis.start()
+    await bus.publish("w:s", StopEngine(engine_id="late"))
+    for _ in range(200):
+        if seen:
+            break
+        await asyncio.sleep(0.05)
+    consumer.stop()
+    await task
+    await redis.aclose()
+    assert seen == ["late"]

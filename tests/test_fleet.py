@@ -352,3 +352,35 @@ def test_concurrent_starts_from_the_cli_all_run_on_distinct_ports(fleet: FleetPr
     assert {r["state"] for r in records} == {"RUNNING"}
     assert len({r["port"] for r in records}) == 4
     assert len(engine_processes(fleet.state)) == 4
+
+
+def test_a_second_agent_for_a_live_node_id_is_refused(fleet: FleetProcs) -> None:
+    done = fleet.cli("llm", "node", "run", "--node-id", "n1", check=False, timeout=30)
+    last = done.stderr.strip().splitlines()[-1]
+    assert done.returncode == 1 and last.startswith("error: node 'n1' already has a live agent")
+    assert "Traceback" not in done.stderr
+
+
+def test_waiting_with_no_scheduler_says_so_instead_of_hanging(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    from sage_mq.control import ControlPlaneManager
+    from sage_mq.errors import WaitTimeout
+    from sage_mq.settings import Settings
+
+    async def main() -> str:
+        settings = Settings(redis_url=redis_server.url, namespace=f"lonely{free_port()}")
+        async with ControlPlaneManager(settings) as cp:
+            record = await cp.request_engine_startup("demo", backend="fake")
+            try:
+                await cp.wait_for_engine(
+                    record.engine_id, until=[], since="0-0", pickup_timeout=1.0
+                )
+            except WaitTimeout as exc:
+                return str(exc)
+        return "no error"
+
+    import asyncio
+
+    message = asyncio.run(main())
+    assert "no scheduler took the request" in message and "sage llm scheduler run" in message

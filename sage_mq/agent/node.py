@@ -20,6 +20,7 @@ from sage_mq.agent import logs
 from sage_mq.agent.lifecycle import EngineLifecycleManager, ManagedEngine
 from sage_mq.agent.logship import LogShipper
 from sage_mq.agent.outbox import Outbox
+from sage_mq.agent.preflight import launch_problem, refuse_a_second_agent
 from sage_mq.agent.processes import describe_returncode
 from sage_mq.bus import Bus, Outgoing
 from sage_mq.connection import Redis, connect
@@ -140,6 +141,7 @@ class NodeAgent:
         delay = 0.2
         while not self._stopping.is_set():
             try:
+                await refuse_a_second_agent(self.store, self.node_id)
                 await self._announce()
                 return
             except ControlPlaneUnavailable as exc:
@@ -269,7 +271,7 @@ class NodeAgent:
                 cmd.generation,
             )
             await self.lifecycle.stop(cmd.engine_id)
-        problem = self._launch_problem(cmd)
+        problem = launch_problem(cmd, self.gpus.gpus(), self.node_id)
         try:
             if problem:
                 raise LaunchError(problem)
@@ -288,15 +290,6 @@ class NodeAgent:
         await self._report_starting(engine)
         self.logship.start(engine.engine_id, Path(engine.log_path))
         self._spawn(self._await_ready(engine, cmd.startup_timeout_s))
-
-    def _launch_problem(self, cmd: LaunchEngine) -> str | None:
-        have = {g.index for g in self.gpus.gpus()}
-        missing = [g for g in cmd.gpus if g not in have]
-        if missing:
-            return f"GPU(s) {missing} do not exist on node {self.node_id} (it has {sorted(have)})"
-        if not port_is_free(cmd.host, cmd.port):
-            return f"port {cmd.port} on {cmd.host} is already in use on node {self.node_id}"
-        return None
 
     async def _report_starting(self, engine: ManagedEngine) -> None:
         await self.outbox.send(
@@ -376,15 +369,3 @@ class NodeAgent:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-
-
-def port_is_free(host: str, port: int) -> bool:
-    """Whether a server could bind ``host:port`` right now."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError:
-            return False
-    return True

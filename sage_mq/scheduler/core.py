@@ -6,7 +6,6 @@ task, so every record change is made by one writer in order.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import socket
@@ -325,11 +324,8 @@ class Scheduler:
                 await self.store.release_port(record.node, record.port, record.engine_id)
             await self.store.release_gpus(record.node, record.engine_id)
             if record.gpus:
-                with contextlib.suppress(Exception):
-                    await self.bus.publish(
-                        self.keys.node_commands(record.node),
-                        ReleaseGpus(engine_id=record.engine_id),
-                    )
+                release = ReleaseGpus(engine_id=record.engine_id)
+                await self.bus.publish(self.keys.node_commands(record.node), release)
         changes: dict[str, Any] = {
             "state": state,
             "pid": None,

@@ -1,0 +1,57 @@
+"""Checks an agent makes before it acts: can this engine launch here; is this node id free."""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+from collections.abc import Sequence
+
+import psutil
+
+from sage_mq.errors import ConfigError
+from sage_mq.gpu import GpuInfo
+from sage_mq.messages import LaunchEngine
+from sage_mq.store import Store
+
+
+def launch_problem(cmd: LaunchEngine, gpus: Sequence[GpuInfo], node_id: str) -> str | None:
+    """Why ``cmd`` cannot launch on this node (missing GPU, port not bindable), or None."""
+    have = {g.index for g in gpus}
+    missing = [g for g in cmd.gpus if g not in have]
+    if missing:
+        return f"GPU(s) {missing} do not exist on node {node_id} (it has {sorted(have)})"
+    problem = bind_problem(cmd.host, cmd.port)
+    return f"{problem} (node {node_id})" if problem else None
+
+
+async def refuse_a_second_agent(store: Store, node_id: str) -> None:
+    """Two agents on one node id would both carry out its commands: never start a second."""
+    record = await store.get_node(node_id)
+    if record is None or record.agent_pid in (None, os.getpid()):
+        return
+    if not await store.is_alive(node_id):
+        return
+    here = record.hostname == socket.gethostname()
+    if here and not psutil.pid_exists(record.agent_pid):
+        return  # its predecessor on this host died (kill -9); its key has not expired yet
+    raise ConfigError(
+        f"node {node_id!r} already has a live agent (pid {record.agent_pid} on "
+        f"{record.hostname or 'another host'}); stop it, or choose another --node-id"
+    )
+
+
+def bind_problem(host: str, port: int) -> str | None:
+    """Why a server could not bind ``host:port`` right now, or None if it could."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                return f"port {port} on {host} is already in use"
+            if exc.errno == errno.EADDRNOTAVAIL:
+                return f"address {host} is not on this host (check --advertise-address)"
+            return f"cannot bind {host}:{port}: {exc.strerror or exc}"
+    return None
