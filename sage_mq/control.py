@@ -16,6 +16,7 @@ from pydantic import ValidationError
 
 from sage_mq.bus import Bus
 from sage_mq.connection import Redis, connect, redis_errors
+from sage_mq.engines.backends import default_backend
 from sage_mq.errors import (
     DecodeError,
     EngineFailedError,
@@ -110,12 +111,12 @@ class ControlPlaneManager:
         env = envelope(request)
         await self.bus.publish(self.keys.requests, env)
         log.info("requested start of %s (%s)", request.engine_id, model_id)
-        if not wait:
+        if not wait:  # what the scheduler will record as PENDING
             return EngineRecord(
                 engine_id=request.engine_id,
                 model=model_id,
                 kind=engine_kind,
-                backend=backend or "",
+                backend=backend or default_backend(engine_kind),
                 use_gpu=use_gpu,
             )
         return await self.wait_for_engine(
