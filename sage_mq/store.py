@@ -278,6 +278,22 @@ class Store:
         with redis_errors("releasing GPUs"):
             await self.redis.hdel(self.keys.node_reservations(node_id), engine_id)
 
+    async def node_usage(
+        self, node_ids: list[str]
+    ) -> dict[str, tuple[dict[str, Reservation], dict[int, str]]]:
+        """Reservations and assigned ports of many nodes, in one round trip."""
+        with redis_errors("reading node usage"):
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for node_id in node_ids:
+                    pipe.hgetall(self.keys.node_reservations(node_id))
+                    pipe.hgetall(self.keys.node_ports(node_id))
+                rows = await pipe.execute()
+        usage = {}
+        for node_id, held, ports in zip(node_ids, rows[::2], rows[1::2], strict=True):
+            reservations = {e: Reservation.model_validate_json(raw) for e, raw in held.items()}
+            usage[node_id] = (reservations, {int(p): e for p, e in ports.items()})
+        return usage
+
     async def reservations(self, node_id: str) -> dict[str, Reservation]:
         """Engine id -> reservation, for one node."""
         with redis_errors("reading GPU reservations"):

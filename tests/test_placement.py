@@ -49,6 +49,7 @@ def test_tensor_parallel_takes_that_many_gpus_on_one_node() -> None:
     nodes = [node("a", (24, 24)), node("b", (24, 24), (24, 24))]
     placed = place(Demand(2, 10.0), nodes)
     assert (placed.node_id, placed.gpus) == ("b", (0, 1))
+    assert placed.smallest_gpu_gb == 24
 
 
 def test_no_gpu_fits_says_what_was_needed_and_what_each_node_has() -> None:

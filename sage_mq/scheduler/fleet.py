@@ -8,13 +8,15 @@ from sage_mq.store import Store
 
 
 async def live_nodes(store: Store) -> list[NodeView]:
-    """Every node whose agent is alive, with GPU reservations and assigned ports applied."""
+    """Every node whose agent is alive, with GPU reservations and assigned ports applied.
+
+    Two round trips whatever the fleet's size: records with liveness, then usage.
+    """
+    records = [record for record, alive in await store.list_nodes() if alive]
+    usage = await store.node_usage([r.node_id for r in records])
     views = []
-    for record, alive in await store.list_nodes():
-        if not alive:
-            continue
-        reservations = await store.reservations(record.node_id)
-        ports = await store.ports_in_use(record.node_id)
+    for record in records:
+        reservations, ports = usage[record.node_id]
         reserved: dict[int, float] = {}
         for reservation in reservations.values():
             for index in reservation.gpus:

@@ -52,6 +52,8 @@ class Placement:
     address: str
     gpus: tuple[int, ...]
     memory_gb_per_gpu: float
+    smallest_gpu_gb: float = 0.0
+    """Total memory of the smallest chosen GPU (what a vLLM memory fraction is taken of)."""
 
 
 def wants_gpu(kind: str, use_gpu: bool | None) -> bool:
@@ -102,7 +104,9 @@ def _fit_on(node: NodeView, demand: Demand) -> tuple[float, Placement] | None:
     chosen = sorted(usable[: demand.gpu_count], key=lambda g: g.index)
     leftover = sum(g.free_gb - demand.memory_gb_per_gpu for g in chosen)
     gpus = tuple(g.index for g in chosen)
-    return leftover, Placement(node.node_id, node.address, gpus, demand.memory_gb_per_gpu)
+    smallest = min(g.total_gb for g in chosen)
+    placement = Placement(node.node_id, node.address, gpus, demand.memory_gb_per_gpu, smallest)
+    return leftover, placement
 
 
 def _no_gpu_fits(demand: Demand, nodes: Sequence[NodeView]) -> str:
