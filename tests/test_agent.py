@@ -71,6 +71,18 @@ async def command(redis: Redis, settings: Settings, message: Message, node: str 
     await bus.publish(Keys(settings.namespace).node_commands(node), message)
 
 
+async def launch_until_ready(
+    redis: Redis, settings: Settings, launch: LaunchEngine, count: int = 1
+) -> int:
+    """Send a launch command, wait for the engine to be ready; its pid."""
+    events = Events(redis, settings.namespace)
+    await command(redis, settings, launch)
+    starting = await events.wait("engine.starting", launch.engine_id, count=count)
+    await events.wait("engine.ready", launch.engine_id, count=count)
+    assert isinstance(starting.payload, EngineStarting)
+    return starting.payload.pid
+
+
 async def test_the_agent_registers_its_node_with_gpus_and_liveness(
     aredis: Redis, settings: Settings, engines_cleanup: Path
 ) -> None:
@@ -89,12 +101,9 @@ async def test_launch_reports_starting_then_ready_and_kill_9_reports_exited_at_o
 ) -> None:
     events = Events(aredis, settings.namespace)
     async with RunningAgent(settings, engines_cleanup):
-        await command(aredis, settings, fake_launch())
-        starting = await events.wait("engine.starting", "e1")
-        await events.wait("engine.ready", "e1")
-        assert isinstance(starting.payload, EngineStarting)
+        pid = await launch_until_ready(aredis, settings, fake_launch())
         killed_at = time.time()
-        os.kill(starting.payload.pid, signal.SIGKILL)
+        os.kill(pid, signal.SIGKILL)
         exited = await events.wait("engine.exited", "e1", timeout=5)
     assert isinstance(exited.payload, EngineExited)
     assert exited.payload.returncode == -9 and "SIGKILL" in exited.payload.reason
@@ -107,14 +116,12 @@ async def test_terminate_leaves_no_process_of_the_group_and_reports_stopped(
 ) -> None:
     events = Events(aredis, settings.namespace)
     async with RunningAgent(settings, engines_cleanup):
-        await command(aredis, settings, fake_launch())
-        starting = await events.wait("engine.starting", "e1")
-        await events.wait("engine.ready", "e1")
+        pid = await launch_until_ready(aredis, settings, fake_launch())
         await command(aredis, settings, TerminateEngine(engine_id="e1"))
         await events.wait("engine.stopped", "e1")
         await command(aredis, settings, TerminateEngine(engine_id="e1"))  # already gone: success
         await events.wait("engine.stopped", "e1", count=2)
-    assert not processes.group_alive(starting.payload.model_dump()["pid"])
+    assert not processes.group_alive(pid)
     assert "engine.exited" not in await events.types("e1")
 
 
@@ -202,9 +209,7 @@ async def test_an_engine_that_died_while_the_agent_was_down_is_reported_exited(
 ) -> None:
     events = Events(aredis, settings.namespace)
     async with RunningAgent(settings, engines_cleanup):
-        await command(aredis, settings, fake_launch())
-        await events.wait("engine.ready", "e1")
-        pid = (await events.wait("engine.starting", "e1")).payload.model_dump()["pid"]
+        pid = await launch_until_ready(aredis, settings, fake_launch())
     os.killpg(pid, signal.SIGKILL)
     await asyncio.sleep(0.1)
     async with RunningAgent(settings, engines_cleanup):

@@ -184,34 +184,10 @@ def test_a_killed_agent_comes_back_and_adopts_its_engine_without_a_duplicate(
 
 
 def test_two_tp2_engines_do_not_fit_two_gpus_and_the_reason_says_so(fleet: FleetProcs) -> None:
-    first = fleet.json(
-        "llm",
-        "engine",
-        "start",
-        "big",
-        "--backend",
-        "fake",
-        "-tp",
-        "2",
-        "--required-memory-gb",
-        "40",
-        "--wait",
-    )
-    assert first["gpus"] == [0, 1]
-    done = fleet.cli(
-        "llm",
-        "engine",
-        "start",
-        "big",
-        "--backend",
-        "fake",
-        "-tp",
-        "2",
-        "--required-memory-gb",
-        "40",
-        "--wait",
-        check=False,
-    )
+    start_big = ("llm", "engine", "start", "big", "--backend", "fake", "-tp", "2",
+                 "--required-memory-gb", "40", "--wait")  # fmt: skip
+    assert fleet.json(*start_big)["gpus"] == [0, 1]
+    done = fleet.cli(*start_big, check=False)
     assert done.returncode == 1 and "no GPU fits" in done.stderr
 
 
