@@ -123,7 +123,7 @@ class Ours(Side):
         self.cursor = "0-0"
 
         async def handler(env: Envelope) -> Outgoing:
-            return [(self.events, NodeHealth(node_id="n1", results={}))]  # as an agent's tick
+            return [(self.events, NodeHealth(node_id="n1", results={}))]  # event out with the ack
 
         self.consumer = self.agent_bus.consumer([self.commands], "agent", "n1", handler)
         self.task = asyncio.create_task(self.consumer.run())

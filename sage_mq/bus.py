@@ -74,12 +74,16 @@ class Bus:
         return entry_id
 
     async def publish_many(self, stream: str, messages: Sequence[Message | Envelope]) -> list[str]:
-        """Append several messages in one round trip, in order."""
+        """Append several messages to one stream in one round trip, in order."""
+        return await self.publish_each([(stream, m) for m in messages])
+
+    async def publish_each(self, items: Sequence[tuple[str, Message | Envelope]]) -> list[str]:
+        """Append each message to its stream, all in one round trip."""
         async with self.redis.pipeline(transaction=False) as pipe:
-            for message in messages:
+            for stream, message in items:
                 env = message if isinstance(message, Envelope) else envelope(message)
                 pipe.xadd(stream, encode(env), maxlen=self._maxlen(stream), approximate=True)
-            with redis_errors(f"publishing {len(messages)} messages to {stream}"):
+            with redis_errors(f"publishing {len(items)} messages"):
                 ids: list[str] = await pipe.execute()
         return ids
 

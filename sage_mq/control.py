@@ -5,6 +5,7 @@ It publishes requests to the scheduler and can wait for their outcome on ``sage:
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import time
@@ -35,6 +36,7 @@ from sage_mq.store import EngineRecord, EngineState, NodeRecord, Store
 log = logging.getLogger(__name__)
 EventCallback = Callable[[Envelope], None]
 _FAILURE_EVENTS = ("engine.failed", "request.rejected")
+_REACHED_BY = {"engine.ready": EngineState.RUNNING, "engine.stopped": EngineState.STOPPED}
 
 
 class ControlPlaneManager:
@@ -220,6 +222,8 @@ class ControlPlaneManager:
                     raise _failure(env)
             if entry_id and not ours:
                 continue  # someone else's event: no need to look at the record
+            if env is not None and ours and _REACHED_BY.get(env.type) in goal:
+                return await self._settled(engine_id, goal)
             record = await self.store.get_engine(engine_id)
             if record is None and time.monotonic() - started > pickup_timeout:
                 raise WaitTimeout(
@@ -238,6 +242,20 @@ class ControlPlaneManager:
                     "follow it with `sage llm events --follow`"
                 )
         raise WaitTimeout(f"event stream ended while waiting for {engine_id}")  # pragma: no cover
+
+    async def _settled(self, engine_id: str, goal: set[EngineState]) -> EngineRecord:
+        """The record once the scheduler has applied the event that reached the goal.
+
+        The event itself is the proof (an engine may be RUNNING only briefly, e.g. if it hangs
+        soon after); the record normally follows within milliseconds.
+        """
+        record = await self.get_engine(engine_id)
+        for _ in range(100):
+            if record.state in goal:
+                break
+            await asyncio.sleep(0.01)
+            record = await self.get_engine(engine_id)
+        return record
 
 
 def new_engine_id(name: str) -> str:

@@ -72,6 +72,11 @@ class Keys:
         """Capped stream of an engine's log lines, shipped by its agent."""
         return self._k("engine", engine_id, "log")
 
+    @property
+    def timers(self) -> str:
+        """Sorted set of durable timers (score: when due), e.g. restarts waiting out backoff."""
+        return self._k("timers")
+
     def processed(self, group: str, message_id: str) -> str:
         """Idempotency marker: a message id already carried out by a consumer group."""
         return self._k("done", group, message_id)

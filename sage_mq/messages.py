@@ -50,6 +50,7 @@ class StartEngine(Message):
     engine_label: str | None = None
     max_concurrent_requests: int | None = Field(None, ge=1)
     metadata: dict[str, Any] = Field(default_factory=dict)
+    startup_timeout_s: float | None = Field(None, gt=0)
 
 
 class StopEngine(Message):
@@ -57,6 +58,15 @@ class StopEngine(Message):
 
     TYPE: ClassVar[str] = "engine.stop"
     engine_id: str
+
+
+class RelaunchEngine(Message):
+    """A backoff timer fired: launch this generation's successor (sent by the scheduler)."""
+
+    TYPE: ClassVar[str] = "engine.relaunch"
+    engine_id: str
+    generation: int
+    attempt: int
 
 
 # -- commands to one node agent (sage:node:<id>:commands) --------------------------------
@@ -187,6 +197,7 @@ class EngineUnhealthy(Message):
     engine_id: str
     node: str
     reason: str
+    generation: int | None = None
 
 
 class EngineRestarting(Message):
@@ -273,6 +284,7 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
     for cls in (
         StartEngine,
         StopEngine,
+        RelaunchEngine,
         LaunchEngine,
         TerminateEngine,
         AllocateGpus,

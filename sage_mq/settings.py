@@ -56,6 +56,29 @@ class AgentSettings:
 
 
 @dataclass(frozen=True)
+class RestartPolicy:
+    """How the scheduler heals engines (contract defaults; all configurable)."""
+
+    auto_restart: bool = True
+    max_restart_attempts: int = 3
+    failure_threshold: int = 3
+    """Consecutive failed probes that make a RUNNING engine unhealthy and restarted."""
+    backoff_base_s: float = 1.0
+    stability_window_s: float = 60.0
+    """RUNNING this long since its last (re)start resets an engine's attempt counter."""
+
+
+@dataclass(frozen=True)
+class SchedulerSettings:
+    """How often the scheduler probes, and how it heals."""
+
+    health_interval_s: float = 2.0
+    probe_timeout_s: float = 2.0
+    policy: RestartPolicy = field(default_factory=RestartPolicy)
+    timer_poll_s: float = 0.05
+
+
+@dataclass(frozen=True)
 class Settings:
     """Connection and namespace shared by every actor."""
 

@@ -72,6 +72,12 @@ class EngineRecord(BaseModel):
     metadata: dict[str, Any] = Field(default_factory=dict)
     requested_port: int | None = None
     requested_node: str | None = None
+    startup_timeout_s: float | None = None
+    gpu_memory_utilization: float | None = None
+    restart_attempt: int = 0
+    """Restart attempts in the current streak (reset after the stability window)."""
+    running_since: float | None = None
+    probe_failures: int = 0
 
     def public(self) -> dict[str, Any]:
         """The JSON shape of ``engine list --json`` and the REST API."""

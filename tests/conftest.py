@@ -15,6 +15,7 @@ from sage_mq.connection import Redis, connect
 from sage_mq.settings import BusSettings, Settings
 from tests.helpers.engines import engine_processes
 from tests.helpers.servers import Processes, RedisServer, free_port
+from tests.helpers.simulated import Fleet
 
 
 @pytest.fixture(scope="session")
@@ -67,3 +68,9 @@ def processes(tmp_path: Path) -> Iterator[Processes]:
     procs = Processes(tmp_path)
     yield procs
     procs.kill_all()
+
+
+@pytest.fixture
+async def fleet(aredis: Redis, settings: Settings) -> Fleet:
+    """A scheduler over simulated nodes (see tests/helpers/simulated.py)."""
+    return Fleet(aredis, settings)

@@ -11,80 +11,16 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import psutil
 import pytest
 
 from tests.helpers.engines import CONTRACT_FIELDS, engine_processes
+from tests.helpers.fleetprocs import FleetProcs
 from tests.helpers.servers import Processes, RedisServer, free_port
 
 pytestmark = pytest.mark.fleet
-
-
-class FleetProcs:
-    """A scheduler and a node agent as real processes, and the CLI run as a user would."""
-
-    def __init__(self, procs: Processes, redis: RedisServer, state: Path) -> None:
-        self.procs = procs
-        self.state = state
-        self.env = {
-            **os.environ,
-            "SAGE_MQ_REDIS_URL": redis.url,
-            "SAGE_MQ_NAMESPACE": f"f{free_port()}",
-            "SAGE_MQ_STATE_DIR": str(state),
-            "SAGE_MQ_TEST_STATE": str(state),
-        }
-        self.agent: subprocess.Popen[bytes] | None = None
-
-    def start_scheduler(self) -> None:
-        self.procs.sage("scheduler", ["llm", "scheduler", "run"], self.env)
-
-    def start_agent(self) -> None:
-        self.agent = self.procs.sage(
-            "agent",
-            [
-                "llm",
-                "node",
-                "run",
-                "--node-id",
-                "n1",
-                "--fake-gpus",
-                "2x24GiB",
-                "--liveness-ttl",
-                "3",
-                "--stop-grace",
-                "3",
-            ],
-            self.env,
-        )
-
-    def cli(
-        self, *args: str, check: bool = True, timeout: float = 60
-    ) -> subprocess.CompletedProcess[str]:
-        done = subprocess.run(
-            [sys.executable, "-m", "sage_mq", *args],
-            env=self.env,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-        )
-        if check and done.returncode != 0:
-            raise AssertionError(
-                f"sage {' '.join(args)} -> {done.returncode}\n{done.stdout}\n{done.stderr}"
-            )
-        return done
-
-    def json(self, *args: str) -> Any:
-        return json.loads(self.cli(*args, "--json").stdout)
-
-    def wait_node(self) -> None:
-        for _ in range(200):
-            if self.json("llm", "status")["nodes"]["alive"] == 1:
-                return
-            time.sleep(0.05)
-        raise AssertionError(f"the node never joined:\n{self.procs.log('agent')}")
 
 
 @pytest.fixture

@@ -2,15 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
 
-from sage_mq.bus import Bus
-from sage_mq.connection import Redis
 from sage_mq.engines.backends import build_argv, build_env
-from sage_mq.gpu import FakeGpus
-from sage_mq.keys import Keys
 from sage_mq.messages import (
     EngineExited,
     EngineLaunchFailed,
@@ -18,60 +12,12 @@ from sage_mq.messages import (
     EngineStarting,
     EngineStopped,
     LaunchEngine,
-    Message,
     StartEngine,
     StopEngine,
     TerminateEngine,
-    decode,
 )
-from sage_mq.scheduler import Scheduler
-from sage_mq.settings import Settings
-from sage_mq.store import EngineRecord, EngineState, NodeRecord, Store
-from tests.helpers.events import Events
-
-
-class Fleet:
-    """A scheduler over registered (simulated) nodes; we play the agents' part by hand."""
-
-    def __init__(self, redis: Redis, settings: Settings) -> None:
-        self.redis: Any = redis
-        self.keys = Keys(settings.namespace)
-        self.bus = Bus(redis, self.keys, settings.bus)
-        self.store = Store(redis, self.keys)
-        self.scheduler = Scheduler(settings, redis=redis, name="s1")
-        self.events = Events(redis, settings.namespace)
-
-    async def node(self, node_id: str, gpus: str | None = None, address: str = "127.0.0.1") -> None:
-        inventory = FakeGpus(gpus).snapshot() if gpus else []
-        await self.store.put_node(NodeRecord(node_id=node_id, address=address, gpus=inventory), 60)
-
-    async def request(self, *messages: Message) -> None:
-        await self.bus.publish_many(self.keys.requests, list(messages))
-        await self.scheduler.run(until_idle=True)
-
-    async def event(self, *messages: Message) -> None:
-        await self.bus.publish_many(self.keys.events, list(messages))
-        await self.scheduler.run(until_idle=True)
-
-    async def commands(self, node_id: str) -> list[Message]:
-        rows = await self.redis.xrange(self.keys.node_commands(node_id))
-        return [decode(fields).payload for _id, fields in rows]
-
-    async def launch_of(self, engine_id: str, node_id: str = "n1") -> LaunchEngine:
-        for cmd in await self.commands(node_id):
-            if isinstance(cmd, LaunchEngine) and cmd.engine_id == engine_id:
-                return cmd
-        raise AssertionError(f"no launch of {engine_id} on {node_id}")
-
-    async def record(self, engine_id: str) -> EngineRecord:
-        record = await self.store.get_engine(engine_id)
-        assert record is not None
-        return record
-
-
-@pytest.fixture
-async def fleet(aredis: Redis, settings: Settings) -> Fleet:
-    return Fleet(aredis, settings)
+from sage_mq.store import EngineState
+from tests.helpers.simulated import Fleet
 
 
 @pytest.mark.parametrize(
@@ -193,13 +139,13 @@ async def test_engine_states_follow_agent_events_and_stale_generations_are_ignor
         )
     )
     record = await fleet.record("e")
-    assert record.state == EngineState.FAILED and "SIGKILL" in (record.last_error or "")
-    assert record.port is None and await fleet.store.ports_in_use("n1") == {}
-    failed = await fleet.events.wait("engine.failed", "e")
-    assert failed.payload.model_dump()["last_lines"] == ("bye",)
+    assert record.state == EngineState.RESTARTING and "SIGKILL: bye" in (record.last_error or "")
+    assert record.port == 40000 and await fleet.store.ports_in_use("n1") == {40000: "e"}
+    restarting = await fleet.events.wait("engine.restarting", "e")
+    assert restarting.payload.model_dump() == {"engine_id": "e", "attempt": 1, "delay_s": 1.0}
 
 
-async def test_a_launch_failure_ends_failed_with_the_agents_reason(fleet: Fleet) -> None:
+async def test_a_launch_failure_is_retried_where_it_was_placed(fleet: Fleet) -> None:
     await fleet.node("n1", "1x24GiB")
     await fleet.request(StartEngine(engine_id="e", model="m-1B"))
     await fleet.event(
@@ -211,8 +157,8 @@ async def test_a_launch_failure_ends_failed_with_the_agents_reason(fleet: Fleet)
         )
     )
     record = await fleet.record("e")
-    assert record.state == EngineState.FAILED and "already in use" in (record.last_error or "")
-    assert await fleet.store.reservations("n1") == {}
+    assert record.state == EngineState.RESTARTING and "already in use" in (record.last_error or "")
+    assert set(await fleet.store.reservations("n1")) == {"e"}  # kept for the retry
 
 
 async def test_stop_of_an_unknown_or_unplaced_engine(fleet: Fleet) -> None:

@@ -22,7 +22,7 @@ from sage_mq.agent.logship import LogShipper
 from sage_mq.agent.outbox import Outbox
 from sage_mq.agent.preflight import launch_problem, refuse_a_second_agent
 from sage_mq.agent.processes import describe_returncode
-from sage_mq.bus import Bus, Outgoing
+from sage_mq.bus import Bus
 from sage_mq.connection import Redis, connect
 from sage_mq.engines.backends import startup_timeout_s
 from sage_mq.errors import ControlPlaneUnavailable, InvalidRequest, LaunchError
@@ -88,6 +88,7 @@ class NodeAgent:
         self.epoch = 0
         self._stopping = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._probing: asyncio.Task[None] | None = None
         self._consumer = self.bus.consumer(
             [self.keys.node_commands(self.node_id)], AGENT_GROUP, self.node_id, self.handle
         )
@@ -121,9 +122,10 @@ class NodeAgent:
 
     async def close(self) -> None:
         """Release connections and tasks (not engines), after :meth:`run` returned."""
-        for task in list(self._tasks):
+        tasks = [*self._tasks, *([self._probing] if self._probing else [])]
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         await self.logship.close()
         await self.lifecycle.close()
         with contextlib.suppress(ControlPlaneUnavailable):
@@ -228,7 +230,7 @@ class NodeAgent:
             )
 
     # -- commands ------------------------------------------------------------------------
-    async def handle(self, env: Envelope) -> Outgoing | None:
+    async def handle(self, env: Envelope) -> None:
         """Carry out one command from this node's stream."""
         payload = env.payload
         if isinstance(payload, LaunchEngine):
@@ -241,12 +243,21 @@ class NodeAgent:
             self.allocations.pop(payload.engine_id, None)
             await self.outbox.send(GpusReleased(node=self.node_id, engine_id=payload.engine_id))
         elif isinstance(payload, HealthTick):
-            results = await self.lifecycle.health_check_all(payload.timeout_s)
-            # Sent with the ack: if Redis is away both wait, and the tick is probed again.
-            return [(self.keys.events, NodeHealth(node_id=self.node_id, results=results))]
+            self._tick(env, payload)
         else:
             log.warning("node %s ignores %s (not a node command)", self.node_id, env.type)
-        return None
+
+    def _tick(self, env: Envelope, tick: HealthTick) -> None:
+        """Probe in the background, so a hung engine's timeout never holds up commands."""
+        if time.time() - env.ts > max(10.0, 3 * tick.timeout_s):
+            return  # a tick left over from while this agent was down
+        if self._probing is not None and not self._probing.done():
+            return  # the previous tick's probes are still out: one result per node at a time
+        self._probing = asyncio.get_running_loop().create_task(self._probe(tick.timeout_s))
+
+    async def _probe(self, timeout_s: float) -> None:
+        results = await self.lifecycle.health_check_all(timeout_s)
+        await self.outbox.send(NodeHealth(node_id=self.node_id, results=results))
 
     async def _launch(self, cmd: LaunchEngine) -> None:
         current = self.lifecycle.engines.get(cmd.engine_id)
@@ -327,6 +338,7 @@ class NodeAgent:
                     engine_id=engine.engine_id,
                     node=self.node_id,
                     reason=f"not ready after {timeout:.0f}s (startup timeout)",
+                    generation=engine.generation,
                 )
             )
 

@@ -23,7 +23,14 @@ from sage_mq.connection import redact_url
 from sage_mq.errors import ConfigError
 from sage_mq.gpu import GPUResourceManager
 from sage_mq.scheduler.core import Scheduler
-from sage_mq.settings import AgentSettings, default_state_dir, engine_base_env, fake_gpus_from_env
+from sage_mq.settings import (
+    AgentSettings,
+    RestartPolicy,
+    SchedulerSettings,
+    default_state_dir,
+    engine_base_env,
+    fake_gpus_from_env,
+)
 
 scheduler_app = typer.Typer(help="The scheduler: places engines, keeps records in step.")
 node_app = typer.Typer(help="The node agent: runs engines on this host.")
@@ -33,14 +40,33 @@ node_app = typer.Typer(help="The node agent: runs engines on this host.")
 def scheduler_run(
     redis_url: RedisUrl = DEFAULT_URL,
     name: Annotated[str | None, typer.Option(help="Consumer name (default host-pid).")] = None,
+    health_interval: Annotated[float, typer.Option(help="Seconds between health ticks.")] = 2.0,
+    probe_timeout: Annotated[float, typer.Option(help="Seconds one health probe may take.")] = 2.0,
+    auto_restart: Annotated[bool, typer.Option(help="Restart engines that fail.")] = True,
+    max_restart_attempts: Annotated[int, typer.Option(help="Attempts before FAILED.")] = 3,
+    failure_threshold: Annotated[int, typer.Option(help="Failed probes before a restart.")] = 3,
+    backoff_base: Annotated[float, typer.Option(help="Delay = base * 2**(attempt-1) s.")] = 1.0,
+    stability_window: Annotated[
+        float, typer.Option(help="Seconds RUNNING that reset the attempt counter.")
+    ] = 60.0,
     log_level: LogLevel = "INFO",
 ) -> None:
     """Run a scheduler until SIGINT/SIGTERM."""
     setup_logging(log_level)
     settings = settings_for(redis_url)
+    policy = RestartPolicy(
+        auto_restart=auto_restart,
+        max_restart_attempts=max_restart_attempts,
+        failure_threshold=failure_threshold,
+        backoff_base_s=backoff_base,
+        stability_window_s=stability_window,
+    )
+    healing = SchedulerSettings(
+        health_interval_s=health_interval, probe_timeout_s=probe_timeout, policy=policy
+    )
 
     async def main() -> None:
-        async with Scheduler(settings, name=name) as scheduler:
+        async with Scheduler(settings, name=name, scheduler=healing) as scheduler:
             on_signals(scheduler.stop)
             typer.echo(f"scheduler {scheduler.name} on {redact_url(redis_url)}", err=True)
             await scheduler.run()

@@ -4,18 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from sage_mq.settings import RestartPolicy
 
-@dataclass(frozen=True)
-class RestartPolicy:
-    """How the scheduler heals engines (contract defaults; all configurable)."""
-
-    auto_restart: bool = True
-    max_restart_attempts: int = 3
-    failure_threshold: int = 3
-    """Consecutive failed probes that make a RUNNING engine unhealthy and restarted."""
-    backoff_base_s: float = 1.0
-    stability_window_s: float = 60.0
-    """RUNNING this long since its last (re)start resets an engine's attempt counter."""
+__all__ = ["GiveUp", "Restart", "RestartPolicy", "after_failure", "after_probe", "backoff_delay"]
 
 
 @dataclass(frozen=True)

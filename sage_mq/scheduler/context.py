@@ -1,0 +1,51 @@
+"""What every part of the scheduler shares: settings, Redis, the bus, the store, and helpers."""
+
+from __future__ import annotations
+
+import logging
+
+from sage_mq.bus import Bus
+from sage_mq.connection import Redis
+from sage_mq.keys import Keys
+from sage_mq.messages import Envelope, Message, RequestRejected
+from sage_mq.scheduler.timers import Timers
+from sage_mq.settings import SchedulerSettings, Settings
+from sage_mq.store import EngineRecord, Store
+
+log = logging.getLogger(__name__)
+
+
+class Context:
+    """Shared by placing, tracking and healing; holds no state of its own."""
+
+    def __init__(self, settings: Settings, scheduler: SchedulerSettings, redis: Redis) -> None:
+        self.settings = settings
+        self.scheduler = scheduler
+        self.keys = Keys(settings.namespace)
+        self.bus = Bus(redis, self.keys, settings.bus)
+        self.store = Store(redis, self.keys)
+        self.timers = Timers(redis, self.keys)
+
+    async def emit(self, message: Message) -> None:
+        """Publish an event."""
+        await self.bus.publish(self.keys.events, message)
+
+    async def command(self, node_id: str, *messages: Message) -> None:
+        """Send commands to one node agent, in order, in one round trip."""
+        await self.bus.publish_many(self.keys.node_commands(node_id), list(messages))
+
+    async def reject(self, env: Envelope, engine_id: str | None, reason: str) -> None:
+        """Refuse a request, saying why."""
+        log.warning("rejected %s %s: %s", env.type, engine_id or "", reason)
+        await self.emit(
+            RequestRejected(
+                request_id=env.id, request_type=env.type, engine_id=engine_id, reason=reason
+            )
+        )
+
+    async def current(self, engine_id: str, generation: int | None) -> EngineRecord | None:
+        """The record an event is about, or None if the event is stale (older generation)."""
+        record = await self.store.get_engine(engine_id)
+        if record is None or (generation is not None and generation != record.generation):
+            return None
+        return record

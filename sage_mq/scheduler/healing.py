@@ -1,0 +1,156 @@
+"""Healing: exits, failed probes and launch failures become restarts with backoff, or FAILED."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from sage_mq.messages import (
+    EngineExited,
+    EngineFailed,
+    EngineLaunchFailed,
+    EngineRestarting,
+    EngineUnhealthy,
+    Envelope,
+    NodeHealth,
+    RelaunchEngine,
+    TerminateEngine,
+)
+from sage_mq.scheduler.context import Context
+from sage_mq.scheduler.placing import Placing
+from sage_mq.scheduler.policy import GiveUp, after_failure, after_probe
+from sage_mq.scheduler.tracking import LIVE, Tracking
+from sage_mq.store import EngineRecord, EngineState
+
+log = logging.getLogger(__name__)
+S = EngineState
+
+
+class Healing:
+    """Decides, by the restart policy, what happens to an engine that failed."""
+
+    def __init__(self, ctx: Context, placing: Placing, tracking: Tracking) -> None:
+        self.ctx = ctx
+        self.placing = placing
+        self.tracking = tracking
+        self.policy = ctx.scheduler.policy
+
+    async def on_exited(self, env: Envelope) -> None:
+        """The process died on its own: restart directly (after backoff)."""
+        ev = env.payload
+        assert isinstance(ev, EngineExited)
+        record = await self.ctx.current(ev.engine_id, ev.generation)
+        if record is None or record.state not in LIVE:
+            return
+        reason = f"engine {ev.reason}" + (f": {ev.last_lines[-1]}" if ev.last_lines else "")
+        await self.fail_or_restart(record, reason, ev.last_lines, still_running=False)
+
+    async def on_launch_failed(self, env: Envelope) -> None:
+        """The agent could not spawn it: try again (a port may free up) or give up."""
+        ev = env.payload
+        assert isinstance(ev, EngineLaunchFailed)
+        record = await self.ctx.current(ev.engine_id, ev.generation)
+        if record is None or record.state not in LIVE:
+            return
+        reason = f"launch failed on {ev.node}: {ev.reason}"
+        await self.fail_or_restart(record, reason, (), still_running=False)
+
+    async def on_unhealthy(self, env: Envelope) -> None:
+        """The agent gave up waiting for readiness (startup timeout): restart it."""
+        ev = env.payload
+        assert isinstance(ev, EngineUnhealthy)
+        record = await self.ctx.current(ev.engine_id, ev.generation)
+        if record is None or record.state not in LIVE:
+            return
+        await self.fail_or_restart(record, ev.reason, (), still_running=True)
+
+    async def on_node_health(self, env: Envelope) -> None:
+        """Probe results of one node: count consecutive failures of RUNNING engines."""
+        ev = env.payload
+        assert isinstance(ev, NodeHealth)
+        for engine_id, healthy in ev.results.items():
+            record = await self.ctx.store.get_engine(engine_id)
+            if record is None or record.node != ev.node_id:
+                continue
+            if record.state in (S.RUNNING, S.UNHEALTHY):  # STARTING: its startup grace
+                await self._probed(record, healthy)
+
+    async def _probed(self, record: EngineRecord, healthy: bool) -> None:
+        failures, restart = after_probe(self.policy, record.probe_failures, healthy)
+        if restart:
+            reason = f"failed {failures} consecutive health probes"
+            await self.ctx.emit(
+                EngineUnhealthy(
+                    engine_id=record.engine_id,
+                    node=record.node or "",
+                    reason=reason,
+                    generation=record.generation,
+                )
+            )
+            await self.fail_or_restart(record, reason, (), still_running=True)
+        elif failures != record.probe_failures:
+            state = S.UNHEALTHY if failures else S.RUNNING
+            await self.ctx.store.update_engine(
+                record.engine_id, probe_failures=failures, state=state
+            )
+
+    async def fail_or_restart(
+        self,
+        record: EngineRecord,
+        reason: str,
+        last_lines: tuple[str, ...],
+        *,
+        still_running: bool,
+    ) -> None:
+        """Restart after backoff, keeping id, node, port, GPUs and args; or end FAILED."""
+        if still_running and record.node is not None:  # hung: TERM, grace, KILL before anything
+            await self.ctx.command(record.node, TerminateEngine(engine_id=record.engine_id))
+        decision = after_failure(
+            self.policy,
+            attempts=record.restart_attempt,
+            running_since=record.running_since,
+            now=time.time(),
+        )
+        if isinstance(decision, GiveUp):
+            final = f"{reason}; {decision.reason}"
+            await self.tracking.finish(record, S.FAILED, final)
+            await self.ctx.emit(
+                EngineFailed(engine_id=record.engine_id, reason=final, last_lines=last_lines)
+            )
+            log.error("%s FAILED: %s", record.engine_id, final)
+            return
+        await self.ctx.store.update_engine(
+            record.engine_id,
+            state=S.RESTARTING,
+            restart_attempt=decision.attempt,
+            restarts=record.restarts + 1,
+            last_error=reason,
+            pid=None,
+            probe_failures=0,
+            running_since=None,
+        )
+        relaunch = RelaunchEngine(
+            engine_id=record.engine_id, generation=record.generation, attempt=decision.attempt
+        )
+        timer_id = f"relaunch-{record.engine_id}-{record.generation}"
+        await self.ctx.timers.schedule(timer_id, time.time() + decision.delay_s, relaunch)
+        await self.ctx.emit(
+            EngineRestarting(
+                engine_id=record.engine_id, attempt=decision.attempt, delay_s=decision.delay_s
+            )
+        )
+        log.warning(
+            "%s: %s; restart attempt %d in %.1fs",
+            record.engine_id,
+            reason,
+            decision.attempt,
+            decision.delay_s,
+        )
+
+    async def on_relaunch(self, env: Envelope) -> None:
+        """A backoff timer fired: launch again, unless the engine moved on meanwhile."""
+        req = env.payload
+        assert isinstance(req, RelaunchEngine)
+        record = await self.ctx.current(req.engine_id, req.generation)
+        if record is not None and record.state == S.RESTARTING:
+            await self.placing.relaunch(record)

@@ -1,0 +1,218 @@
+"""Start and stop requests: place an engine, reserve its GPUs and port, launch and relaunch it."""
+
+from __future__ import annotations
+
+import logging
+
+from sage_mq.engines.backends import default_backend, gpu_memory_utilization
+from sage_mq.errors import InvalidRequest, PlacementError
+from sage_mq.memory import estimate_memory_gb
+from sage_mq.messages import (
+    AllocateGpus,
+    EngineFailed,
+    EnginePlaced,
+    EngineStopped,
+    Envelope,
+    LaunchEngine,
+    Message,
+    StartEngine,
+    StopEngine,
+    TerminateEngine,
+)
+from sage_mq.scheduler.context import Context
+from sage_mq.scheduler.fleet import live_nodes
+from sage_mq.scheduler.placement import Demand, Placement, check_request, choose_port, place
+from sage_mq.scheduler.placement import wants_gpu as resolve_use_gpu
+from sage_mq.scheduler.tracking import Tracking
+from sage_mq.store import EngineRecord, EngineState, Reservation
+
+log = logging.getLogger(__name__)
+S = EngineState
+
+
+class Placing:
+    """Turns start requests into placed, launched engines; stop requests into terminations."""
+
+    def __init__(self, ctx: Context, tracking: Tracking) -> None:
+        self.ctx = ctx
+        self.tracking = tracking
+
+    async def on_start(self, env: Envelope) -> None:
+        """Place and launch a new engine, or reject the request with a reason."""
+        req = env.payload
+        assert isinstance(req, StartEngine)
+        existing = await self.ctx.store.get_engine(req.engine_id)
+        if existing is not None and existing.state != S.PENDING:
+            if existing.state.terminal:
+                await self.ctx.reject(env, req.engine_id, f"engine id {req.engine_id!r} exists")
+            return  # otherwise: this request redelivered after it was carried out
+        try:
+            check_request(req)
+        except InvalidRequest as exc:
+            await self.ctx.reject(env, req.engine_id, str(exc))
+            return
+        record = existing or new_record(req)  # PENDING: a half-done start is resumed
+        if existing is None:
+            await self.ctx.store.put_engine(record)
+        try:
+            placement, port = await self._place(record)
+        except PlacementError as exc:
+            await self.ctx.store.update_engine(
+                record.engine_id, state=S.FAILED, last_error=str(exc)
+            )
+            await self.ctx.reject(env, record.engine_id, str(exc))
+            await self.ctx.emit(EngineFailed(engine_id=record.engine_id, reason=str(exc)))
+            return
+        await self._launch_new(record, placement, port)
+
+    async def _place(self, record: EngineRecord) -> tuple[Placement, int]:
+        nodes = await live_nodes(self.ctx.store)
+        wants = resolve_use_gpu(record.kind, record.use_gpu)
+        gpu_count = record.tensor_parallel_size * record.pipeline_parallel_size if wants else 0
+        total_gb = estimate_memory_gb(
+            record.model,
+            kind=record.kind,
+            backend=record.backend,
+            required_memory_gb=record.required_memory_gb,
+        )
+        demand = Demand(gpu_count, total_gb / max(gpu_count, 1), record.requested_node)
+        placement = place(demand, nodes)
+        node = next(n for n in nodes if n.node_id == placement.node_id)
+        for _attempt in range(3):
+            port = choose_port(node, record.requested_port)
+            if await self.ctx.store.assign_port(node.node_id, port, record.engine_id):
+                return placement, port
+            node = next(n for n in await live_nodes(self.ctx.store) if n.node_id == node.node_id)
+        raise PlacementError(f"could not assign a port on {node.node_id}: ports keep changing")
+
+    async def _launch_new(self, record: EngineRecord, placement: Placement, port: int) -> None:
+        node_id = placement.node_id
+        if placement.gpus:
+            reservation = Reservation(
+                gpus=list(placement.gpus), memory_gb=placement.memory_gb_per_gpu
+            )
+            await self.ctx.store.reserve_gpus(node_id, record.engine_id, reservation)
+        fraction = None
+        if record.backend == "vllm" and placement.gpus:
+            fraction = gpu_memory_utilization(
+                placement.memory_gb_per_gpu, placement.smallest_gpu_gb
+            )
+        placed = await self.ctx.store.update_engine(
+            record.engine_id,
+            state=S.STARTING,
+            node=node_id,
+            host=placement.address,
+            port=port,
+            url=f"http://{placement.address}:{port}",
+            gpus=list(placement.gpus),
+            generation=record.generation + 1,
+            gpu_memory_utilization=fraction,
+            memory_gb=placement.memory_gb_per_gpu * max(len(placement.gpus), 1),
+        )
+        assert placed is not None
+        await self.ctx.emit(
+            EnginePlaced(
+                engine_id=record.engine_id,
+                node=node_id,
+                port=port,
+                gpus=placement.gpus,
+                memory_gb=placement.memory_gb_per_gpu,
+            )
+        )
+        commands: list[Message] = []
+        if placement.gpus:
+            commands.append(
+                AllocateGpus(
+                    engine_id=record.engine_id,
+                    gpus=placement.gpus,
+                    memory_gb=placement.memory_gb_per_gpu,
+                )
+            )
+        commands.append(launch_command(placed))
+        await self.ctx.command(node_id, *commands)
+        log.info(
+            "placed %s on %s port %d GPUs %s",
+            record.engine_id,
+            node_id,
+            port,
+            list(placement.gpus) or "none (CPU)",
+        )
+
+    async def relaunch(self, record: EngineRecord) -> None:
+        """Launch the next generation where the engine was: same node, port, GPUs and args.
+
+        The agent stops any older generation it still runs (TERM, grace, KILL) first, so one
+        engine never becomes two.
+        """
+        assert record.node is not None
+        relaunched = await self.ctx.store.update_engine(
+            record.engine_id, state=S.STARTING, generation=record.generation + 1, pid=None
+        )
+        assert relaunched is not None
+        await self.ctx.command(record.node, launch_command(relaunched))
+        log.info(
+            "relaunching %s (attempt %d, generation %d) on %s port %s",
+            record.engine_id,
+            record.restart_attempt,
+            relaunched.generation,
+            record.node,
+            record.port,
+        )
+
+    async def on_stop(self, env: Envelope) -> None:
+        """Terminate an engine (or end an unplaced one at once)."""
+        req = env.payload
+        assert isinstance(req, StopEngine)
+        record = await self.ctx.store.get_engine(req.engine_id)
+        if record is None:
+            await self.ctx.reject(env, req.engine_id, f"no engine {req.engine_id!r}")
+            return
+        if record.node is None or record.state.terminal or record.state == S.PENDING:
+            await self.tracking.finish(record, S.STOPPED, None)
+            await self.ctx.emit(EngineStopped(engine_id=record.engine_id, node=record.node))
+            return
+        await self.ctx.store.update_engine(record.engine_id, state=S.STOPPING)
+        await self.ctx.command(record.node, TerminateEngine(engine_id=record.engine_id))
+
+
+def launch_command(record: EngineRecord) -> LaunchEngine:
+    """The launch command for the record's current generation, where it was placed."""
+    assert record.host is not None and record.port is not None
+    return LaunchEngine(
+        engine_id=record.engine_id,
+        generation=record.generation,
+        model=record.model,
+        kind=record.kind,
+        backend=record.backend,
+        host=record.host,
+        port=record.port,
+        gpus=tuple(record.gpus),
+        use_gpu=bool(record.gpus),
+        tensor_parallel_size=record.tensor_parallel_size,
+        pipeline_parallel_size=record.pipeline_parallel_size,
+        extra_args=tuple(record.extra_args),
+        gpu_memory_utilization=record.gpu_memory_utilization,
+        startup_timeout_s=record.startup_timeout_s,
+    )
+
+
+def new_record(req: StartEngine) -> EngineRecord:
+    """A PENDING record for a start request."""
+    return EngineRecord(
+        engine_id=req.engine_id,
+        model=req.model,
+        kind=req.kind,
+        backend=req.backend or default_backend(req.kind),
+        state=S.PENDING,
+        use_gpu=req.use_gpu,
+        tensor_parallel_size=req.tensor_parallel_size,
+        pipeline_parallel_size=req.pipeline_parallel_size,
+        extra_args=list(req.extra_args),
+        required_memory_gb=req.required_memory_gb,
+        engine_label=req.engine_label,
+        max_concurrent_requests=req.max_concurrent_requests,
+        metadata=req.metadata,
+        requested_port=req.port,
+        requested_node=req.node,
+        startup_timeout_s=req.startup_timeout_s,
+    )

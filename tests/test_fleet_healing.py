@@ -1,0 +1,143 @@
+"""Self-healing, real processes and signals: restarts, backoff, FAILED, hangs, slow starts."""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.helpers.engines import engine_processes
+from tests.helpers.fleetprocs import FleetProcs
+from tests.helpers.servers import Processes, RedisServer
+
+pytestmark = pytest.mark.fleet
+FAST = ("--health-interval", "0.3", "--probe-timeout", "0.5", "--backoff-base", "0.2")
+
+
+def make_fleet(processes: Processes, redis: RedisServer, tmp_path: Path, *args: str) -> FleetProcs:
+    fleet = FleetProcs(processes, redis, tmp_path / "state")
+    fleet.start_scheduler(*args)
+    fleet.start_agent()
+    fleet.wait_node()
+    return fleet
+
+
+@pytest.fixture
+def fast_fleet(
+    processes: Processes, redis_server: RedisServer, tmp_path: Path
+) -> Iterator[FleetProcs]:
+    yield make_fleet(processes, redis_server, tmp_path, *FAST)
+
+
+@pytest.fixture
+def default_fleet(
+    processes: Processes, redis_server: RedisServer, tmp_path: Path
+) -> Iterator[FleetProcs]:
+    yield make_fleet(processes, redis_server, tmp_path)
+
+
+def test_kill_9_of_an_engine_brings_it_back_as_itself(default_fleet: FleetProcs) -> None:
+    fleet = default_fleet
+    before = fleet.json("llm", "engine", "start", "demo", "--backend", "fake", "--wait")
+    os.killpg(before["pid"], signal.SIGKILL)
+    exited = fleet.wait_event("engine.exited", before["engine_id"])
+    ready = fleet.wait_event("engine.ready", before["engine_id"], count=2)
+    after = fleet.json("llm", "engine", "list")[0]
+    assert after["state"] == "RUNNING" and after["restarts"] == 1
+    for field in ("engine_id", "node", "port", "url", "gpus", "argv", "extra_args", "use_gpu"):
+        assert after[field] == before[field], field
+    assert after["pid"] != before["pid"] and after["generation"] == 2
+    assert [p.pid for p in engine_processes(fleet.state)] == [after["pid"]]
+    assert ready.ts - exited.ts >= 1.0  # the 1 s backoff of attempt 1
+
+
+def test_a_crash_loop_waits_1_2_4_s_then_fails_and_frees_its_gpus(
+    default_fleet: FleetProcs,
+) -> None:
+    fleet = default_fleet
+    record = fleet.json(
+        "llm",
+        "engine",
+        "start",
+        "crashy",
+        "--backend",
+        "fake",
+        "-tp",
+        "2",
+        "--required-memory-gb",
+        "40",
+        "--extra-args",
+        "--crash-after 0.5",
+        "--wait",
+    )
+    failed = fleet.wait_event("engine.failed", record["engine_id"], timeout=40)
+    events = fleet.events(record["engine_id"])
+    delays = [e.payload.model_dump()["delay_s"] for e in events if e.type == "engine.restarting"]
+    assert delays == [1.0, 2.0, 4.0]
+    exits = [e.ts for e in events if e.type == "engine.exited"]
+    starts = [e.ts for e in events if e.type == "engine.starting"]
+    waited = [round(start - exit_, 1) for exit_, start in zip(exits, starts[1:], strict=False)]
+    assert all(abs(w - d) <= 0.3 for w, d in zip(waited, delays, strict=True)), waited
+    assert "gave up after 3 restart attempt(s)" in failed.payload.model_dump()["reason"]
+    (final,) = fleet.json("llm", "engine", "list")
+    assert final["state"] == "FAILED" and final["restarts"] == 3 and final["gpus"] == []
+    assert engine_processes(fleet.state) == []
+    again = fleet.json(
+        "llm",
+        "engine",
+        "start",
+        "big",
+        "--backend",
+        "fake",
+        "-tp",
+        "2",
+        "--required-memory-gb",
+        "40",
+        "--wait",
+    )
+    assert again["gpus"] == [0, 1]
+
+
+def test_a_hung_engine_is_found_by_probes_and_replaced(fast_fleet: FleetProcs) -> None:
+    fleet = fast_fleet
+    record = fleet.json(
+        "llm",
+        "engine",
+        "start",
+        "demo",
+        "--backend",
+        "fake",
+        "--wait",
+        "--extra-args",
+        "--hang-after 1.5",
+    )
+    unhealthy = fleet.wait_event("engine.unhealthy", record["engine_id"])
+    assert "3 consecutive health probes" in unhealthy.payload.model_dump()["reason"]
+    # interval 0.3 s x threshold 3 + one 0.5 s timeout, from the hang at 1.5 s (plus slack)
+    hung_at = fleet.wait_event("engine.ready", record["engine_id"]).ts + 1.5
+    assert unhealthy.ts - hung_at < 0.3 * 3 + 0.5 + 1.0
+    fleet.wait_event("engine.starting", record["engine_id"], count=2)
+    (proc,) = engine_processes(fleet.state)  # the hung one was killed before the relaunch
+    assert proc.pid != record["pid"]
+
+
+def test_a_slow_starter_is_not_restarted(fast_fleet: FleetProcs) -> None:
+    fleet = fast_fleet
+    record = fleet.json(
+        "llm",
+        "engine",
+        "start",
+        "demo",
+        "--backend",
+        "fake",
+        "--wait",
+        "--extra-args",
+        "--startup-delay 3",
+    )
+    assert record["state"] == "RUNNING" and record["restarts"] == 0
+    types = [e.type for e in fleet.events(record["engine_id"])]
+    assert types.count("engine.starting") == 1 and "engine.restarting" not in types
+    assert len(engine_processes(fleet.state)) == 1

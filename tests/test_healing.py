@@ -1,0 +1,177 @@
+"""Healing in the scheduler (simulated agents): restarts keep identity, backoff, FAILED, probes."""
+
+from __future__ import annotations
+
+import time
+
+from sage_mq.messages import (
+    EngineExited,
+    EngineReady,
+    EngineStarting,
+    LaunchEngine,
+    NodeHealth,
+    RelaunchEngine,
+    StartEngine,
+    StopEngine,
+    TerminateEngine,
+)
+from sage_mq.settings import Settings
+from sage_mq.store import EngineState
+from tests.helpers.simulated import Fleet
+
+
+async def running(fleet: Fleet, engine_id: str = "e", **start: object) -> None:
+    """Start an engine and play the agent: starting, then ready."""
+    await fleet.node("n1", "2x24GiB")
+    await fleet.request(
+        StartEngine(
+            engine_id=engine_id,
+            model="demo",
+            backend="fake",
+            extra_args=("--latency-ms", "5"),
+            **start,
+        )
+    )  # type: ignore[arg-type]
+    await fleet.event(
+        EngineStarting(engine_id=engine_id, node="n1", generation=1, pid=10, argv=("a",))
+    )
+    await fleet.event(EngineReady(engine_id=engine_id, node="n1", generation=1, url="u"))
+
+
+async def exits(fleet: Fleet, generation: int, engine_id: str = "e") -> None:
+    await fleet.event(
+        EngineExited(
+            engine_id=engine_id,
+            node="n1",
+            generation=generation,
+            returncode=1,
+            reason="exited with code 1",
+            last_lines=("boom",),
+        )
+    )
+
+
+async def fire(fleet: Fleet, after_s: float) -> None:
+    """Fire the timers as if ``after_s`` seconds had passed, and let the scheduler act."""
+    await fleet.scheduler.fire_timers(now=time.time() + after_s)
+    await fleet.scheduler.run(until_idle=True)
+
+
+async def launches(fleet: Fleet) -> list[LaunchEngine]:
+    return [c for c in await fleet.commands("n1") if isinstance(c, LaunchEngine)]
+
+
+async def test_an_exited_engine_comes_back_as_itself(fleet: Fleet) -> None:
+    await running(fleet, use_gpu=True)
+    first = await fleet.record("e")
+    await exits(fleet, 1)
+    assert (await fleet.record("e")).state == EngineState.RESTARTING
+    await fire(fleet, 0.5)
+    assert len(await launches(fleet)) == 1  # not yet: the delay is 1 s
+    await fire(fleet, 1.05)
+    again = await fleet.record("e")
+    original, relaunched = await launches(fleet)
+    assert again.state == EngineState.STARTING and again.generation == 2 and again.restarts == 1
+    assert (again.engine_id, again.node, again.port, again.gpus) == (
+        first.engine_id,
+        first.node,
+        first.port,
+        first.gpus,
+    )
+    assert relaunched == original.model_copy(update={"generation": 2})  # same argv, args, GPUs
+    await fleet.event(EngineReady(engine_id="e", node="n1", generation=2, url="u"))
+    assert (await fleet.record("e")).state == EngineState.RUNNING
+
+
+async def test_a_crash_loop_backs_off_1_2_4_then_fails_and_frees_gpus_and_port(
+    fleet: Fleet,
+) -> None:
+    await running(fleet, use_gpu=True, tensor_parallel_size=2, required_memory_gb=40)
+    delays = []
+    for generation in (1, 2, 3):
+        await exits(fleet, generation)
+        restarting = await fleet.events.wait("engine.restarting", "e", count=generation)
+        delays.append(restarting.payload.model_dump()["delay_s"])
+        ((due, timer),) = await fleet.scheduler.ctx.timers.pending()
+        assert isinstance(timer, RelaunchEngine) and timer.generation == generation
+        assert abs(due - (time.time() + delays[-1])) < 0.5
+        await fire(fleet, delays[-1] + 0.05)
+    assert delays == [1.0, 2.0, 4.0]
+    await exits(fleet, 4)
+    record = await fleet.record("e")
+    assert record.state == EngineState.FAILED and record.restarts == 3
+    assert "gave up after 3 restart attempt(s)" in (record.last_error or "")
+    assert record.gpus == [] and record.port is None
+    assert await fleet.store.reservations("n1") == {} and await fleet.store.ports_in_use("n1") == {}
+    failed = await fleet.events.wait("engine.failed", "e")
+    assert failed.payload.model_dump()["last_lines"] == ("boom",)
+    await fleet.request(
+        StartEngine(
+            engine_id="again",
+            model="big",
+            backend="fake",
+            tensor_parallel_size=2,
+            required_memory_gb=40,
+        )
+    )
+    assert (await fleet.record("again")).gpus == [0, 1]  # the freed GPUs take a TP 2 engine
+
+
+async def test_running_through_the_stability_window_resets_the_attempts(fleet: Fleet) -> None:
+    await running(fleet)
+    for generation in (1, 2):
+        await exits(fleet, generation)
+        await fire(fleet, 10)
+        await fleet.event(EngineReady(engine_id="e", node="n1", generation=generation + 1, url="u"))
+    assert (await fleet.record("e")).restart_attempt == 2
+    await fleet.store.update_engine("e", running_since=time.time() - 61)
+    await exits(fleet, 3)
+    restarting = await fleet.events.wait("engine.restarting", "e", count=3)
+    assert restarting.payload.model_dump()["attempt"] == 1
+
+
+async def test_three_failed_probes_terminate_and_restart_a_hung_engine(fleet: Fleet) -> None:
+    await running(fleet)
+    for expected in (EngineState.UNHEALTHY, EngineState.UNHEALTHY):
+        await fleet.event(NodeHealth(node_id="n1", results={"e": False}))
+        assert (await fleet.record("e")).state == expected
+    await fleet.event(NodeHealth(node_id="n1", results={"e": True}))  # recovered: count resets
+    assert (await fleet.record("e")).state == EngineState.RUNNING
+    for _ in range(3):
+        await fleet.event(NodeHealth(node_id="n1", results={"e": False}))
+    record = await fleet.record("e")
+    assert record.state == EngineState.RESTARTING and "3 consecutive health probes" in (
+        record.last_error or ""
+    )
+    assert isinstance((await fleet.commands("n1"))[-1], TerminateEngine)
+    assert "engine.unhealthy" in await fleet.events.types("e")
+    await fire(fleet, 1.05)
+    assert (await launches(fleet))[-1].generation == 2
+
+
+async def test_a_starting_engine_is_not_counted_unhealthy(fleet: Fleet) -> None:
+    await fleet.node("n1")
+    await fleet.request(StartEngine(engine_id="slow", model="demo", backend="fake", use_gpu=False))
+    for _ in range(10):
+        await fleet.event(NodeHealth(node_id="n1", results={"slow": False}))
+    record = await fleet.record("slow")
+    assert record.state == EngineState.STARTING and record.restarts == 0
+
+
+async def test_a_timer_for_an_engine_that_moved_on_does_nothing(fleet: Fleet) -> None:
+    await running(fleet)
+    await exits(fleet, 1)
+    await fleet.request(RelaunchEngine(engine_id="e", generation=0, attempt=1))  # stale
+    assert len(await launches(fleet)) == 1
+    await fleet.request(StopEngine(engine_id="e"))  # stopped while waiting out the backoff
+    await fire(fleet, 2)
+    assert len(await launches(fleet)) == 1
+
+
+async def test_backoff_timers_survive_the_scheduler(fleet: Fleet, settings: Settings) -> None:
+    await running(fleet)
+    await exits(fleet, 1)
+    successor = Fleet(fleet.redis, settings)  # a new scheduler: nothing in memory carries over
+    await successor.scheduler.fire_timers(now=time.time() + 1.05)
+    await successor.scheduler.run(until_idle=True)
+    assert [c.generation for c in await launches(successor)] == [1, 2]
