@@ -148,16 +148,35 @@ class Bus:
             "dead-lettered %s %s (group %s): %s", delivery.stream, delivery.entry_id, group, reason
         )
 
-    def consumer(self, streams: Sequence[str], group: str, name: str, handler: Handler) -> Consumer:
-        """A consumer of ``streams`` in ``group``, calling ``handler`` for every message."""
-        return Consumer(self, list(streams), group, name, handler)
+    def consumer(
+        self,
+        streams: Sequence[str],
+        group: str,
+        name: str,
+        handler: Handler,
+        *,
+        takeover: bool = False,
+    ) -> Consumer:
+        """A consumer of ``streams`` in ``group``, calling ``handler`` for every message.
+
+        With ``takeover`` it first claims every entry pending in the group, however fresh: for
+        a consumer that knows the previous one is gone (a new leader after a failover).
+        """
+        return Consumer(self, list(streams), group, name, handler, takeover=takeover)
 
 
 class Consumer:
     """One member of a consumer group: reads, hands entries to its handler, settles them."""
 
     def __init__(
-        self, bus: Bus, streams: list[str], group: str, name: str, handler: Handler
+        self,
+        bus: Bus,
+        streams: list[str],
+        group: str,
+        name: str,
+        handler: Handler,
+        *,
+        takeover: bool = False,
     ) -> None:
         self.bus = bus
         self.streams = streams
@@ -167,6 +186,7 @@ class Consumer:
         self.handled = 0
         self._stopping = asyncio.Event()
         self._last_claim = 0.0
+        self._takeover = takeover
 
     def stop(self) -> None:
         """Ask the loop to return after the entry in hand; safe to call twice."""
@@ -252,13 +272,15 @@ class Consumer:
         if now - self._last_claim < max(0.05, settings.claim_min_idle_ms / 4000):
             return []
         self._last_claim = now
+        min_idle = 0 if self._takeover else settings.claim_min_idle_ms
+        self._takeover = False
         claimed: list[Any] = []
         for stream in self.streams:
             _cursor, rows, deleted = await self.bus.redis.xautoclaim(
                 stream,
                 self.group,
                 self.name,
-                settings.claim_min_idle_ms,
+                min_idle,
                 "0-0",
                 count=settings.batch_size,
             )

@@ -73,6 +73,16 @@ class Keys:
         return self._k("engine", engine_id, "log")
 
     @property
+    def scheduler_leader(self) -> str:
+        """String with a TTL: ``<name>:<epoch>`` of the scheduler that leads now."""
+        return self._k("scheduler", "leader")
+
+    @property
+    def scheduler_epoch(self) -> str:
+        """Counter: each new leadership term takes the next epoch."""
+        return self._k("scheduler", "epoch")
+
+    @property
     def timers(self) -> str:
         """Sorted set of durable timers (score: when due), e.g. restarts waiting out backoff."""
         return self._k("timers")

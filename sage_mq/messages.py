@@ -76,6 +76,8 @@ class LaunchEngine(Message):
     """Spawn an engine process with exactly these parameters."""
 
     TYPE: ClassVar[str] = "engine.launch"
+    epoch: int = Field(0, ge=0)
+    """The epoch of the leader that sent it; agents ignore older ones (0: unfenced)."""
     engine_id: str
     generation: int = Field(ge=1)
     model: str
@@ -96,6 +98,8 @@ class TerminateEngine(Message):
     """Stop an engine process: SIGTERM to its group, grace, SIGKILL."""
 
     TYPE: ClassVar[str] = "engine.terminate"
+    epoch: int = Field(0, ge=0)
+    """The epoch of the leader that sent it; agents ignore older ones (0: unfenced)."""
     engine_id: str
     grace_s: float | None = None
 
@@ -104,6 +108,8 @@ class AllocateGpus(Message):
     """Record that these GPUs of the node are reserved for an engine."""
 
     TYPE: ClassVar[str] = "gpu.allocate"
+    epoch: int = Field(0, ge=0)
+    """The epoch of the leader that sent it; agents ignore older ones (0: unfenced)."""
     engine_id: str
     gpus: tuple[int, ...]
     memory_gb: float
@@ -113,6 +119,8 @@ class ReleaseGpus(Message):
     """Drop an engine's GPU reservation on the node."""
 
     TYPE: ClassVar[str] = "gpu.release"
+    epoch: int = Field(0, ge=0)
+    """The epoch of the leader that sent it; agents ignore older ones (0: unfenced)."""
     engine_id: str
 
 
@@ -120,6 +128,8 @@ class HealthTick(Message):
     """Probe every engine on the node now and report."""
 
     TYPE: ClassVar[str] = "health.tick"
+    epoch: int = Field(0, ge=0)
+    """The epoch of the leader that sent it; agents ignore older ones (0: unfenced)."""
     timeout_s: float = 5.0
 
 
@@ -227,6 +237,14 @@ class EngineStopped(Message):
     returncode: int | None = None
 
 
+class SchedulerElected(Message):
+    """A scheduler took the leader lease; its commands carry this epoch from now on."""
+
+    TYPE: ClassVar[str] = "scheduler.elected"
+    name: str
+    epoch: int
+
+
 class NodeJoined(Message):
     """A node agent registered (or re-registered after a restart)."""
 
@@ -300,6 +318,7 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
         EngineRestarting,
         EngineFailed,
         EngineStopped,
+        SchedulerElected,
         NodeJoined,
         NodeLost,
         NodeHealth,

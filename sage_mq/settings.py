@@ -74,6 +74,8 @@ class SchedulerSettings:
 
     health_interval_s: float = 2.0
     probe_timeout_s: float = 2.0
+    lease_ttl_s: float = 5.0
+    """A leader that cannot renew its lease for this long is replaced by a standby."""
     policy: RestartPolicy = field(default_factory=RestartPolicy)
     timer_poll_s: float = 0.05
 

@@ -141,3 +141,43 @@ def test_a_slow_starter_is_not_restarted(fast_fleet: FleetProcs) -> None:
     types = [e.type for e in fleet.events(record["engine_id"])]
     assert types.count("engine.starting") == 1 and "engine.restarting" not in types
     assert len(engine_processes(fleet.state)) == 1
+
+
+def test_killing_the_leader_mid_backoff_leaves_the_restart_to_the_standby(
+    processes: Processes, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    fleet = FleetProcs(processes, redis_server, tmp_path / "state")
+    leader = fleet.start_scheduler(
+        "--lease-ttl", "1", "--backoff-base", "3", "--name", "s1", name="s1"
+    )
+    fleet.start_agent()
+    fleet.wait_node()
+    record = fleet.json("llm", "engine", "start", "demo", "--backend", "fake", "--wait")
+    fleet.start_scheduler("--lease-ttl", "1", "--backoff-base", "3", "--name", "s2", name="s2")
+    os.killpg(record["pid"], signal.SIGKILL)
+    fleet.wait_event("engine.restarting", record["engine_id"])  # s1 decided: relaunch in 3 s
+    os.killpg(leader.pid, signal.SIGKILL)
+    ready = fleet.wait_event("engine.ready", record["engine_id"], count=2, timeout=20)
+    elected = [e for e in fleet.events() if e.type == "scheduler.elected"]
+    assert [e.payload.model_dump()["name"] for e in elected] == ["s1", "s2"]
+    after = fleet.json("llm", "engine", "list")[0]
+    assert after["state"] == "RUNNING" and after["port"] == record["port"]
+    assert len(engine_processes(fleet.state)) == 1
+    assert ready.ts > elected[1].ts
+
+
+def test_pending_restarts_survive_every_scheduler_dying(
+    processes: Processes, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    fleet = FleetProcs(processes, redis_server, tmp_path / "state")
+    scheduler = fleet.start_scheduler("--lease-ttl", "1", "--backoff-base", "2", name="s1")
+    fleet.start_agent()
+    fleet.wait_node()
+    record = fleet.json("llm", "engine", "start", "demo", "--backend", "fake", "--wait")
+    os.killpg(record["pid"], signal.SIGKILL)
+    fleet.wait_event("engine.restarting", record["engine_id"])
+    os.killpg(scheduler.pid, signal.SIGKILL)  # no scheduler at all now
+    assert fleet.json("llm", "engine", "list")[0]["state"] == "RESTARTING"
+    fleet.start_scheduler("--lease-ttl", "1", name="s-later")
+    fleet.wait_event("engine.ready", record["engine_id"], count=2, timeout=20)
+    assert fleet.json("llm", "engine", "list")[0]["restarts"] == 1

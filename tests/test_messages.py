@@ -54,6 +54,7 @@ SAMPLES = {
     "engine.stopped": {"engine_id": "e1"},
     "node.joined": {"node_id": "n", "address": "a", "gpu_count": 2, "epoch": 1},
     "node.lost": {"node_id": "n"},
+    "scheduler.elected": {"name": "s1", "epoch": 3},
     "node.health": {"node_id": "n", "results": {"e1": True}},
     "gpu.allocated": {"node": "n", "engine_id": "e1", "gpus": [0]},
     "gpu.released": {"node": "n", "engine_id": "e1"},

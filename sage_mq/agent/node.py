@@ -89,6 +89,7 @@ class NodeAgent:
         self._stopping = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
         self._probing: asyncio.Task[None] | None = None
+        self.leader_epoch = 0
         self._consumer = self.bus.consumer(
             [self.keys.node_commands(self.node_id)], AGENT_GROUP, self.node_id, self.handle
         )
@@ -231,8 +232,19 @@ class NodeAgent:
 
     # -- commands ------------------------------------------------------------------------
     async def handle(self, env: Envelope) -> None:
-        """Carry out one command from this node's stream."""
+        """Carry out one command from this node's stream (not a stale leader's)."""
         payload = env.payload
+        epoch = getattr(payload, "epoch", 0)
+        if epoch and epoch < self.leader_epoch:
+            log.warning(
+                "node %s ignores %s from a stale leader (epoch %d < %d)",
+                self.node_id,
+                env.type,
+                epoch,
+                self.leader_epoch,
+            )
+            return
+        self.leader_epoch = max(self.leader_epoch, epoch)
         if isinstance(payload, LaunchEngine):
             await self._launch(payload)
         elif isinstance(payload, TerminateEngine):

@@ -42,6 +42,9 @@ def scheduler_run(
     name: Annotated[str | None, typer.Option(help="Consumer name (default host-pid).")] = None,
     health_interval: Annotated[float, typer.Option(help="Seconds between health ticks.")] = 2.0,
     probe_timeout: Annotated[float, typer.Option(help="Seconds one health probe may take.")] = 2.0,
+    lease_ttl: Annotated[
+        float, typer.Option(help="Leader lease TTL: a standby takes over this long after.")
+    ] = 5.0,
     auto_restart: Annotated[bool, typer.Option(help="Restart engines that fail.")] = True,
     max_restart_attempts: Annotated[int, typer.Option(help="Attempts before FAILED.")] = 3,
     failure_threshold: Annotated[int, typer.Option(help="Failed probes before a restart.")] = 3,
@@ -62,7 +65,10 @@ def scheduler_run(
         stability_window_s=stability_window,
     )
     healing = SchedulerSettings(
-        health_interval_s=health_interval, probe_timeout_s=probe_timeout, policy=policy
+        health_interval_s=health_interval,
+        probe_timeout_s=probe_timeout,
+        lease_ttl_s=lease_ttl,
+        policy=policy,
     )
 
     async def main() -> None:

@@ -25,14 +25,24 @@ class Context:
         self.bus = Bus(redis, self.keys, settings.bus)
         self.store = Store(redis, self.keys)
         self.timers = Timers(redis, self.keys)
+        self.epoch = 0
+        """The leadership epoch this scheduler holds (0 when it runs unfenced, in tests)."""
 
     async def emit(self, message: Message) -> None:
         """Publish an event."""
         await self.bus.publish(self.keys.events, message)
 
     async def command(self, node_id: str, *messages: Message) -> None:
-        """Send commands to one node agent, in order, in one round trip."""
-        await self.bus.publish_many(self.keys.node_commands(node_id), list(messages))
+        """Send commands to one node agent, in order, in one round trip, fenced by our epoch."""
+        await self.bus.publish_many(
+            self.keys.node_commands(node_id), [self.fence(m) for m in messages]
+        )
+
+    def fence(self, message: Message) -> Message:
+        """The command stamped with this leader's epoch."""
+        if "epoch" in type(message).model_fields:
+            return message.model_copy(update={"epoch": self.epoch})
+        return message
 
     async def reject(self, env: Envelope, engine_id: str | None, reason: str) -> None:
         """Refuse a request, saying why."""

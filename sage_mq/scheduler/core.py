@@ -1,7 +1,9 @@
 """Scheduler: turns requests and events into placements, commands, restarts and record states.
 
-It holds no state that is not in Redis. Requests and events are read by one consumer in one
-task, so records change in order; beside it run the health ticker and the durable-timer loop.
+It holds no state that is not in Redis. Any number may run: one leads (it holds a lease in
+Redis, and its epoch fences its commands), the others stand by and take over when the lease
+lapses. The leader reads requests and events with one consumer in one task, so records change
+in order; beside it run the health ticker, the durable-timer loop and the lease renewal.
 """
 
 from __future__ import annotations
@@ -11,9 +13,11 @@ import contextlib
 import logging
 import os
 import socket
+import time
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
+from sage_mq.bus import Consumer
 from sage_mq.connection import Redis, connect
 from sage_mq.errors import ControlPlaneUnavailable
 from sage_mq.messages import (
@@ -29,11 +33,13 @@ from sage_mq.messages import (
     Message,
     NodeHealth,
     RelaunchEngine,
+    SchedulerElected,
     StartEngine,
     StopEngine,
 )
 from sage_mq.scheduler.context import Context
 from sage_mq.scheduler.healing import Healing
+from sage_mq.scheduler.lease import Lease
 from sage_mq.scheduler.placing import Placing
 from sage_mq.scheduler.tracking import Tracking
 from sage_mq.settings import SchedulerSettings, Settings
@@ -77,9 +83,7 @@ class Scheduler:
             NodeHealth: healing.on_node_health,
         }
         self._stopping = asyncio.Event()
-        self._consumer = self.bus.consumer(
-            [self.keys.requests, self.keys.events], SCHEDULER_GROUP, self.name, self.handle
-        )
+        self._active: Consumer | None = None
 
     async def __aenter__(self) -> Scheduler:
         return self
@@ -91,27 +95,88 @@ class Scheduler:
     def stop(self) -> None:
         """Ask :meth:`run` to return after the message in hand; safe to call twice."""
         self._stopping.set()
-        self._consumer.stop()
+        if self._active is not None:
+            self._active.stop()
+
+    def _consumer(self, *, takeover: bool = False) -> Consumer:
+        return self.bus.consumer(
+            [self.keys.requests, self.keys.events],
+            SCHEDULER_GROUP,
+            self.name,
+            self.handle,
+            takeover=takeover,
+        )
 
     async def run(self, *, until_idle: bool = False) -> None:
-        """Consume, tick and fire timers until stopped; with ``until_idle``, only consume."""
+        """Stand by for the leader lease; lead while holding it; return when stopped.
+
+        With ``until_idle`` (tests), consume what is there without a lease, then return.
+        """
         if until_idle:
-            await self._consumer.run(until_idle=True)
+            await self._consumer().run(until_idle=True)
             return
-        log.info("scheduler %s running", self.name)
-        interval = self.ctx.scheduler.health_interval_s
+        lease = Lease(self.redis, self.keys, self.name, self.ctx.scheduler.lease_ttl_s)
+        poll = min(0.5, self.ctx.scheduler.lease_ttl_s / 5)
+        log.info("scheduler %s standing by for the leader lease", self.name)
+        try:
+            while not self._stopping.is_set():
+                try:
+                    epoch = await lease.acquire()
+                except ControlPlaneUnavailable as exc:
+                    log.warning("scheduler %s: %s", self.name, exc)
+                    epoch = None
+                if epoch is None:
+                    await self._pause(poll)
+                    continue
+                await self._lead(lease, epoch)
+        finally:
+            with contextlib.suppress(ControlPlaneUnavailable):
+                await lease.release()  # a standby takes over at once
+
+    async def _lead(self, lease: Lease, epoch: int) -> None:
+        """Carry out requests and events, tick and fire timers, while the lease is ours."""
+        self.ctx.epoch = epoch
+        log.info("scheduler %s leads (epoch %d)", self.name, epoch)
+        with contextlib.suppress(ControlPlaneUnavailable):
+            await self.ctx.emit(SchedulerElected(name=self.name, epoch=epoch))
+        consumer = self._active = self._consumer(takeover=True)  # the predecessor's pending too
+        if self._stopping.is_set():
+            consumer.stop()
+        interval, timer_poll = self.ctx.scheduler.health_interval_s, self.ctx.scheduler.timer_poll_s
         helpers = [
             asyncio.create_task(self._every(interval, self.send_health_ticks), name="ticks"),
-            asyncio.create_task(
-                self._every(self.ctx.scheduler.timer_poll_s, self.fire_timers), name="timers"
-            ),
+            asyncio.create_task(self._every(timer_poll, self.fire_timers), name="timers"),
+            asyncio.create_task(self._keep(lease, consumer), name="lease"),
         ]
         try:
-            await self._consumer.run()
+            await consumer.run()
         finally:
+            self._active = None
             for task in helpers:
                 task.cancel()
             await asyncio.gather(*helpers, return_exceptions=True)
+
+    async def _keep(self, lease: Lease, consumer: Consumer) -> None:
+        """Renew the lease every TTL/3; stop leading the moment it may be someone else's."""
+        ttl = self.ctx.scheduler.lease_ttl_s
+        last_ok = time.monotonic()
+        while True:
+            await asyncio.sleep(ttl / 3)
+            try:
+                if await lease.renew():
+                    last_ok = time.monotonic()
+                    continue
+                log.error("scheduler %s lost the leader lease (epoch %d)", self.name, lease.epoch)
+            except ControlPlaneUnavailable as exc:
+                if time.monotonic() - last_ok < ttl:
+                    continue
+                log.error("scheduler %s cannot renew its lease for %.0fs: %s", self.name, ttl, exc)
+            consumer.stop()
+            return
+
+    async def _pause(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), seconds)
 
     async def close(self) -> None:
         """Release the Redis connection if this scheduler made it."""
@@ -141,5 +206,4 @@ class Scheduler:
                 await work()
             except ControlPlaneUnavailable as exc:
                 log.warning("scheduler %s: %s", self.name, exc)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), seconds)
+            await self._pause(seconds)
