@@ -23,7 +23,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from sage_mq.connection import Redis, redis_errors
+from sage_mq.connection import Redis, raise_if_cancelled, redis_errors
 from sage_mq.errors import ConfigError, ControlPlaneUnavailable, DecodeError
 from sage_mq.keys import Keys
 from sage_mq.messages import Envelope, Message, decode, encode, envelope
@@ -217,6 +217,7 @@ class Consumer:
                 # Unsettled entries stay pending and are re-claimed once Redis is back.
                 await self._settle_all(deliveries)
             except (*_UNREACHABLE, ControlPlaneUnavailable) as exc:
+                raise_if_cancelled()
                 log.warning(
                     "%s/%s: Redis unreachable (%s); retrying in %.1fs",
                     self.group,

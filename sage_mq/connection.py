@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from contextlib import contextmanager
 from urllib.parse import urlsplit, urlunsplit
@@ -59,4 +60,17 @@ def redis_errors(what: str) -> Iterator[None]:
     try:
         yield
     except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+        raise_if_cancelled()
         raise ControlPlaneUnavailable(f"Redis unreachable while {what}: {exc}") from exc
+
+
+def raise_if_cancelled() -> None:
+    """Re-raise a cancellation that arrived as a timeout.
+
+    On Python 3.11, a task cancelled while a read timeout fires inside redis-py can see a
+    TimeoutError instead of CancelledError; a loop that retries on timeouts would then never
+    stop. Every handler of "Redis unreachable" calls this first.
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError

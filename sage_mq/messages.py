@@ -60,6 +60,13 @@ class StopEngine(Message):
     engine_id: str
 
 
+class EvacuateNode(Message):
+    """A lost node's grace is over: place its engines elsewhere (sent by the scheduler)."""
+
+    TYPE: ClassVar[str] = "node.evacuate"
+    node_id: str
+
+
 class RelaunchEngine(Message):
     """A backoff timer fired: launch this generation's successor (sent by the scheduler)."""
 
@@ -102,6 +109,8 @@ class TerminateEngine(Message):
     """The epoch of the leader that sent it; agents ignore older ones (0: unfenced)."""
     engine_id: str
     grace_s: float | None = None
+    generation: int | None = None
+    """Only this generation of the engine (a stale copy), or whichever runs (None)."""
 
 
 class AllocateGpus(Message):
@@ -297,36 +306,8 @@ class RequestRejected(Message):
     reason: str
 
 
-MESSAGE_TYPES: dict[str, type[Message]] = {
-    cls.TYPE: cls
-    for cls in (
-        StartEngine,
-        StopEngine,
-        RelaunchEngine,
-        LaunchEngine,
-        TerminateEngine,
-        AllocateGpus,
-        ReleaseGpus,
-        HealthTick,
-        EnginePlaced,
-        EngineStarting,
-        EngineReady,
-        EngineExited,
-        EngineLaunchFailed,
-        EngineAdopted,
-        EngineUnhealthy,
-        EngineRestarting,
-        EngineFailed,
-        EngineStopped,
-        SchedulerElected,
-        NodeJoined,
-        NodeLost,
-        NodeHealth,
-        GpusAllocated,
-        GpusReleased,
-        RequestRejected,
-    )
-}
+MESSAGE_TYPES: dict[str, type[Message]] = {cls.TYPE: cls for cls in Message.__subclasses__()}
+"""Every message type by its dotted name (all payload classes above)."""
 
 
 class Envelope(BaseModel):

@@ -76,6 +76,8 @@ class SchedulerSettings:
     probe_timeout_s: float = 2.0
     lease_ttl_s: float = 5.0
     """A leader that cannot renew its lease for this long is replaced by a standby."""
+    node_lost_grace_s: float = 0.0
+    """After a node is lost, wait this long before placing its engines elsewhere."""
     policy: RestartPolicy = field(default_factory=RestartPolicy)
     timer_poll_s: float = 0.05
 

@@ -98,6 +98,8 @@ class NodeRecord(BaseModel):
     port_range_end: int = 40999
     hostname: str = ""
     agent_pid: int | None = None
+    status: str = "up"
+    """``up``, or ``lost`` once the scheduler saw its liveness key expire."""
 
 
 class Reservation(BaseModel):
@@ -109,6 +111,7 @@ class Reservation(BaseModel):
 
 
 _RAW = {
+    "status",
     "engine_id",
     "model",
     "kind",
@@ -219,6 +222,11 @@ class Store:
             pipe.hset(self.keys.node(node_id), "last_seen", json.dumps(time.time()))
             with redis_errors("refreshing node liveness"):
                 await pipe.execute()
+
+    async def set_node_status(self, node_id: str, status: str) -> None:
+        """Mark a node ``up`` or ``lost`` (the scheduler's view; the agent writes ``up``)."""
+        with redis_errors("marking a node"):
+            await self.redis.hset(self.keys.node(node_id), "status", status)
 
     async def next_epoch(self, node_id: str) -> int:
         """A new, larger agent epoch for a node (each agent start gets one)."""

@@ -112,7 +112,7 @@ def test_a_killed_agent_comes_back_and_adopts_its_engine_without_a_duplicate(
             break
         time.sleep(0.05)
     else:
-        raise AssertionError(fleet.procs.log("agent"))
+        raise AssertionError(fleet.procs.log("agent-n1"))
     assert [p.pid for p in engine_processes(fleet.state)] == [proc.pid]
     assert fleet.json("llm", "engine", "list")[0]["state"] == "RUNNING"
     assert fleet.json("llm", "engine", "stop", record["engine_id"])["state"] == "STOPPED"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -181,3 +182,31 @@ def test_pending_restarts_survive_every_scheduler_dying(
     fleet.start_scheduler("--lease-ttl", "1", name="s-later")
     fleet.wait_event("engine.ready", record["engine_id"], count=2, timeout=20)
     assert fleet.json("llm", "engine", "list")[0]["restarts"] == 1
+
+
+def test_a_lost_node_moves_its_engines_and_a_returning_one_keeps_no_duplicate(
+    processes: Processes, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    fleet = FleetProcs(processes, redis_server, tmp_path / "state")
+    fleet.start_scheduler(*FAST)
+    fleet.start_agent("n1", "--liveness-ttl", "1")
+    fleet.wait_node()
+    fleet.start_agent("n2", "--liveness-ttl", "1", "--advertise-address", "127.0.0.2")
+    fleet.wait_node(2)
+    record = fleet.json("llm", "engine", "start", "demo", "--backend", "fake", "--no-gpu", "--wait")
+    assert record["node"] == "n1"  # CPU engines go where fewest run; ties by node id
+    assert fleet.agent is not None
+    os.killpg(fleet.agent.pid, signal.SIGKILL)  # the host is cut off; its engine keeps running
+    lost = fleet.wait_event("engine.ready", record["engine_id"], count=2, timeout=20)
+    moved = fleet.json("llm", "engine", "list")[0]
+    assert moved["node"] == "n2" and moved["state"] == "RUNNING" and moved["generation"] == 2
+    assert moved["url"].startswith("http://127.0.0.2:") and lost.ts > 0
+    assert "node.lost" in [e.type for e in fleet.events()]
+    assert len(engine_processes(fleet.state)) == 2  # the cut-off copy still runs on n1
+    fleet.start_agent("n1", "--liveness-ttl", "1")  # the host comes back
+    deadline = time.monotonic() + 20
+    while len(engine_processes(fleet.state)) != 1 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    (survivor,) = engine_processes(fleet.state)
+    assert survivor.pid == moved["pid"]
+    assert fleet.json("llm", "engine", "list")[0]["node"] == "n2"

@@ -22,6 +22,7 @@ SAMPLES = {
     "engine.start": {"engine_id": "e1", "model": "m", "use_gpu": True},
     "engine.stop": {"engine_id": "e1"},
     "engine.relaunch": {"engine_id": "e1", "generation": 2, "attempt": 1},
+    "node.evacuate": {"node_id": "n1"},
     "engine.launch": {
         "engine_id": "e1",
         "generation": 1,

@@ -9,8 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
-import socket
 import time
 from collections.abc import Coroutine, Mapping
 from pathlib import Path
@@ -20,7 +18,8 @@ from sage_mq.agent import logs
 from sage_mq.agent.lifecycle import EngineLifecycleManager, ManagedEngine
 from sage_mq.agent.logship import LogShipper
 from sage_mq.agent.outbox import Outbox
-from sage_mq.agent.preflight import launch_problem, refuse_a_second_agent
+from sage_mq.agent.preflight import launch_problem
+from sage_mq.agent.presence import Presence
 from sage_mq.agent.processes import describe_returncode
 from sage_mq.bus import Bus
 from sage_mq.connection import Redis, connect
@@ -43,12 +42,11 @@ from sage_mq.messages import (
     HealthTick,
     LaunchEngine,
     NodeHealth,
-    NodeJoined,
     ReleaseGpus,
     TerminateEngine,
 )
 from sage_mq.settings import AgentSettings, Settings
-from sage_mq.store import NodeRecord, Store
+from sage_mq.store import Store
 
 log = logging.getLogger(__name__)
 AGENT_GROUP = "agent"
@@ -85,7 +83,7 @@ class NodeAgent:
         self.outbox = Outbox(self.bus, self.keys.events)
         self.logship = LogShipper(self.redis, self.keys, agent.log_stream_maxlen)
         self.allocations: dict[str, tuple[int, ...]] = {}
-        self.epoch = 0
+        self.presence = Presence(self.store, self.outbox, agent, self.gpus)
         self._stopping = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
         self._probing: asyncio.Task[None] | None = None
@@ -109,7 +107,7 @@ class NodeAgent:
 
     async def run(self, *, until_idle: bool = False) -> None:
         """Register, re-adopt engines, then carry out commands until stopped."""
-        await self._register()
+        await self.presence.register(self._stopping)
         if self._stopping.is_set():
             return
         await self._recover()
@@ -140,59 +138,11 @@ class NodeAgent:
             await self._terminate(TerminateEngine(engine_id=engine_id))
 
     # -- registration, liveness, recovery ------------------------------------------------
-    async def _register(self) -> None:
-        delay = 0.2
-        while not self._stopping.is_set():
-            try:
-                await refuse_a_second_agent(self.store, self.node_id)
-                await self._announce()
-                return
-            except ControlPlaneUnavailable as exc:
-                log.warning("cannot register node %s yet: %s", self.node_id, exc)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stopping.wait(), delay)
-                delay = min(delay * 2, 5.0)
-
-    async def _announce(self) -> None:
-        """Take a new epoch, write the node record and liveness key, publish node.joined."""
-        self.epoch = await self.store.next_epoch(self.node_id)
-        await self._write_node_record()
-        gpu_count = len(self.gpus.gpus())
-        address = self.agent.advertise_address
-        await self.outbox.send(
-            NodeJoined(node_id=self.node_id, address=address, gpu_count=gpu_count, epoch=self.epoch)
-        )
-        log.info("node %s joined (epoch %d, %s)", self.node_id, self.epoch, address)
-
-    async def _write_node_record(self) -> None:
-        low, high = self.agent.port_range
-        record = NodeRecord(
-            node_id=self.node_id,
-            address=self.agent.advertise_address,
-            gpus=self.gpus.gpus(),
-            epoch=self.epoch,
-            port_range_start=low,
-            port_range_end=high,
-            hostname=socket.gethostname(),
-            agent_pid=os.getpid(),
-        )
-        await self.store.put_node(record, self.agent.liveness_ttl_s)
-
     async def _heartbeat(self) -> None:
-        interval = self.agent.liveness_ttl_s / 3
-        beats = 0
         while True:
-            await asyncio.sleep(interval)
-            beats += 1
+            await asyncio.sleep(self.agent.liveness_ttl_s / 3)
             try:
-                if await self.store.get_node(self.node_id) is None:
-                    log.warning("node %s vanished from Redis; registering again", self.node_id)
-                    await self._announce()
-                elif beats % 30 == 0:
-                    await self._write_node_record()  # GPU memory figures go stale
-                else:
-                    await self.store.touch_node(self.node_id, self.epoch, self.agent.liveness_ttl_s)
-                await self.outbox.flush()
+                await self.presence.beat()
             except ControlPlaneUnavailable as exc:
                 log.warning(
                     "node %s heartbeat failed (engines keep running): %s", self.node_id, exc
@@ -355,6 +305,15 @@ class NodeAgent:
             )
 
     async def _terminate(self, cmd: TerminateEngine) -> None:
+        current = self.lifecycle.engines.get(cmd.engine_id)
+        if current is not None and cmd.generation not in (None, current.generation):
+            log.info(
+                "not stopping %s generation %d: the command is for generation %s",
+                cmd.engine_id,
+                current.generation,
+                cmd.generation,
+            )
+            return
         returncode = await self.lifecycle.stop(cmd.engine_id, cmd.grace_s)
         self.logship.stop(cmd.engine_id)
         await self.outbox.send(

@@ -29,9 +29,11 @@ from sage_mq.messages import (
     EngineStopped,
     EngineUnhealthy,
     Envelope,
+    EvacuateNode,
     HealthTick,
     Message,
     NodeHealth,
+    NodeJoined,
     RelaunchEngine,
     SchedulerElected,
     StartEngine,
@@ -40,6 +42,7 @@ from sage_mq.messages import (
 from sage_mq.scheduler.context import Context
 from sage_mq.scheduler.healing import Healing
 from sage_mq.scheduler.lease import Lease
+from sage_mq.scheduler.nodes import NodeWatch
 from sage_mq.scheduler.placing import Placing
 from sage_mq.scheduler.tracking import Tracking
 from sage_mq.settings import SchedulerSettings, Settings
@@ -69,6 +72,7 @@ class Scheduler:
         tracking = Tracking(self.ctx)
         placing = Placing(self.ctx, tracking)
         healing = Healing(self.ctx, placing, tracking)
+        self.nodes = NodeWatch(self.ctx, placing, tracking)
         self._handlers: dict[type[Message], Handler] = {
             StartEngine: placing.on_start,
             StopEngine: placing.on_stop,
@@ -81,6 +85,8 @@ class Scheduler:
             EngineLaunchFailed: healing.on_launch_failed,
             EngineUnhealthy: healing.on_unhealthy,
             NodeHealth: healing.on_node_health,
+            EvacuateNode: self.nodes.on_evacuate,
+            NodeJoined: self.nodes.on_joined,
         }
         self._stopping = asyncio.Event()
         self._active: Consumer | None = None
@@ -144,7 +150,7 @@ class Scheduler:
             consumer.stop()
         interval, timer_poll = self.ctx.scheduler.health_interval_s, self.ctx.scheduler.timer_poll_s
         helpers = [
-            asyncio.create_task(self._every(interval, self.send_health_ticks), name="ticks"),
+            asyncio.create_task(self._every(interval, self.tick), name="ticks"),
             asyncio.create_task(self._every(timer_poll, self.fire_timers), name="timers"),
             asyncio.create_task(self._keep(lease, consumer), name="lease"),
         ]
@@ -188,6 +194,11 @@ class Scheduler:
         handler = self._handlers.get(type(env.payload))
         if handler is not None:
             await handler(env)
+
+    async def tick(self) -> None:
+        """Notice lost and returning nodes, then probe every live one."""
+        await self.nodes.check()
+        await self.send_health_ticks()
 
     async def send_health_ticks(self) -> int:
         """One health tick to every live node, in one round trip; how many nodes."""

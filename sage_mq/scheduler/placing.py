@@ -159,6 +159,49 @@ class Placing:
             record.port,
         )
 
+    async def move(self, record: EngineRecord, why: str) -> None:
+        """Place an engine again, away from its lost node; PENDING with the reason if none fits.
+
+        A terminate for the old copy waits in the lost node's stream: when its agent returns,
+        it stops that copy first thing.
+        """
+        old = record.node
+        if old is not None:
+            if record.port is not None:
+                await self.ctx.store.release_port(old, record.port, record.engine_id)
+            await self.ctx.store.release_gpus(old, record.engine_id)
+            stale = TerminateEngine(engine_id=record.engine_id, generation=record.generation)
+            await self.ctx.command(old, stale)
+        pending = await self.ctx.store.update_engine(
+            record.engine_id,
+            state=S.PENDING,
+            node=None,
+            host=None,
+            port=None,
+            url=None,
+            gpus=[],
+            pid=None,
+            last_error=why,
+            running_since=None,
+            probe_failures=0,
+        )
+        assert pending is not None
+        if not await self.place_pending(pending):
+            log.warning("%s: %s; waits PENDING for capacity", record.engine_id, why)
+
+    async def place_pending(self, record: EngineRecord) -> bool:
+        """Try to place a PENDING engine now; False (reason recorded) if nothing fits."""
+        try:
+            placement, port = await self._place(record)
+        except PlacementError as exc:
+            why = (record.last_error or "").split("; waiting for capacity:")[0]
+            await self.ctx.store.update_engine(
+                record.engine_id, last_error=f"{why}; waiting for capacity: {exc}"
+            )
+            return False
+        await self._launch_new(record, placement, port)
+        return True
+
     async def on_stop(self, env: Envelope) -> None:
         """Terminate an engine (or end an unplaced one at once)."""
         req = env.payload

@@ -13,6 +13,7 @@ from sage_mq.messages import (
     EngineStopped,
     Envelope,
     ReleaseGpus,
+    TerminateEngine,
 )
 from sage_mq.scheduler.context import Context
 from sage_mq.store import EngineRecord, EngineState
@@ -37,12 +38,25 @@ class Tracking:
             await self.ctx.store.update_engine(ev.engine_id, pid=ev.pid, argv=list(ev.argv))
 
     async def on_adopted(self, env: Envelope) -> None:
-        """A restarted agent still runs the process: keep its pid."""
+        """A restarted agent still runs the process: keep it, or stop it if it is stale."""
         ev = env.payload
         assert isinstance(ev, EngineAdopted)
-        record = await self.ctx.current(ev.engine_id, ev.generation)
-        if record is not None and record.state in LIVE:
+        record = await self.ctx.store.get_engine(ev.engine_id)
+        current = (
+            record is not None and record.node == ev.node and record.generation == ev.generation
+        )
+        if record is not None and current and record.state in LIVE:
             await self.ctx.store.update_engine(ev.engine_id, pid=ev.pid)
+        elif not current or (record is not None and record.state.terminal):
+            log.warning(
+                "%s generation %d on %s is a stale copy: stopping it",
+                ev.engine_id,
+                ev.generation,
+                ev.node,
+            )
+            await self.ctx.command(
+                ev.node, TerminateEngine(engine_id=ev.engine_id, generation=ev.generation)
+            )
 
     async def on_ready(self, env: Envelope) -> None:
         """Healthy: RUNNING, and the stability window starts."""

@@ -35,24 +35,28 @@ class FleetProcs:
     def start_scheduler(self, *args: str, name: str = "scheduler") -> subprocess.Popen[bytes]:
         return self.procs.sage(name, ["llm", "scheduler", "run", *args], self.env)
 
-    def start_agent(self) -> None:
-        self.agent = self.procs.sage(
-            "agent",
+    def start_agent(self, node: str = "n1", *args: str) -> subprocess.Popen[bytes]:
+        agent = self.procs.sage(
+            f"agent-{node}",
             [
                 "llm",
                 "node",
                 "run",
                 "--node-id",
-                "n1",
+                node,
                 "--fake-gpus",
                 "2x24GiB",
                 "--liveness-ttl",
                 "3",
                 "--stop-grace",
                 "3",
+                *args,
             ],
             self.env,
         )
+        if node == "n1":
+            self.agent = agent
+        return agent
 
     def cli(
         self, *args: str, check: bool = True, timeout: float = 60
@@ -96,9 +100,9 @@ class FleetProcs:
         seen = [e.type for e in self.events(engine_id)]
         raise AssertionError(f"no {type_name} #{count} for {engine_id} in {timeout}s; saw {seen}")
 
-    def wait_node(self) -> None:
+    def wait_node(self, count: int = 1) -> None:
         for _ in range(200):
-            if self.json("llm", "status")["nodes"]["alive"] == 1:
+            if self.json("llm", "status")["nodes"]["alive"] == count:
                 return
             time.sleep(0.05)
-        raise AssertionError(f"the node never joined:\n{self.procs.log('agent')}")
+        raise AssertionError(f"the node never joined:\n{self.procs.log('agent-n1')}")

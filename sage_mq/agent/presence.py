@@ -1,0 +1,88 @@
+"""How a node is known to be alive: its record, its agent epoch, its liveness key, node.joined."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+
+from sage_mq.agent.outbox import Outbox
+from sage_mq.agent.preflight import refuse_a_second_agent
+from sage_mq.errors import ControlPlaneUnavailable
+from sage_mq.gpu import GPUResourceManager
+from sage_mq.messages import NodeJoined
+from sage_mq.settings import AgentSettings
+from sage_mq.store import NodeRecord, Store
+
+log = logging.getLogger(__name__)
+_REWRITE_EVERY = 30
+"""Heartbeats between full rewrites of the node record (GPU memory figures go stale)."""
+
+
+class Presence:
+    """Registers the node and keeps its liveness key fresh."""
+
+    def __init__(
+        self, store: Store, outbox: Outbox, agent: AgentSettings, gpus: GPUResourceManager
+    ) -> None:
+        self.store = store
+        self.outbox = outbox
+        self.agent = agent
+        self.gpus = gpus
+        self.node_id = agent.node_id
+        self.epoch = 0
+        self.beats = 0
+
+    async def register(self, stopping: asyncio.Event) -> None:
+        """Announce the node, waiting for Redis if it is away; refuses a second live agent."""
+        delay = 0.2
+        while not stopping.is_set():
+            try:
+                await refuse_a_second_agent(self.store, self.node_id)
+                await self.announce()
+                return
+            except ControlPlaneUnavailable as exc:
+                log.warning("cannot register node %s yet: %s", self.node_id, exc)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stopping.wait(), delay)
+                delay = min(delay * 2, 5.0)
+
+    async def announce(self) -> None:
+        """Take a new epoch, write the node record and liveness key, publish node.joined."""
+        self.epoch = await self.store.next_epoch(self.node_id)
+        await self.write_record()
+        address = self.agent.advertise_address
+        joined = NodeJoined(
+            node_id=self.node_id, address=address, gpu_count=len(self.gpus.gpus()), epoch=self.epoch
+        )
+        await self.outbox.send(joined)
+        log.info("node %s joined (epoch %d, %s)", self.node_id, self.epoch, address)
+
+    async def write_record(self) -> None:
+        """The whole node record, and a fresh liveness key."""
+        low, high = self.agent.port_range
+        record = NodeRecord(
+            node_id=self.node_id,
+            address=self.agent.advertise_address,
+            gpus=self.gpus.gpus(),
+            epoch=self.epoch,
+            port_range_start=low,
+            port_range_end=high,
+            hostname=socket.gethostname(),
+            agent_pid=os.getpid(),
+        )
+        await self.store.put_node(record, self.agent.liveness_ttl_s)
+
+    async def beat(self) -> None:
+        """One heartbeat; re-registers if Redis lost the node (e.g. restarted empty)."""
+        self.beats += 1
+        if await self.store.get_node(self.node_id) is None:
+            log.warning("node %s vanished from Redis; registering again", self.node_id)
+            await self.announce()
+        elif self.beats % _REWRITE_EVERY == 0:
+            await self.write_record()
+        else:
+            await self.store.touch_node(self.node_id, self.epoch, self.agent.liveness_ttl_s)
+        await self.outbox.flush()

@@ -1,0 +1,95 @@
+"""Node loss (simulated agents): engines move, wait PENDING, stale copies are fenced."""
+
+from __future__ import annotations
+
+import time
+
+from sage_mq.messages import (
+    EngineAdopted,
+    EngineReady,
+    EngineStarting,
+    LaunchEngine,
+    NodeJoined,
+    StartEngine,
+    TerminateEngine,
+)
+from sage_mq.store import EngineState
+from tests.helpers.simulated import Fleet
+
+
+async def lose(fleet: Fleet, node_id: str) -> None:
+    """The node's liveness key expires; the leader's next tick notices; the grace passes."""
+    await fleet.redis.delete(fleet.keys.node_alive(node_id))
+    await fleet.scheduler.tick()
+    await fleet.scheduler.fire_timers(now=time.time() + 0.01)
+    await fleet.scheduler.run(until_idle=True)
+
+
+async def running_on_n1(fleet: Fleet) -> None:
+    await fleet.request(
+        StartEngine(engine_id="e", model="demo", backend="fake", use_gpu=False, node=None)
+    )
+    assert (await fleet.record("e")).node == "n1"
+    await fleet.event(EngineStarting(engine_id="e", node="n1", generation=1, pid=1, argv=("a",)))
+    await fleet.event(EngineReady(engine_id="e", node="n1", generation=1, url="u"))
+
+
+async def test_a_lost_nodes_engines_move_to_another_node_as_themselves(fleet: Fleet) -> None:
+    await fleet.node("n1")
+    await running_on_n1(fleet)
+    await fleet.node("n2", address="127.0.0.2")
+    await lose(fleet, "n1")
+    assert "node.lost" in await fleet.events.types()
+    ((node, alive),) = [(n, a) for n, a in await fleet.store.list_nodes() if n.node_id == "n1"]
+    assert node.status == "lost" and not alive
+    moved = await fleet.record("e")
+    assert (moved.engine_id, moved.node, moved.state, moved.generation) == (
+        "e",
+        "n2",
+        EngineState.STARTING,
+        2,
+    )
+    assert moved.url == f"http://127.0.0.2:{moved.port}"
+    assert await fleet.store.ports_in_use("n1") == {}
+    stale = (await fleet.commands("n1"))[-1]
+    assert stale == TerminateEngine(engine_id="e", generation=1, epoch=0)
+    assert isinstance((await fleet.commands("n2"))[-1], LaunchEngine)
+
+
+async def test_with_no_capacity_they_wait_pending_then_take_a_new_node(fleet: Fleet) -> None:
+    await fleet.node("n1")
+    await running_on_n1(fleet)
+    await lose(fleet, "n1")
+    waiting = await fleet.record("e")
+    assert waiting.state == EngineState.PENDING and waiting.node is None
+    assert "node n1 lost; waiting for capacity: no live node" in (waiting.last_error or "")
+    await fleet.node("n3")
+    await fleet.event(NodeJoined(node_id="n3", address="127.0.0.1", gpu_count=0, epoch=1))
+    placed = await fleet.record("e")
+    assert placed.node == "n3" and placed.state == EngineState.STARTING
+
+
+async def test_a_node_back_within_its_grace_keeps_its_engines(fleet: Fleet) -> None:
+    await fleet.node("n1")
+    await running_on_n1(fleet)
+    await fleet.node("n2")
+    await fleet.redis.delete(fleet.keys.node_alive("n1"))
+    await fleet.scheduler.tick()  # lost: its engines would move when the grace ends
+    await fleet.node("n1")  # ... but the agent came back first
+    await fleet.scheduler.tick()
+    await fleet.scheduler.fire_timers(now=time.time() + 0.01)
+    await fleet.scheduler.run(until_idle=True)
+    record = await fleet.record("e")
+    assert record.node == "n1" and record.state == EngineState.RUNNING
+    assert [n.status for n, _alive in await fleet.store.list_nodes() if n.node_id == "n1"] == ["up"]
+
+
+async def test_an_adopted_copy_that_lives_elsewhere_now_is_stopped(fleet: Fleet) -> None:
+    await fleet.node("n1")
+    await running_on_n1(fleet)
+    await fleet.node("n2", address="127.0.0.2")
+    await lose(fleet, "n1")
+    await fleet.node("n1")
+    await fleet.event(EngineAdopted(engine_id="e", node="n1", generation=1, pid=1))
+    assert (await fleet.commands("n1"))[-1] == TerminateEngine(engine_id="e", generation=1)
+    assert (await fleet.record("e")).node == "n2"
