@@ -210,3 +210,18 @@ def test_a_lost_node_moves_its_engines_and_a_returning_one_keeps_no_duplicate(
     (survivor,) = engine_processes(fleet.state)
     assert survivor.pid == moved["pid"]
     assert fleet.json("llm", "engine", "list")[0]["node"] == "n2"
+
+
+def test_a_stop_sent_while_the_agent_is_dead_is_carried_out_when_it_returns(
+    default_fleet: FleetProcs,
+) -> None:
+    fleet = default_fleet
+    record = fleet.json("llm", "engine", "start", "demo", "--backend", "fake", "--wait")
+    assert fleet.agent is not None
+    os.killpg(fleet.agent.pid, signal.SIGKILL)
+    assert [p.pid for p in engine_processes(fleet.state)] == [record["pid"]]  # untouched
+    fleet.cli("llm", "engine", "stop", record["engine_id"], "--no-wait")
+    fleet.start_agent()
+    fleet.wait_event("engine.stopped", record["engine_id"], timeout=20)
+    assert fleet.json("llm", "engine", "list")[0]["state"] == "STOPPED"
+    assert engine_processes(fleet.state) == []

@@ -33,12 +33,20 @@ async def refuse_a_second_agent(store: Store, node_id: str) -> None:
     if not await store.is_alive(node_id):
         return
     here = record.hostname == socket.gethostname()
-    if here and not psutil.pid_exists(record.agent_pid):
+    if here and not _running(record.agent_pid):
         return  # its predecessor on this host died (kill -9); its key has not expired yet
     raise ConfigError(
         f"node {node_id!r} already has a live agent (pid {record.agent_pid} on "
         f"{record.hostname or 'another host'}); stop it, or choose another --node-id"
     )
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (a killed agent not yet reaped is not a live one)."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def bind_problem(host: str, port: int) -> str | None:
