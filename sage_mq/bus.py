@@ -108,7 +108,9 @@ class Bus:
         return str(newest[0][0]) if newest else "0-0"
 
     async def history(self, stream: str, count: int = 100) -> list[Entry]:
-        """The newest ``count`` entries, oldest first."""
+        """The newest ``count`` entries, oldest first (none for a count of 0)."""
+        if count <= 0:
+            return []
         with redis_errors(f"reading {stream}"):
             rows = await self.redis.xrevrange(stream, count=count)
         return [(str(i), dict(f)) for i, f in reversed(rows)]

@@ -296,3 +296,13 @@ def test_waiting_with_no_scheduler_says_so_instead_of_hanging(
 
     message = asyncio.run(main())
     assert "no scheduler took the request" in message and "sage llm scheduler run" in message
+
+
+def test_following_only_new_events_starts_from_now(fleet: FleetProcs) -> None:
+    with following(fleet, "events", "--follow", "-n", "0") as events:
+        record = fleet.json("llm", "engine", "start", "demo", "--backend", "fake", "--wait")
+        seen = read_until(events, "engine.ready")
+    assert not any("node.joined" in line for line in seen)  # older than the follow
+    assert any(record["engine_id"] in line for line in seen)
+    done = fleet.cli("llm", "events", "-n", "-1", check=False)
+    assert done.returncode == 2 and "Traceback" not in done.stderr

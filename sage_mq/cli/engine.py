@@ -164,7 +164,7 @@ def logs(
     follow: Annotated[
         bool, typer.Option("--follow", "-f", help="Keep printing new lines.")
     ] = False,
-    lines: Annotated[int, typer.Option("--lines", "-n", help="How many lines first.")] = 100,
+    lines: Annotated[int, typer.Option("--lines", "-n", min=0, help="How many lines first.")] = 100,
     redis_url: RedisUrl = DEFAULT_URL,
 ) -> None:
     """An engine's log (shipped to Redis by its agent, so readable from any host)."""
@@ -176,7 +176,7 @@ def logs(
             rows = await cp.bus.history(key, lines)
             for _entry_id, fields in rows:
                 typer.echo(fields.get("line", ""))
-            cursor = rows[-1][0] if rows else "0-0"
+            cursor = rows[-1][0] if rows else "$"
             if not follow:
                 return
             async for entry_id, fields in cp.bus.tail(key, cursor):

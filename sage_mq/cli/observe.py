@@ -62,7 +62,9 @@ def events(
     follow: Annotated[
         bool, typer.Option("--follow", "-f", help="Keep printing new events.")
     ] = False,
-    count: Annotated[int, typer.Option("--count", "-n", help="How many past events.")] = 50,
+    count: Annotated[
+        int, typer.Option("--count", "-n", min=0, help="How many past events (0: only new).")
+    ] = 50,
     json_output: JsonFlag = False,
     redis_url: RedisUrl = DEFAULT_URL,
 ) -> None:
@@ -80,7 +82,7 @@ def events(
             for entry_id, fields in rows:
                 show(entry_id, fields)
             if follow:
-                cursor = rows[-1][0] if rows else "0-0"
+                cursor = rows[-1][0] if rows else "$"
                 async for entry_id, fields in cp.bus.tail(cp.keys.events, cursor):
                     if entry_id:
                         show(entry_id, fields)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import subprocess
 import sys
 import time
@@ -31,6 +32,10 @@ class FleetProcs:
             "SAGE_MQ_TEST_STATE": str(state),
         }
         self.agent: subprocess.Popen[bytes] | None = None
+        low = random.randrange(
+            41000, 60000, 100
+        )  # not the default range: the machine's may be busy
+        self.port_range = f"{low}-{low + 99}"
 
     def start_scheduler(self, *args: str, name: str = "scheduler") -> subprocess.Popen[bytes]:
         return self.procs.sage(name, ["llm", "scheduler", "run", *args], self.env)
@@ -50,6 +55,8 @@ class FleetProcs:
                 "3",
                 "--stop-grace",
                 "3",
+                "--port-range",
+                self.port_range,
                 *args,
             ],
             self.env,
