@@ -73,7 +73,8 @@ class SchedulerSettings:
     """How often the scheduler probes, and how it heals."""
 
     health_interval_s: float = 2.0
-    probe_timeout_s: float = 2.0
+    probe_timeout_s: float = 1.0
+    """One probe's timeout: ample for a health endpoint, and short, as a hang costs all of it."""
     lease_ttl_s: float = 5.0
     """A leader that cannot renew its lease for this long is replaced by a standby."""
     node_lost_grace_s: float = 0.0

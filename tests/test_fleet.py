@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -194,7 +195,9 @@ def read_until(proc: subprocess.Popen[str], needle: str, timeout: float = 30) ->
     assert proc.stdout is not None
     lines: list[str] = []
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    while (left := deadline - time.monotonic()) > 0:
+        if not select.select([proc.stdout], [], [], left)[0]:
+            break
         lines.append(proc.stdout.readline())
         if needle in lines[-1]:
             return lines

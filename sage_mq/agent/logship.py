@@ -26,40 +26,44 @@ class LogShipper:
         self.keys = keys
         self.maxlen = maxlen
         self.interval_s = interval_s
-        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._tasks: dict[str, tuple[asyncio.Task[None], asyncio.Event]] = {}
+        self._finishing: set[asyncio.Task[None]] = set()
 
     def start(self, engine_id: str, path: Path, *, from_end: bool = False) -> None:
         """Begin shipping a log (from its end, for an adopted engine already shipped)."""
         self.stop(engine_id)
         offset = _size(path) if from_end else 0
-        self._tasks[engine_id] = asyncio.get_running_loop().create_task(
-            self._run(engine_id, path, offset), name=f"logship-{engine_id}"
+        done = asyncio.Event()
+        task = asyncio.get_running_loop().create_task(
+            self._run(engine_id, path, offset, done), name=f"logship-{engine_id}"
         )
+        self._tasks[engine_id] = (task, done)
 
     def stop(self, engine_id: str) -> None:
-        """Stop shipping a log (its task ships what is left first)."""
-        task = self._tasks.pop(engine_id, None)
-        if task is not None:
-            task.cancel()
+        """Ship what is left of a log (its last lines matter most), then stop."""
+        entry = self._tasks.pop(engine_id, None)
+        if entry is not None:
+            entry[1].set()
+            self._finishing.add(entry[0])
+            entry[0].add_done_callback(self._finishing.discard)
 
     async def close(self) -> None:
-        """Stop every shipping task."""
-        tasks = list(self._tasks.values())
+        """Let finishing tasks ship their last lines (briefly), then stop every task."""
+        if self._finishing:
+            await asyncio.wait(self._finishing, timeout=2.0)
+        tasks = [task for task, _done in self._tasks.values()] + list(self._finishing)
         self._tasks.clear()
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def _run(self, engine_id: str, path: Path, offset: int) -> None:
+    async def _run(self, engine_id: str, path: Path, offset: int, done: asyncio.Event) -> None:
         partial = b""
-        try:
-            while True:
-                offset, partial = await self._ship_once(engine_id, path, offset, partial)
-                await asyncio.sleep(self.interval_s)
-        except asyncio.CancelledError:
-            with contextlib.suppress(Exception):
-                await self._ship_once(engine_id, path, offset, partial, final=True)
-            raise
+        while not done.is_set():
+            offset, partial = await self._ship_once(engine_id, path, offset, partial)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(done.wait(), self.interval_s)
+        await self._ship_once(engine_id, path, offset, partial, final=True)
 
     async def _ship_once(
         self, engine_id: str, path: Path, offset: int, partial: bytes, final: bool = False

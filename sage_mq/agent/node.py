@@ -50,6 +50,7 @@ from sage_mq.store import Store
 
 log = logging.getLogger(__name__)
 AGENT_GROUP = "agent"
+_MAX_PROBE_ROUNDS = 2
 
 
 class NodeAgent:
@@ -86,7 +87,7 @@ class NodeAgent:
         self.presence = Presence(self.store, self.outbox, agent, self.gpus)
         self._stopping = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
-        self._probing: asyncio.Task[None] | None = None
+        self._probing: set[asyncio.Task[None]] = set()
         self.leader_epoch = 0
         self._consumer = self.bus.consumer(
             [self.keys.node_commands(self.node_id)], AGENT_GROUP, self.node_id, self.handle
@@ -121,7 +122,7 @@ class NodeAgent:
 
     async def close(self) -> None:
         """Release connections and tasks (not engines), after :meth:`run` returned."""
-        tasks = [*self._tasks, *([self._probing] if self._probing else [])]
+        tasks = [*self._tasks, *self._probing]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -210,12 +211,17 @@ class NodeAgent:
             log.warning("node %s ignores %s (not a node command)", self.node_id, env.type)
 
     def _tick(self, env: Envelope, tick: HealthTick) -> None:
-        """Probe in the background, so a hung engine's timeout never holds up commands."""
+        """Probe in the background, so a hung engine's timeout never holds up commands.
+
+        Rounds may overlap (each ends within its timeout), so a hung engine is counted failed
+        once per tick, not once per timeout; more than two rounds out at once are not started.
+        """
         if time.time() - env.ts > max(10.0, 3 * tick.timeout_s):
             return  # a tick left over from while this agent was down
-        if self._probing is not None and not self._probing.done():
-            return  # the previous tick's probes are still out: one result per node at a time
-        self._probing = asyncio.get_running_loop().create_task(self._probe(tick.timeout_s))
+        self._probing = {t for t in self._probing if not t.done()}
+        if len(self._probing) >= _MAX_PROBE_ROUNDS:
+            return
+        self._probing.add(asyncio.get_running_loop().create_task(self._probe(tick.timeout_s)))
 
     async def _probe(self, timeout_s: float) -> None:
         results = await self.lifecycle.health_check_all(timeout_s)

@@ -41,7 +41,7 @@ def scheduler_run(
     redis_url: RedisUrl = DEFAULT_URL,
     name: Annotated[str | None, typer.Option(help="Consumer name (default host-pid).")] = None,
     health_interval: Annotated[float, typer.Option(help="Seconds between health ticks.")] = 2.0,
-    probe_timeout: Annotated[float, typer.Option(help="Seconds one health probe may take.")] = 2.0,
+    probe_timeout: Annotated[float, typer.Option(help="Seconds one health probe may take.")] = 1.0,
     lease_ttl: Annotated[
         float, typer.Option(help="Leader lease TTL: a standby takes over this long after.")
     ] = 5.0,

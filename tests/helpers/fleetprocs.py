@@ -32,9 +32,7 @@ class FleetProcs:
             "SAGE_MQ_TEST_STATE": str(state),
         }
         self.agent: subprocess.Popen[bytes] | None = None
-        low = random.randrange(
-            41000, 60000, 100
-        )  # not the default range: the machine's may be busy
+        low = random.randrange(20000, 32000, 100)  # below the ephemeral range (32768+)
         self.port_range = f"{low}-{low + 99}"
 
     def start_scheduler(self, *args: str, name: str = "scheduler") -> subprocess.Popen[bytes]:
