@@ -194,15 +194,24 @@ class Store:
             fields = await self.redis.hgetall(self.keys.engine(engine_id))
         return from_hash(EngineRecord, fields) if fields else None
 
+    async def get_engines(self, engine_ids: list[str]) -> dict[str, EngineRecord]:
+        """The records of these engines (those that exist), in one round trip."""
+        with redis_errors("reading engine records"):
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for engine_id in engine_ids:
+                    pipe.hgetall(self.keys.engine(engine_id))
+                rows = await pipe.execute()
+        return {
+            engine_id: from_hash(EngineRecord, row)
+            for engine_id, row in zip(engine_ids, rows, strict=True)
+            if row
+        }
+
     async def list_engines(self) -> list[EngineRecord]:
         """Every engine record, oldest first."""
         with redis_errors("listing engines"):
             ids = sorted(await self.redis.smembers(self.keys.engines))
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for engine_id in ids:
-                    pipe.hgetall(self.keys.engine(engine_id))
-                rows = await pipe.execute()
-        records = [from_hash(EngineRecord, r) for r in rows if r]
+        records = (await self.get_engines(ids)).values()
         return sorted(records, key=lambda r: (r.created_at, r.engine_id))
 
     # -- nodes ---------------------------------------------------------------------------

@@ -68,8 +68,9 @@ class Healing:
         """Probe results of one node: count consecutive failures of RUNNING engines."""
         ev = env.payload
         assert isinstance(ev, NodeHealth)
+        records = await self.ctx.store.get_engines(list(ev.results))  # one round trip a tick
         for engine_id, healthy in ev.results.items():
-            record = await self.ctx.store.get_engine(engine_id)
+            record = records.get(engine_id)
             if record is None or record.node != ev.node_id:
                 continue
             if record.state in (S.RUNNING, S.UNHEALTHY):  # STARTING: its startup grace
