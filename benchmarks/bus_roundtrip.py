@@ -1,8 +1,8 @@
 """Round trip of a command to an agent-side handler and its event back: raw redis-py vs our bus.
 
 (a) floor: redis-py XADD → XREADGROUP → reply XADD + XACK → client XREAD.
-(b) ours:  Bus.publish(HealthTick) → Consumer (decode, idempotency check, handler returns a
-    NodeHealth event, published with marker + XACK in one MULTI) → client XREAD, decoded.
+(b) ours:  Bus.publish(TerminateEngine) → Consumer (decode, idempotency check, handler returns
+    an EngineStopped event, published with marker + XACK in one MULTI) → client XREAD, decoded.
 
 Both sides run in one process against one private redis-server, one after the other, the same
 number of times. Prints p50/p99, the ratios, and commands/s with and without batching; writes JSON.
@@ -27,10 +27,11 @@ import redis.asyncio as aioredis
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks._redis import percentile, redis_server
-from sage_mq.bus import Bus, Outgoing
+from sage_mq.bus import Bus
 from sage_mq.connection import connect
+from sage_mq.consumer import Outgoing
 from sage_mq.keys import Keys
-from sage_mq.messages import Envelope, HealthTick, NodeHealth, decode
+from sage_mq.messages import EngineStopped, Envelope, TerminateEngine, decode
 from sage_mq.settings import BusSettings, Settings
 
 
@@ -107,7 +108,7 @@ class Floor(Side):
 
 
 class Ours(Side):
-    """Our bus and message models, with an agent-side consumer answering health ticks."""
+    """Our bus and message models, with an agent-side consumer answering terminate commands."""
 
     name = "ours (Bus + models)"
 
@@ -123,27 +124,27 @@ class Ours(Side):
         self.cursor = "0-0"
 
         async def handler(env: Envelope) -> Outgoing:
-            return [(self.events, NodeHealth(node_id="n1", results={}))]  # event out with the ack
+            return [(self.events, EngineStopped(engine_id="e", node="n1"))]  # out with the ack
 
         self.consumer = self.agent_bus.consumer([self.commands], "agent", "n1", handler)
         self.task = asyncio.create_task(self.consumer.run())
 
     async def one(self) -> None:
-        await self.client_bus.publish(self.commands, HealthTick())
+        await self.client_bus.publish(self.commands, TerminateEngine(engine_id="e"))
         while True:
             reply = await self.client_redis.xread({self.events: self.cursor}, count=1, block=1000)
             if reply:
                 self.cursor, fields = reply[0][1][-1]
-                assert decode(fields).type == "node.health"
+                assert decode(fields).type == "engine.stopped"
                 return
 
     async def rate(self, n: int, batch: int) -> float:
         async def send(count: int) -> None:
-            ticks = [HealthTick() for _ in range(count)]
+            commands = [TerminateEngine(engine_id="e") for _ in range(count)]
             if count == 1:
-                await self.client_bus.publish(self.commands, ticks[0])
+                await self.client_bus.publish(self.commands, commands[0])
             else:
-                await self.client_bus.publish_many(self.commands, ticks)
+                await self.client_bus.publish_many(self.commands, commands)
 
         return await _throughput(self.client_redis, self.events, n, batch, send)
 

@@ -2,6 +2,7 @@
 
 from sage_mq.agent import EngineLifecycleManager, NodeAgent
 from sage_mq.bus import Bus
+from sage_mq.client import UnifiedInferenceClient
 from sage_mq.control import ControlPlaneManager
 from sage_mq.errors import SageMQError
 from sage_mq.gpu import GPUResourceManager
@@ -45,5 +46,5 @@ __all__ = [
     "GPUResourceManager", "GpusAllocated", "GpusReleased", "HealthTick", "LaunchEngine",
     "Message", "NodeAgent", "NodeHealth", "NodeJoined", "NodeLost", "NodeRecord", "ReleaseGpus",
     "RequestRejected", "SageMQError", "Scheduler", "Settings", "StartEngine", "StopEngine",
-    "TerminateEngine",
+    "TerminateEngine", "UnifiedInferenceClient",
 ]  # fmt: skip

@@ -28,7 +28,8 @@ from sage_mq.errors import (
 )
 from sage_mq.gpu import GIB
 from sage_mq.keys import Keys
-from sage_mq.messages import Envelope, StartEngine, StopEngine, decode, envelope
+from sage_mq.messages import Envelope, RestartEngine, StartEngine, StopEngine, decode, envelope
+from sage_mq.presets import Preset, apply
 from sage_mq.scheduler.placement import check_request
 from sage_mq.settings import Settings
 from sage_mq.store import EngineRecord, EngineState, NodeRecord, Store
@@ -151,6 +152,46 @@ class ControlPlaneManager:
             on_event=on_event,
         )
 
+    async def restart_engine(
+        self,
+        engine_id: str,
+        *,
+        wait: bool = False,
+        timeout: float = 600.0,
+        on_event: EventCallback | None = None,
+    ) -> EngineRecord:
+        """Restart an engine as itself, now: same id, node, port, GPUs and arguments, a new
+        process (a FAILED or STOPPED one is placed again). With ``wait``, return once the new
+        process is RUNNING."""
+        record = await self.get_engine(engine_id)
+        cursor = await self.bus.last_id(self.keys.events)
+        await self.bus.publish(self.keys.requests, RestartEngine(engine_id=engine_id))
+        log.info("requested restart of %s (generation %d)", engine_id, record.generation)
+        if not wait:
+            return record
+        return await self.wait_for_engine(
+            engine_id,
+            until=(EngineState.RUNNING,),
+            since=cursor,
+            timeout=timeout,
+            on_event=on_event,
+            newer_than=record.generation,
+        )
+
+    async def apply_preset(
+        self,
+        preset: Preset,
+        *,
+        wait: bool = True,
+        rollback: bool = True,
+        timeout: float = 1800.0,
+        on_event: EventCallback | None = None,
+    ) -> list[EngineRecord]:
+        """Start every engine of a preset (see :func:`sage_mq.presets.apply`)."""
+        return await apply(
+            self, preset, wait=wait, rollback=rollback, timeout=timeout, on_event=on_event
+        )
+
     async def get_engine(self, engine_id: str) -> EngineRecord:
         """The engine record; :class:`EngineNotFound` if there is none."""
         record = await self.store.get_engine(engine_id)
@@ -165,6 +206,28 @@ class ControlPlaneManager:
     async def list_nodes(self) -> list[tuple[NodeRecord, bool]]:
         """Every node with whether its agent is alive."""
         return await self.store.list_nodes()
+
+    async def gpus(self) -> list[dict[str, Any]]:
+        """Every GPU of every node, with what the scheduler has reserved on it and for whom."""
+        rows = []
+        for node, alive in await self.list_nodes():
+            reservations = await self.store.reservations(node.node_id)
+            for g in node.gpus:
+                holders = {e: r.memory_gb for e, r in reservations.items() if g.index in r.gpus}
+                rows.append(
+                    {
+                        "node": node.node_id,
+                        "alive": alive,
+                        "index": g.index,
+                        "name": g.name,
+                        "memory_total_gib": round(g.memory_total / GIB, 1),
+                        "memory_used_gib": round(g.memory_used / GIB, 1),
+                        "reserved_gib": round(sum(holders.values()), 1),
+                        "engines": sorted(holders),
+                        "fake": g.fake,
+                    }
+                )
+        return rows
 
     async def status(self) -> dict[str, Any]:
         """A summary of the fleet: engines by state, nodes, GPUs, stream backlogs."""
@@ -204,11 +267,17 @@ class ControlPlaneManager:
         timeout: float = 600.0,
         on_event: EventCallback | None = None,
         pickup_timeout: float = 15.0,
+        newer_than: int | None = None,
     ) -> EngineRecord:
         """Follow ``sage:events`` until the engine reaches one of ``until`` (or fails).
 
-        With no record after ``pickup_timeout`` seconds, no scheduler is running: say so.
+        With ``newer_than``, only a generation after that one counts (a restart). With no
+        record after ``pickup_timeout`` seconds, no scheduler is running: say so.
         """
+
+        def new(generation: int | None) -> bool:
+            return newer_than is None or (generation or 0) > newer_than
+
         goal = set(until)
         started = time.monotonic()
         deadline = started + timeout
@@ -222,7 +291,8 @@ class ControlPlaneManager:
                     raise _failure(env)
             if entry_id and not ours:
                 continue  # someone else's event: no need to look at the record
-            if env is not None and ours and _REACHED_BY.get(env.type) in goal:
+            reached = env is not None and ours and _REACHED_BY.get(env.type) in goal
+            if reached and env is not None and new(getattr(env.payload, "generation", None)):
                 return await self._settled(engine_id, goal)
             record = await self.store.get_engine(engine_id)
             if record is None and time.monotonic() - started > pickup_timeout:
@@ -231,9 +301,9 @@ class ControlPlaneManager:
                     f"it stays queued in {self.keys.requests} until one runs "
                     "(`sage llm scheduler run`)"
                 )
-            if record is not None and record.state in goal:
+            if record is not None and record.state in goal and new(record.generation):
                 return record
-            if record is not None and record.state.terminal:
+            if record is not None and record.state.terminal and new(record.generation):
                 raise EngineFailedError(f"{engine_id} is {record.state}: {record.last_error}")
             if time.monotonic() > deadline:
                 state = record.state if record else "unknown"

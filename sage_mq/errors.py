@@ -64,6 +64,10 @@ class LaunchError(SageMQError):
     """An engine process could not be started on this node."""
 
 
+class PortInUse(LaunchError):
+    """The engine's port is held by a process that is not ours: another port will do."""
+
+
 class WaitTimeout(SageMQError):
     """An awaited outcome did not arrive within the timeout."""
 
@@ -74,3 +78,20 @@ class ControlPlaneUnavailable(SageMQError):
     """Redis (and so the control plane) cannot be reached right now."""
 
     retryable = True
+
+
+class PresetApplyError(SageMQError):
+    """An engine of a preset could not be started; what the apply had started was stopped."""
+
+
+class ModelNotFound(InvalidRequest):
+    """No engine serves that model; the message lists the models that are served."""
+
+
+class InferenceError(SageMQError):
+    """An engine or the gateway answered an inference request with an error."""
+
+    def __init__(self, message: str, *, status: int | None = None, retryable: bool = False):
+        super().__init__(message)
+        self.status = status
+        self.retryable = retryable

@@ -27,6 +27,9 @@ class Message(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
     TYPE: ClassVar[str]
+    PERIODIC: ClassVar[bool] = False
+    """Sent again every interval (ticks, probe reports): consumers keep no idempotency marker
+    for it, since a fleet of 1,000 nodes would leave millions; a rare duplicate is harmless."""
 
 
 # -- requests to the scheduler (sage:requests) -------------------------------------------
@@ -57,6 +60,14 @@ class StopEngine(Message):
     """Stop an engine and free its GPUs and port."""
 
     TYPE: ClassVar[str] = "engine.stop"
+    engine_id: str
+
+
+class RestartEngine(Message):
+    """Restart an engine as itself now (an operator's request; a FAILED or STOPPED one is
+    placed again)."""
+
+    TYPE: ClassVar[str] = "engine.restart"
     engine_id: str
 
 
@@ -137,6 +148,7 @@ class HealthTick(Message):
     """Probe every engine on the node now and report."""
 
     TYPE: ClassVar[str] = "health.tick"
+    PERIODIC: ClassVar[bool] = True
     epoch: int = Field(0, ge=0)
     """The epoch of the leader that sent it; agents ignore older ones (0: unfenced)."""
     timeout_s: float = 5.0
@@ -197,6 +209,8 @@ class EngineLaunchFailed(Message):
     node: str
     generation: int
     reason: str
+    port_in_use: bool = False
+    """Another process holds the port: the scheduler moves the engine to a free one."""
 
 
 class EngineAdopted(Message):
@@ -275,6 +289,7 @@ class NodeHealth(Message):
     """Probe results of every engine on a node for one health tick."""
 
     TYPE: ClassVar[str] = "node.health"
+    PERIODIC: ClassVar[bool] = True
     node_id: str
     results: dict[str, bool]
 

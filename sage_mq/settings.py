@@ -17,6 +17,15 @@ ENV_REDIS_URL = "SAGE_MQ_REDIS_URL"
 ENV_NAMESPACE = "SAGE_MQ_NAMESPACE"
 ENV_FAKE_GPUS = "SAGE_MQ_FAKE_GPUS"
 ENV_STATE_DIR = "SAGE_MQ_STATE_DIR"
+ENV_CONTROL_PLANE_URL = "SAGE_CONTROL_PLANE_URL"
+DEFAULT_CONTROL_PLANE_URL = "http://localhost:8000/v1"
+
+
+def control_plane_url_from_env(env: Mapping[str, str] | None = None) -> str:
+    """Where the client finds the fleet unless told: env ``SAGE_CONTROL_PLANE_URL``."""
+    return (env if env is not None else os.environ).get(ENV_CONTROL_PLANE_URL) or (
+        DEFAULT_CONTROL_PLANE_URL
+    )
 
 
 @dataclass(frozen=True)

@@ -1,24 +1,20 @@
-"""Engine and node records in Redis hashes (DESIGN.md §2), readable with ``redis-cli HGETALL``.
-
-Plain string fields are stored as they are; every other field as JSON (``[0, 1]``, ``true``,
-``null``, ``40001``), so a record reads naturally in redis-cli and decodes without guessing.
-"""
+"""Engine and node records in Redis hashes (DESIGN.md §2), readable with ``redis-cli HGETALL``
+(the field encoding is in :mod:`sage_mq.hashes`)."""
 
 from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterable
 from enum import StrEnum
-from typing import Any, TypeVar
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from sage_mq.connection import Redis, redis_errors
-from sage_mq.errors import DecodeError
 from sage_mq.gpu import GpuInfo
+from sage_mq.hashes import from_hash, to_hash
 from sage_mq.keys import Keys
-
-M = TypeVar("M", bound=BaseModel)
 
 
 class EngineState(StrEnum):
@@ -110,54 +106,21 @@ class Reservation(BaseModel):
     memory_gb: float
 
 
-_RAW = {
-    "status",
-    "engine_id",
-    "model",
-    "kind",
-    "backend",
-    "state",
-    "node",
-    "host",
-    "url",
-    "last_error",
-    "engine_label",
-    "requested_node",
-    "node_id",
-    "address",
-    "hostname",
-}
+_LIVENESS = """
+local out = {}
+for _, id in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  out[#out + 1] = id
+  out[#out + 1] = redis.call('GET', ARGV[1] .. id .. ARGV[2]) or ''
+end
+return out
+"""
+"""Every node id with the value of its liveness key ('' if expired). The liveness keys are named
+in the script, not in KEYS: fine on one Redis, which is what sage-mq runs on (not Cluster)."""
 
 
-def to_hash(record: BaseModel, only: set[str] | None = None) -> dict[str, str]:
-    """Hash fields of a record (all of them, or ``only`` these)."""
-    data = record.model_dump(mode="json", include=only)
-    return {k: _field(k, v) for k, v in data.items()}
-
-
-def _field(name: str, value: Any) -> str:
-    if name in _RAW:
-        return "" if value is None else str(value)
-    return json.dumps(value)
-
-
-def from_hash(model: type[M], fields: dict[str, str]) -> M:
-    """A record from hash fields; raises :class:`DecodeError` if it is not one of ours."""
-    data: dict[str, Any] = {}
-    for name, raw in fields.items():
-        if name in _RAW:
-            field = model.model_fields.get(name)
-            empty_is_none = raw == "" and field is not None and field.default is None
-            data[name] = None if empty_is_none else raw
-        else:
-            try:
-                data[name] = json.loads(raw)
-            except json.JSONDecodeError:
-                raise DecodeError(f"{model.__name__} field {name}={raw!r} is not JSON") from None
-    try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        raise DecodeError(f"bad {model.__name__}: {exc.errors()[0]}") from None
+def oldest_first(records: Iterable[EngineRecord]) -> list[EngineRecord]:
+    """Engine records in the order they were asked for."""
+    return sorted(records, key=lambda r: (r.created_at, r.engine_id))
 
 
 class Store:
@@ -166,6 +129,14 @@ class Store:
     def __init__(self, redis: Redis, keys: Keys) -> None:
         self.redis: Any = redis  # RESP2 with str replies; see connection.connect
         self.keys = keys
+
+    async def _batch(self, what: str, calls: list[tuple[Any, ...]]) -> list[Any]:
+        """Many reads in one round trip: ``(command, *args)`` each, replies in order."""
+        with redis_errors(what):
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for command, *args in calls:
+                    getattr(pipe, command)(*args)
+                return list(await pipe.execute())
 
     # -- engines -------------------------------------------------------------------------
     async def put_engine(self, record: EngineRecord) -> None:
@@ -176,9 +147,15 @@ class Store:
             with redis_errors("saving an engine record"):
                 await pipe.execute()
 
-    async def update_engine(self, engine_id: str, **changes: Any) -> EngineRecord | None:
-        """Change some fields of an existing record (``updated_at`` too); None if none exists."""
-        current = await self.get_engine(engine_id)
+    async def update_engine(
+        self, engine_id: str, *, current: EngineRecord | None = None, **changes: Any
+    ) -> EngineRecord | None:
+        """Change some fields of an existing record (``updated_at`` too); None if none exists.
+
+        Only the changed fields are written. ``current``, the record as the caller just read
+        it, saves reading it again.
+        """
+        current = current or await self.get_engine(engine_id)
         if current is None:
             return None
         merged = {**dict(current), **changes, "updated_at": time.time()}
@@ -196,23 +173,46 @@ class Store:
 
     async def get_engines(self, engine_ids: list[str]) -> dict[str, EngineRecord]:
         """The records of these engines (those that exist), in one round trip."""
-        with redis_errors("reading engine records"):
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for engine_id in engine_ids:
-                    pipe.hgetall(self.keys.engine(engine_id))
-                rows = await pipe.execute()
+        calls = [("hgetall", self.keys.engine(e)) for e in engine_ids]
+        rows = await self._batch("reading engine records", calls)
         return {
             engine_id: from_hash(EngineRecord, row)
             for engine_id, row in zip(engine_ids, rows, strict=True)
             if row
         }
 
+    async def probe_states(self, engine_ids: list[str]) -> dict[str, tuple[str, str, int]]:
+        """Engine id -> (node, state, probe_failures) of these engines, in one round trip.
+
+        What a probe report needs to be judged; most reports change nothing, and reading three
+        fields costs far less than decoding whole records.
+        """
+        wanted = ["node", "state", "probe_failures"]
+        calls = [("hmget", self.keys.engine(e), wanted) for e in engine_ids]
+        rows = await self._batch("reading engine states", calls)
+        return {
+            engine_id: (node or "", state, int(failures or 0))
+            for engine_id, (node, state, failures) in zip(engine_ids, rows, strict=True)
+            if state is not None
+        }
+
+    async def engine_placements(self) -> dict[str, tuple[str, str | None]]:
+        """Engine id -> (state, node) of every engine: what scans need, without whole records."""
+        with redis_errors("listing engines"):
+            ids = sorted(await self.redis.smembers(self.keys.engines))
+        calls = [("hmget", self.keys.engine(e), ["state", "node"]) for e in ids]
+        rows = await self._batch("listing engines", calls)
+        return {
+            engine_id: (state, node or None)
+            for engine_id, (state, node) in zip(ids, rows, strict=True)
+            if state is not None
+        }
+
     async def list_engines(self) -> list[EngineRecord]:
         """Every engine record, oldest first."""
         with redis_errors("listing engines"):
             ids = sorted(await self.redis.smembers(self.keys.engines))
-        records = (await self.get_engines(ids)).values()
-        return sorted(records, key=lambda r: (r.created_at, r.engine_id))
+        return oldest_first((await self.get_engines(ids)).values())
 
     # -- nodes ---------------------------------------------------------------------------
     async def put_node(self, record: NodeRecord, ttl_s: float) -> None:
@@ -253,20 +253,42 @@ class Store:
             fields = await self.redis.hgetall(self.keys.node(node_id))
         return from_hash(NodeRecord, fields) if fields.get("address") else None
 
+    async def get_nodes(self, node_ids: list[str]) -> dict[str, NodeRecord]:
+        """The records of these nodes (those that exist), in one round trip."""
+        rows = await self._batch(
+            "reading node records", [("hgetall", self.keys.node(n)) for n in node_ids]
+        )
+        return {
+            node_id: from_hash(NodeRecord, fields)
+            for node_id, fields in zip(node_ids, rows, strict=True)
+            if fields.get("address")
+        }
+
+    async def node_epochs(self) -> dict[str, int | None]:
+        """Node id -> the agent epoch in its liveness key (-1 if unreadable), None where the key
+        has expired. One short command however large the fleet (the scheduler asks every tick).
+        """
+        prefix, suffix = self.keys.node_alive("\n").split("\n")
+        with redis_errors("reading node liveness"):
+            flat = await self.redis.eval(_LIVENESS, 1, self.keys.nodes, prefix, suffix)
+        return {
+            node_id: None if value == "" else int(value) if value.isdigit() else -1
+            for node_id, value in zip(flat[::2], flat[1::2], strict=True)
+        }
+
     async def list_nodes(self) -> list[tuple[NodeRecord, bool]]:
         """Every node record with whether its agent is alive now."""
         with redis_errors("listing nodes"):
             ids = sorted(await self.redis.smembers(self.keys.nodes))
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for node_id in ids:
-                    pipe.hgetall(self.keys.node(node_id))
-                    pipe.exists(self.keys.node_alive(node_id))
-                rows = await pipe.execute()
-        out = []
-        for fields, alive in zip(rows[::2], rows[1::2], strict=True):
-            if fields.get("address"):
-                out.append((from_hash(NodeRecord, fields), bool(alive)))
-        return out
+        calls = [("hgetall", self.keys.node(n)) for n in ids]
+        calls += [("exists", self.keys.node_alive(n)) for n in ids]
+        rows = await self._batch("listing nodes", calls)
+        records, alive = rows[: len(ids)], rows[len(ids) :]
+        return [
+            (from_hash(NodeRecord, fields), bool(live))
+            for fields, live in zip(records, alive, strict=True)
+            if fields.get("address")
+        ]
 
     # -- ports and GPU reservations (written by the scheduler only) ----------------------
     async def assign_port(self, node_id: str, port: int, engine_id: str) -> bool:
@@ -305,14 +327,12 @@ class Store:
         self, node_ids: list[str]
     ) -> dict[str, tuple[dict[str, Reservation], dict[int, str]]]:
         """Reservations and assigned ports of many nodes, in one round trip."""
-        with redis_errors("reading node usage"):
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for node_id in node_ids:
-                    pipe.hgetall(self.keys.node_reservations(node_id))
-                    pipe.hgetall(self.keys.node_ports(node_id))
-                rows = await pipe.execute()
+        calls = [("hgetall", self.keys.node_reservations(n)) for n in node_ids]
+        calls += [("hgetall", self.keys.node_ports(n)) for n in node_ids]
+        rows = await self._batch("reading node usage", calls)
         usage = {}
-        for node_id, held, ports in zip(node_ids, rows[::2], rows[1::2], strict=True):
+        half = len(node_ids)
+        for node_id, held, ports in zip(node_ids, rows[:half], rows[half:], strict=True):
             reservations = {e: Reservation.model_validate_json(raw) for e, raw in held.items()}
             usage[node_id] = (reservations, {int(p): e for p, e in ports.items()})
         return usage

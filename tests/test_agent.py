@@ -160,10 +160,11 @@ async def test_launch_refuses_a_busy_port_and_a_gpu_the_node_lacks(
             await command(aredis, settings, fake_launch("nogpu", use_gpu=True, gpus=(0, 7)))
             busy_event = await events.wait("engine.launch_failed", "busy")
             gpu_event = await events.wait("engine.launch_failed", "nogpu")
-    assert (
-        f"port {busy} on 127.0.0.1 is already in use" in busy_event.payload.model_dump()["reason"]
-    )
-    assert "GPU(s) [7] do not exist" in gpu_event.payload.model_dump()["reason"]
+    busy_failure, gpu_failure = busy_event.payload.model_dump(), gpu_event.payload.model_dump()
+    assert f"port {busy} on 127.0.0.1 is already in use" in busy_failure["reason"]
+    assert busy_failure["port_in_use"] is True  # the scheduler may move it to another port
+    assert "GPU(s) [7] do not exist" in gpu_failure["reason"]
+    assert gpu_failure["port_in_use"] is False
     assert engine_processes(engines_cleanup) == []
 
 
@@ -258,3 +259,47 @@ async def test_an_advertise_address_not_on_this_host_is_named_as_the_reason(
         await command(aredis, settings, fake_launch("away", host="192.0.2.1"))
         failed = await events.wait("engine.launch_failed", "away")
     assert "192.0.2.1 is not on this host" in failed.payload.model_dump()["reason"]
+
+
+async def shipped(redis: Redis, settings: Settings, engine_id: str = "e1") -> list[str]:
+    rows = await redis.xrange(Keys(settings.namespace).engine_log(engine_id))
+    return [fields["line"] for _id, fields in rows]
+
+
+async def test_lines_an_engine_writes_while_its_agent_is_away_are_shipped_once(
+    aredis: Redis, settings: Settings, engines_cleanup: Path
+) -> None:
+    events = Events(aredis, settings.namespace)
+    hangs_later = fake_launch(extra_args=("--hang-after", "1.5"))
+    async with RunningAgent(settings, engines_cleanup):
+        await launch_until_ready(aredis, settings, hangs_later)
+        await asyncio.sleep(0.7)  # one shipping round
+    before = await shipped(aredis, settings)
+    assert any("serving demo" in line for line in before)
+    await asyncio.sleep(1.5)  # no agent now: the engine writes "hanging on purpose"
+    async with RunningAgent(settings, engines_cleanup):
+        await events.wait("engine.adopted", "e1")
+        for _ in range(50):
+            if any("hanging on purpose" in line for line in await shipped(aredis, settings)):
+                break
+            await asyncio.sleep(0.1)
+    after = await shipped(aredis, settings)
+    assert after[: len(before)] == before and len(after) == len(set(after))  # once each
+    assert [line for line in after if "hanging on purpose" in line] == [
+        "fake engine: hanging on purpose after 1.5s"
+    ]
+
+
+async def test_the_last_words_of_an_engine_that_died_while_its_agent_was_away_are_shipped(
+    aredis: Redis, settings: Settings, engines_cleanup: Path
+) -> None:
+    events = Events(aredis, settings.namespace)
+    async with RunningAgent(settings, engines_cleanup):
+        await launch_until_ready(aredis, settings, fake_launch(extra_args=("--crash-after", "1")))
+    await asyncio.sleep(1.5)
+    async with RunningAgent(settings, engines_cleanup):
+        exited = await events.wait("engine.exited", "e1")
+        await asyncio.sleep(0.3)
+    crash = "fake engine: crashing on purpose after 1.0s with exit code 1"
+    assert crash in exited.payload.model_dump()["last_lines"]
+    assert (await shipped(aredis, settings)).count(crash) == 1

@@ -16,7 +16,7 @@ from sage_mq.bus import Bus
 from sage_mq.connection import Redis, connect
 from sage_mq.errors import ConfigError, ControlPlaneUnavailable
 from sage_mq.keys import Keys
-from sage_mq.messages import Envelope, StopEngine, envelope
+from sage_mq.messages import Envelope, NodeHealth, StopEngine, decode, envelope
 from sage_mq.settings import BusSettings, Settings
 from tests.helpers.servers import Processes, RedisServer
 
@@ -314,3 +314,56 @@ async def test_a_consumer_started_before_redis_waits_for_it(private_redis: Redis
     await task
     await redis.aclose()
     assert seen == ["late"]
+
+
+async def test_a_trimming_consumer_leaves_only_what_is_not_yet_carried_out(
+    aredis: Redis, settings: Settings
+) -> None:
+    bus = make_bus(aredis, settings)
+    stream = f"{settings.namespace}:commands"
+    await bus.publish_many(stream, [StopEngine(engine_id=f"e{i}") for i in range(4)])
+
+    async def fail_on_e2(env: Envelope) -> None:
+        assert isinstance(env.payload, StopEngine)
+        if env.payload.engine_id == "e2":
+            raise RuntimeError("not now")
+
+    await bus.consumer([stream], "g", "c1", fail_on_e2, trim=True).run(until_idle=True)
+    left = [json.loads(f["data"])["engine_id"] for _id, f in await aredis.xrange(stream)]
+    assert left == ["e2", "e3"]  # e2 failed (pending, retried later): nothing from it on goes
+    seen, handler = recorder()
+    await asyncio.sleep(settings.bus.claim_min_idle_ms / 1000 + 0.1)
+    await bus.consumer([stream], "g", "c1", handler, trim=True).run(until_idle=True)
+    assert seen == ["e2"] and await aredis.xlen(stream) == 0
+    await bus.publish(stream, StopEngine(engine_id="e4"))  # trimming never eats new entries
+    await bus.consumer([stream], "g", "c1", handler, trim=True).run(until_idle=True)
+    assert seen == ["e2", "e4"] and await aredis.xlen(stream) == 0
+
+
+async def test_a_broadcast_is_one_entry_in_every_stream(aredis: Redis, settings: Settings) -> None:
+    bus = make_bus(aredis, settings)
+    streams = [f"{settings.namespace}:n{i}" for i in range(1500)]  # more than one chunk
+    await bus.broadcast(streams, StopEngine(engine_id="all"))
+    rows = [await aredis.xrange(s) for s in (streams[0], streams[999], streams[1499])]
+    assert all(len(r) == 1 for r in rows)
+    assert len({r[0][1]["id"] for r in rows}) == 1  # the same message everywhere
+    assert decode(rows[0][0][1]).payload == StopEngine(engine_id="all")
+
+
+async def test_periodic_messages_leave_no_idempotency_marker(
+    aredis: Redis, settings: Settings
+) -> None:
+    bus = make_bus(aredis, settings)
+    stream = f"{settings.namespace}:s"
+    health = envelope(NodeHealth(node_id="n1", results={"e": True}))
+    stop = envelope(StopEngine(engine_id="e"))
+    await bus.publish_many(stream, [health, stop, health])  # a re-sent report is handled again
+    seen: list[str] = []
+
+    async def handler(env: Envelope) -> None:
+        seen.append(env.type)
+
+    await bus.consumer([stream], "g", "c1", handler).run(until_idle=True)
+    assert seen == ["node.health", "engine.stop", "node.health"]
+    markers = [k async for k in aredis.scan_iter(match=f"{settings.namespace}:done:*")]
+    assert markers == [Keys(settings.namespace).processed("g", stop.id)]

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import struct
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -110,19 +112,21 @@ async def test_embedding_server_encodes_through_its_model_and_limits_batches() -
     assert bad.status_code == 400
 
 
-def test_embedding_server_without_sentence_transformers_exits_at_once_with_one_line() -> None:
-    pytest.importorskip("sage_mq")  # always present; the point is the child below
-    try:
-        import sentence_transformers  # noqa: F401
-    except ImportError:
-        pass
-    else:
-        pytest.skip("sentence-transformers is installed here")
+def test_embedding_server_without_sentence_transformers_exits_at_once_with_one_line(
+    tmp_path: Path,
+) -> None:
+    # A shim on PYTHONPATH stands for an install without the package, installed here or not.
+    (tmp_path / "sentence_transformers.py").write_text("raise ImportError('not installed')\n")
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]),
+    }
     done = subprocess.run(
         [sys.executable, "-m", "sage_mq.engines.embedding_server", "--model", "m", "--port", "1"],
         capture_output=True,
         text=True,
         timeout=30,
+        env=env,
     )
     assert done.returncode == EXIT_MISSING_DEPENDENCY
     lines = done.stderr.strip().splitlines()

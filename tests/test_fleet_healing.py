@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from tests.helpers.engines import engine_processes
@@ -226,3 +228,37 @@ def test_a_stop_sent_while_the_agent_is_dead_is_carried_out_when_it_returns(
     fleet.wait_event("engine.stopped", record["engine_id"], timeout=20)
     assert fleet.json("llm", "engine", "list")[0]["state"] == "STOPPED"
     assert engine_processes(fleet.state) == []
+
+
+def test_a_port_held_by_a_stranger_moves_the_engine_to_the_next_free_one(
+    fast_fleet: FleetProcs,
+) -> None:
+    first = int(fast_fleet.port_range.split("-")[0])
+    with socket.socket() as stranger:
+        stranger.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # past an old TIME_WAIT
+        stranger.bind(("127.0.0.1", first))
+        stranger.listen()
+        record = fast_fleet.json("llm", "engine", "start", "demo", "--backend", "fake", "--wait")
+        failed = fast_fleet.wait_event("engine.launch_failed", record["engine_id"])
+    assert failed.payload.model_dump()["port_in_use"] is True
+    assert record["state"] == "RUNNING" and record["port"] == first + 1
+    assert record["restarts"] == 1 and record["url"].endswith(f":{first + 1}")
+    assert len(engine_processes(fast_fleet.state)) == 1
+
+
+def test_engine_restart_from_the_cli_replaces_the_process_and_revives_a_stopped_engine(
+    fast_fleet: FleetProcs,
+) -> None:
+    record = fast_fleet.json("llm", "engine", "start", "demo", "--backend", "fake", "--wait")
+    engine_id = record["engine_id"]
+    restarted = fast_fleet.json("llm", "engine", "restart", engine_id)
+    assert restarted["state"] == "RUNNING" and restarted["pid"] != record["pid"]
+    assert (restarted["port"], restarted["gpus"]) == (record["port"], record["gpus"])
+    assert restarted["generation"] == 2 and restarted["restarts"] == 1
+    assert [p.pid for p in engine_processes(fast_fleet.state)] == [restarted["pid"]]
+    fast_fleet.json("llm", "engine", "stop", engine_id)
+    revived = fast_fleet.json("llm", "engine", "restart", engine_id)
+    assert revived["state"] == "RUNNING" and revived["generation"] == 3
+    assert httpx.get(f"{revived['url']}/health", timeout=5).status_code == 200
+    missing = fast_fleet.cli("llm", "engine", "restart", "nope", check=False)
+    assert missing.returncode != 0 and "no engine 'nope'" in missing.stderr

@@ -8,6 +8,7 @@ from sage_mq.messages import (
     EngineExited,
     EngineReady,
     EngineStarting,
+    HealthTick,
     LaunchEngine,
     NodeHealth,
     RelaunchEngine,
@@ -15,6 +16,7 @@ from sage_mq.messages import (
     StopEngine,
     TerminateEngine,
 )
+from sage_mq.scheduler.steady import SteadyEngines
 from sage_mq.settings import Settings
 from sage_mq.store import EngineState
 from tests.helpers.simulated import Fleet
@@ -132,9 +134,14 @@ async def test_running_through_the_stability_window_resets_the_attempts(fleet: F
 
 async def test_three_failed_probes_terminate_and_restart_a_hung_engine(fleet: Fleet) -> None:
     await running(fleet)
+    for _ in range(3):  # healthy reports: after the first, judged without reading the record
+        await fleet.event(NodeHealth(node_id="n1", results={"e": True}))
     for expected in (EngineState.UNHEALTHY, EngineState.UNHEALTHY):
+        ticks = len([c for c in await fleet.commands("n1") if isinstance(c, HealthTick)])
         await fleet.event(NodeHealth(node_id="n1", results={"e": False}))
         assert (await fleet.record("e")).state == expected
+        rechecks = [c for c in await fleet.commands("n1") if isinstance(c, HealthTick)]
+        assert len(rechecks) == ticks + 1  # a failed probe: the node is probed again at once
     await fleet.event(NodeHealth(node_id="n1", results={"e": True}))  # recovered: count resets
     assert (await fleet.record("e")).state == EngineState.RUNNING
     for _ in range(3):
@@ -175,3 +182,12 @@ async def test_backoff_timers_survive_the_scheduler(fleet: Fleet, settings: Sett
     await successor.scheduler.fire_timers(now=time.time() + 1.05)
     await successor.scheduler.run(until_idle=True)
     assert [c.generation for c in await launches(successor)] == [1, 2]
+
+
+def test_steady_engines_are_remembered_for_a_while_and_forgotten_on_failure() -> None:
+    steady = SteadyEngines(ttl_s=30)
+    steady.remember("n1", "e", now=100.0)
+    assert steady.known("n1", "e", 129.0) and not steady.known("n2", "e", 129.0)
+    assert not steady.known("n1", "e", 130.5)  # read again after the time limit
+    steady.forget("n1", "e")
+    assert not steady.known("n1", "e", 101.0)

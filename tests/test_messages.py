@@ -21,6 +21,7 @@ from sage_mq.messages import (
 SAMPLES = {
     "engine.start": {"engine_id": "e1", "model": "m", "use_gpu": True},
     "engine.stop": {"engine_id": "e1"},
+    "engine.restart": {"engine_id": "e1"},
     "engine.relaunch": {"engine_id": "e1", "generation": 2, "attempt": 1},
     "node.evacuate": {"node_id": "n1"},
     "engine.launch": {
@@ -47,7 +48,13 @@ SAMPLES = {
         "reason": "killed",
         "last_lines": ["a"],
     },
-    "engine.launch_failed": {"engine_id": "e1", "node": "n", "generation": 1, "reason": "r"},
+    "engine.launch_failed": {
+        "engine_id": "e1",
+        "node": "n",
+        "generation": 1,
+        "reason": "r",
+        "port_in_use": True,
+    },
     "engine.adopted": {"engine_id": "e1", "node": "n", "generation": 1, "pid": 5},
     "engine.unhealthy": {"engine_id": "e1", "node": "n", "reason": "r"},
     "engine.restarting": {"engine_id": "e1", "attempt": 1, "delay_s": 1.0},

@@ -109,3 +109,12 @@ def test_requests_that_can_never_run_are_refused_up_front() -> None:
     with pytest.raises(InvalidRequest, match="argv template"):
         check_request(StartEngine(engine_id="e", model="m", backend="command"))
     check_request(StartEngine(engine_id="e", model="m", backend="command", extra_args=("x",)))
+
+
+def test_no_fit_names_the_roomiest_nodes_not_the_whole_fleet() -> None:
+    nodes = [NodeView(f"n{i:04d}", "h", gpus=(GpuView(0, 24, 24 - i % 20),)) for i in range(1000)]
+    with pytest.raises(PlacementError) as err:
+        place(Demand(1, 30), nodes)
+    message = str(err.value)
+    assert message.count("GPU(s), free GiB") == 8 and "and 992 more live node(s)" in message
+    assert "n0019: 1 GPU(s), free GiB [19.0]" in message  # the most free memory is named

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from sage_mq.engines.backends import build_argv, build_env
@@ -148,17 +150,44 @@ async def test_engine_states_follow_agent_events_and_stale_generations_are_ignor
 async def test_a_launch_failure_is_retried_where_it_was_placed(fleet: Fleet) -> None:
     await fleet.node("n1", "1x24GiB")
     await fleet.request(StartEngine(engine_id="e", model="m-1B"))
-    await fleet.event(
-        EngineLaunchFailed(
-            engine_id="e",
-            node="n1",
-            generation=1,
-            reason="port 40000 on 127.0.0.1 is already in use",
-        )
-    )
+    await fleet.event(EngineLaunchFailed(engine_id="e", node="n1", generation=1, reason="bad argv"))
     record = await fleet.record("e")
-    assert record.state == EngineState.RESTARTING and "already in use" in (record.last_error or "")
+    assert record.state == EngineState.RESTARTING and "bad argv" in (record.last_error or "")
     assert set(await fleet.store.reservations("n1")) == {"e"}  # kept for the retry
+    assert record.port == 40000 and await fleet.store.ports_in_use("n1") == {40000: "e"}
+
+
+def port_taken(engine_id: str, port: int, generation: int = 1) -> EngineLaunchFailed:
+    reason = f"port {port} on 127.0.0.1 is already in use (node n1)"
+    return EngineLaunchFailed(
+        engine_id=engine_id, node="n1", generation=generation, reason=reason, port_in_use=True
+    )
+
+
+async def test_a_port_held_by_another_process_moves_the_engine_to_a_free_one(
+    fleet: Fleet,
+) -> None:
+    await fleet.node("n1", "2x24GiB")
+    await fleet.request(StartEngine(engine_id="e", model="m-1B"))
+    await fleet.event(port_taken("e", 40000))
+    record = await fleet.record("e")
+    assert record.state == EngineState.RESTARTING and record.port == 40001
+    assert record.url == "http://127.0.0.1:40001" and record.gpus == [0]
+    assert await fleet.store.ports_in_use("n1") == {40001: "e"}
+    await fleet.scheduler.fire_timers(now=time.time() + 1.05)
+    await fleet.scheduler.run(until_idle=True)
+    relaunch = [c for c in await fleet.commands("n1") if isinstance(c, LaunchEngine)][-1]
+    assert (relaunch.generation, relaunch.port, relaunch.gpus) == (2, 40001, (0,))
+    await fleet.request(StartEngine(engine_id="next", model="m-1B"))  # 40000 is someone else's
+    assert (await fleet.record("next")).port == 40002
+
+
+async def test_a_port_the_user_asked_for_is_not_changed(fleet: Fleet) -> None:
+    await fleet.node("n1", "1x24GiB")
+    await fleet.request(StartEngine(engine_id="e", model="m-1B", port=40005))
+    await fleet.event(port_taken("e", 40005))
+    record = await fleet.record("e")
+    assert record.state == EngineState.RESTARTING and record.port == 40005
 
 
 async def test_stop_of_an_unknown_or_unplaced_engine(fleet: Fleet) -> None:

@@ -10,8 +10,9 @@ import pytest
 
 from sage_mq.errors import DecodeError
 from sage_mq.gpu import FakeGpus
+from sage_mq.hashes import from_hash
 from sage_mq.keys import Keys
-from sage_mq.store import EngineRecord, EngineState, NodeRecord, Reservation, Store, from_hash
+from sage_mq.store import EngineRecord, EngineState, NodeRecord, Reservation, Store
 from tests.helpers.engines import CONTRACT_FIELDS
 
 

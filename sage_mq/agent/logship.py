@@ -1,4 +1,9 @@
-"""Mirrors engine log files into capped Redis streams, so logs can be read from any host."""
+"""Mirrors engine log files into capped Redis streams, so logs can be read from any host.
+
+Each entry is ``{line, generation, offset}``: the line, the engine generation whose log file it
+came from, and the file offset just past it. A restarted agent resumes from the last entry of its
+engine's generation, so lines written while the agent was away are shipped too, once.
+"""
 
 from __future__ import annotations
 
@@ -29,13 +34,13 @@ class LogShipper:
         self._tasks: dict[str, tuple[asyncio.Task[None], asyncio.Event]] = {}
         self._finishing: set[asyncio.Task[None]] = set()
 
-    def start(self, engine_id: str, path: Path, *, from_end: bool = False) -> None:
-        """Begin shipping a log (from its end, for an adopted engine already shipped)."""
+    def start(self, engine_id: str, path: Path, generation: int, *, resume: bool = False) -> None:
+        """Begin shipping a log: from its start for a new process; with ``resume`` (an engine
+        a restarted agent found) from where shipping got to before."""
         self.stop(engine_id)
-        offset = _size(path) if from_end else 0
         done = asyncio.Event()
         task = asyncio.get_running_loop().create_task(
-            self._run(engine_id, path, offset, done), name=f"logship-{engine_id}"
+            self._run(engine_id, path, generation, resume, done), name=f"logship-{engine_id}"
         )
         self._tasks[engine_id] = (task, done)
 
@@ -57,16 +62,38 @@ class LogShipper:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def _run(self, engine_id: str, path: Path, offset: int, done: asyncio.Event) -> None:
+    async def _run(
+        self, engine_id: str, path: Path, generation: int, resume: bool, done: asyncio.Event
+    ) -> None:
+        offset = await self._shipped_up_to(engine_id, generation) if resume else 0
         partial = b""
         while not done.is_set():
-            offset, partial = await self._ship_once(engine_id, path, offset, partial)
+            offset, partial = await self._ship_once(engine_id, path, generation, offset, partial)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(done.wait(), self.interval_s)
-        await self._ship_once(engine_id, path, offset, partial, final=True)
+        await self._ship_once(engine_id, path, generation, offset, partial, final=True)
+
+    async def _shipped_up_to(self, engine_id: str, generation: int) -> int:
+        """Where this generation's shipping got to (0 if none of it was shipped)."""
+        while True:
+            try:
+                newest = await self.redis.xrevrange(self.keys.engine_log(engine_id), count=1)
+                break
+            except (RedisError, OSError) as exc:
+                log.debug("log shipping for %s waits for Redis: %s", engine_id, exc)
+                await asyncio.sleep(self.interval_s)
+        if not newest or newest[0][1].get("generation") != str(generation):
+            return 0
+        return int(newest[0][1].get("offset") or 0)
 
     async def _ship_once(
-        self, engine_id: str, path: Path, offset: int, partial: bytes, final: bool = False
+        self,
+        engine_id: str,
+        path: Path,
+        generation: int,
+        offset: int,
+        partial: bytes,
+        final: bool = False,
     ) -> tuple[int, bytes]:
         """Ship whole lines past ``offset``; returns the new offset and the unfinished line."""
         size = _size(path)
@@ -75,20 +102,26 @@ class LogShipper:
         chunk = _read_from(path, offset) if size > offset else b""
         lines = (partial + chunk).split(b"\n")
         rest = b"" if final else lines.pop()
+        entries, end = [], offset - len(partial)
+        for line in lines:
+            end += len(line) + 1
+            if line:
+                text = line.decode("utf-8", "replace")
+                entries.append({"line": text, "generation": str(generation), "offset": str(end)})
         try:
-            await self._append(engine_id, [ln.decode("utf-8", "replace") for ln in lines if ln])
+            await self._append(engine_id, entries)
         except (RedisError, OSError) as exc:
             log.debug("log shipping for %s paused: %s", engine_id, exc)
             return offset, partial  # nothing consumed: read the same bytes next round
         return offset + len(chunk), rest
 
-    async def _append(self, engine_id: str, lines: list[str]) -> None:
-        if not lines:
+    async def _append(self, engine_id: str, entries: list[dict[str, str]]) -> None:
+        if not entries:
             return
         key = self.keys.engine_log(engine_id)
         async with self.redis.pipeline(transaction=False) as pipe:
-            for line in lines:
-                pipe.xadd(key, {"line": line}, maxlen=self.maxlen, approximate=True)
+            for fields in entries:
+                pipe.xadd(key, fields, maxlen=self.maxlen, approximate=True)
             await pipe.execute()
 
 

@@ -18,13 +18,13 @@ from sage_mq.agent import logs
 from sage_mq.agent.lifecycle import EngineLifecycleManager, ManagedEngine
 from sage_mq.agent.logship import LogShipper
 from sage_mq.agent.outbox import Outbox
-from sage_mq.agent.preflight import launch_problem
+from sage_mq.agent.preflight import check_launch
 from sage_mq.agent.presence import Presence
 from sage_mq.agent.processes import describe_returncode
 from sage_mq.bus import Bus
 from sage_mq.connection import Redis, connect
 from sage_mq.engines.backends import startup_timeout_s
-from sage_mq.errors import ControlPlaneUnavailable, InvalidRequest, LaunchError
+from sage_mq.errors import ControlPlaneUnavailable, InvalidRequest, LaunchError, PortInUse
 from sage_mq.gpu import GPUResourceManager
 from sage_mq.keys import Keys
 from sage_mq.messages import (
@@ -90,7 +90,11 @@ class NodeAgent:
         self._probing: set[asyncio.Task[None]] = set()
         self.leader_epoch = 0
         self._consumer = self.bus.consumer(
-            [self.keys.node_commands(self.node_id)], AGENT_GROUP, self.node_id, self.handle
+            [self.keys.node_commands(self.node_id)],
+            AGENT_GROUP,
+            self.node_id,
+            self.handle,
+            trim=True,
         )
 
     # -- actor shape ---------------------------------------------------------------------
@@ -167,9 +171,14 @@ class NodeAgent:
                     pid=engine.pid,
                 )
             )
-            self.logship.start(engine.engine_id, Path(engine.log_path), from_end=True)
+            log_path = Path(engine.log_path)
+            self.logship.start(engine.engine_id, log_path, engine.generation, resume=True)
             self._spawn(self._await_ready(engine))
-        for engine in gone:
+        for engine in gone:  # ship what it wrote while we were away, then report it
+            self.logship.start(
+                engine.engine_id, Path(engine.log_path), engine.generation, resume=True
+            )
+            self.logship.stop(engine.engine_id)
             await self.outbox.send(
                 EngineExited(
                     engine_id=engine.engine_id,
@@ -180,6 +189,10 @@ class NodeAgent:
                     last_lines=tuple(logs.tail(Path(engine.log_path))),
                 )
             )
+
+    def _resume_log(self, engine: ManagedEngine) -> None:
+        """Ship a found engine's log from where shipping got to before this agent started."""
+        self.logship.start(engine.engine_id, Path(engine.log_path), engine.generation, resume=True)
 
     # -- commands ------------------------------------------------------------------------
     async def handle(self, env: Envelope) -> None:
@@ -250,10 +263,8 @@ class NodeAgent:
                 cmd.generation,
             )
             await self.lifecycle.stop(cmd.engine_id)
-        problem = launch_problem(cmd, self.gpus.gpus(), self.node_id)
         try:
-            if problem:
-                raise LaunchError(problem)
+            check_launch(cmd, self.gpus.gpus(), self.node_id)
             engine = await self.lifecycle.launch(cmd)
         except (LaunchError, InvalidRequest) as exc:
             log.error("cannot launch %s: %s", cmd.engine_id, exc)
@@ -263,11 +274,12 @@ class NodeAgent:
                     node=self.node_id,
                     generation=cmd.generation,
                     reason=str(exc),
+                    port_in_use=isinstance(exc, PortInUse),
                 )
             )
             return
         await self._report_starting(engine)
-        self.logship.start(engine.engine_id, Path(engine.log_path))
+        self.logship.start(engine.engine_id, Path(engine.log_path), engine.generation)
         self._spawn(self._await_ready(engine, cmd.startup_timeout_s))
 
     async def _report_starting(self, engine: ManagedEngine) -> None:

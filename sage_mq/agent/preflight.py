@@ -9,20 +9,20 @@ from collections.abc import Sequence
 
 import psutil
 
-from sage_mq.errors import ConfigError
+from sage_mq.errors import ConfigError, LaunchError, PortInUse
 from sage_mq.gpu import GpuInfo
 from sage_mq.messages import LaunchEngine
 from sage_mq.store import Store
 
 
-def launch_problem(cmd: LaunchEngine, gpus: Sequence[GpuInfo], node_id: str) -> str | None:
-    """Why ``cmd`` cannot launch on this node (missing GPU, port not bindable), or None."""
+def check_launch(cmd: LaunchEngine, gpus: Sequence[GpuInfo], node_id: str) -> None:
+    """Raise :class:`LaunchError` if ``cmd`` cannot launch here (a GPU it names is missing,
+    its address is not this host's), :class:`PortInUse` if another process holds its port."""
     have = {g.index for g in gpus}
     missing = [g for g in cmd.gpus if g not in have]
     if missing:
-        return f"GPU(s) {missing} do not exist on node {node_id} (it has {sorted(have)})"
-    problem = bind_problem(cmd.host, cmd.port)
-    return f"{problem} (node {node_id})" if problem else None
+        raise LaunchError(f"GPU(s) {missing} do not exist on node {node_id} (has {sorted(have)})")
+    check_bind(cmd.host, cmd.port, node_id)
 
 
 async def refuse_a_second_agent(store: Store, node_id: str) -> None:
@@ -49,8 +49,9 @@ def _running(pid: int) -> bool:
         return False
 
 
-def bind_problem(host: str, port: int) -> str | None:
-    """Why a server could not bind ``host:port`` right now, or None if it could."""
+def check_bind(host: str, port: int, node_id: str) -> None:
+    """Raise if a server could not bind ``host:port`` right now (:class:`PortInUse` if another
+    process holds it)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -58,8 +59,12 @@ def bind_problem(host: str, port: int) -> str | None:
             sock.bind((host, port))
         except OSError as exc:
             if exc.errno == errno.EADDRINUSE:
-                return f"port {port} on {host} is already in use"
+                raise PortInUse(
+                    f"port {port} on {host} is already in use (node {node_id})"
+                ) from None
             if exc.errno == errno.EADDRNOTAVAIL:
-                return f"address {host} is not on this host (check --advertise-address)"
-            return f"cannot bind {host}:{port}: {exc.strerror or exc}"
-    return None
+                raise LaunchError(
+                    f"address {host} is not on this host, node {node_id} "
+                    "(check --advertise-address)"
+                ) from None
+            raise LaunchError(f"cannot bind {host}:{port}: {exc.strerror or exc}") from None

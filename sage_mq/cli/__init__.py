@@ -6,7 +6,10 @@ import typer
 
 from sage_mq.cli.actors import node_app, scheduler_app
 from sage_mq.cli.engine import engine_app
+from sage_mq.cli.gateway import gateway_app
 from sage_mq.cli.observe import events, gpu, status
+from sage_mq.cli.preset import preset_app
+from sage_mq.cli.up import up
 
 app = typer.Typer(
     help="sage-mq: a control plane for fleets of LLM and embedding engines, on Redis.",
@@ -18,6 +21,9 @@ app.add_typer(llm_app, name="llm")
 llm_app.add_typer(engine_app, name="engine", no_args_is_help=True)
 llm_app.add_typer(scheduler_app, name="scheduler", no_args_is_help=True)
 llm_app.add_typer(node_app, name="node", no_args_is_help=True)
+llm_app.add_typer(preset_app, name="preset", no_args_is_help=True)
+llm_app.add_typer(gateway_app, name="gateway", no_args_is_help=True)
+llm_app.command("up")(up)
 llm_app.command("status")(status)
 llm_app.command("events")(events)
 llm_app.command("gpu")(gpu)

@@ -1,4 +1,4 @@
-"""``sage llm engine …``: start, list, stop, logs."""
+"""``sage llm engine …``: start, list, stop, restart, logs."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ engine_app = typer.Typer(help="Start, list, stop engines and read their logs.")
 _STATE_STYLE = {"RUNNING": "green", "FAILED": "red", "UNHEALTHY": "yellow", "STOPPED": "dim"}
 
 
-def _progress(env: Envelope) -> None:
+def show_progress(env: Envelope) -> None:
     data = env.payload.model_dump(mode="json")
     detail = {k: v for k, v in data.items() if k not in ("engine_id", "argv", "last_lines")}
     console.print(f"  [cyan]{env.type}[/cyan] {detail}", highlight=False)
@@ -82,16 +82,26 @@ def start(
                 required_memory_gb=required_memory_gb,
                 wait=wait,
                 timeout=timeout,
-                on_event=None if json_output else _progress,
+                on_event=None if json_output else show_progress,
             )
 
-    record = run(main)
+    _report(run(main), json_output=json_output, waited=wait, requested="start")
+
+
+def _report(record: EngineRecord, *, json_output: bool, waited: bool, requested: str) -> None:
+    """What ``start`` and ``restart`` print."""
     if json_output:
         print_json(record.public())
-    elif wait:
-        console.print(f"[green]{record.engine_id} RUNNING[/green] at {record.url}", highlight=False)
+    elif waited:
+        console.print(
+            f"[green]{record.engine_id} RUNNING[/green] at {record.url} "
+            f"(generation {record.generation}, restarts {record.restarts})",
+            highlight=False,
+        )
     else:
-        console.print(f"requested {record.engine_id}; follow with `sage llm events --follow`")
+        console.print(
+            f"{requested} of {record.engine_id} requested; follow with `sage llm events --follow`"
+        )
 
 
 @engine_app.command("list")
@@ -156,6 +166,31 @@ def stop(
         print_json(record.public())
     else:
         console.print(f"{record.engine_id} {record.state.value if wait else 'stop requested'}")
+
+
+@engine_app.command("restart")
+def restart(
+    engine_id: Annotated[str, typer.Argument(help="Engine id (see `engine list`).")],
+    wait: Annotated[
+        bool, typer.Option("--wait/--no-wait", help="Wait until the new process is RUNNING.")
+    ] = True,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait.")] = 1800.0,
+    json_output: JsonFlag = False,
+    redis_url: RedisUrl = DEFAULT_URL,
+) -> None:
+    """Restart an engine as itself: same id, node, port, GPUs and arguments, a new process
+    (the old one gets SIGTERM, grace, SIGKILL). A FAILED or STOPPED engine is placed again."""
+
+    async def main() -> EngineRecord:
+        async with ControlPlaneManager(settings_for(redis_url)) as cp:
+            return await cp.restart_engine(
+                engine_id,
+                wait=wait,
+                timeout=timeout,
+                on_event=None if json_output else show_progress,
+            )
+
+    _report(run(main), json_output=json_output, waited=wait, requested="restart")
 
 
 @engine_app.command("logs")

@@ -19,7 +19,6 @@ from sage_mq.cli.common import (
 )
 from sage_mq.control import ControlPlaneManager
 from sage_mq.errors import DecodeError
-from sage_mq.gpu import GIB
 from sage_mq.messages import decode, to_json
 
 
@@ -95,25 +94,7 @@ def gpu(json_output: JsonFlag = False, redis_url: RedisUrl = DEFAULT_URL) -> Non
 
     async def main() -> list[dict[str, Any]]:
         async with ControlPlaneManager(settings_for(redis_url)) as cp:
-            rows = []
-            for node, alive in await cp.list_nodes():
-                reservations = await cp.store.reservations(node.node_id)
-                for g in node.gpus:
-                    holders = {e: r.memory_gb for e, r in reservations.items() if g.index in r.gpus}
-                    rows.append(
-                        {
-                            "node": node.node_id,
-                            "alive": alive,
-                            "index": g.index,
-                            "name": g.name,
-                            "memory_total_gib": round(g.memory_total / GIB, 1),
-                            "memory_used_gib": round(g.memory_used / GIB, 1),
-                            "reserved_gib": round(sum(holders.values()), 1),
-                            "engines": sorted(holders),
-                            "fake": g.fake,
-                        }
-                    )
-            return rows
+            return await cp.gpus()
 
     rows = run(main)
     if json_output:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import uvicorn
 from starlette.applications import Starlette
@@ -91,7 +91,7 @@ def load_encoder(model: str, device: str) -> Encoder:
         )
         sys.exit(EXIT_MISSING_DEPENDENCY)
     try:
-        encoder: Encoder = SentenceTransformer(model, device=device)
+        encoder = cast(Encoder, SentenceTransformer(model, device=device))
     except Exception as exc:  # a hub error, a bad path, CUDA missing: all end the same way
         sys.stderr.write(f"embedding server: cannot load {model!r} on {device}: {exc}\n")
         sys.exit(EXIT_MODEL_LOAD)

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
 from sage_mq.bus import Bus
 from sage_mq.connection import Redis
 from sage_mq.keys import Keys
 from sage_mq.messages import Envelope, Message, RequestRejected
+from sage_mq.scheduler.fleet import FleetView
+from sage_mq.scheduler.steady import SteadyEngines
 from sage_mq.scheduler.timers import Timers
 from sage_mq.settings import SchedulerSettings, Settings
 from sage_mq.store import EngineRecord, Store
@@ -16,7 +19,8 @@ log = logging.getLogger(__name__)
 
 
 class Context:
-    """Shared by placing, tracking and healing; holds no state of its own."""
+    """Shared by placing, tracking and healing; holds no state but what speeds the leader up
+    (the fleet picture, the engines known steady), all of it read again from Redis in time."""
 
     def __init__(self, settings: Settings, scheduler: SchedulerSettings, redis: Redis) -> None:
         self.settings = settings
@@ -25,6 +29,8 @@ class Context:
         self.bus = Bus(redis, self.keys, settings.bus)
         self.store = Store(redis, self.keys)
         self.timers = Timers(redis, self.keys)
+        self.fleet = FleetView(self.store)
+        self.steady = SteadyEngines()
         self.epoch = 0
         """The leadership epoch this scheduler holds (0 when it runs unfenced, in tests)."""
 
@@ -32,10 +38,14 @@ class Context:
         """Publish an event."""
         await self.bus.publish(self.keys.events, message)
 
-    async def command(self, node_id: str, *messages: Message) -> None:
-        """Send commands to one node agent, in order, in one round trip, fenced by our epoch."""
-        await self.bus.publish_many(
-            self.keys.node_commands(node_id), [self.fence(m) for m in messages]
+    async def command(
+        self, node_id: str, *messages: Message, events: Sequence[Message] = ()
+    ) -> None:
+        """Send commands to one node agent, in order, fenced by our epoch, after ``events``:
+        all in one round trip."""
+        stream = self.keys.node_commands(node_id)
+        await self.bus.publish_each(
+            [(self.keys.events, e) for e in events] + [(stream, self.fence(m)) for m in messages]
         )
 
     def fence(self, message: Message) -> Message:

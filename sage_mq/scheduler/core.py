@@ -17,8 +17,8 @@ import time
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
-from sage_mq.bus import Consumer
 from sage_mq.connection import Redis, connect
+from sage_mq.consumer import Consumer
 from sage_mq.errors import ControlPlaneUnavailable
 from sage_mq.messages import (
     EngineAdopted,
@@ -35,6 +35,7 @@ from sage_mq.messages import (
     NodeHealth,
     NodeJoined,
     RelaunchEngine,
+    RestartEngine,
     SchedulerElected,
     StartEngine,
     StopEngine,
@@ -77,6 +78,7 @@ class Scheduler:
             StartEngine: placing.on_start,
             StopEngine: placing.on_stop,
             RelaunchEngine: healing.on_relaunch,
+            RestartEngine: healing.on_restart,
             EngineStarting: tracking.on_starting,
             EngineAdopted: tracking.on_adopted,
             EngineReady: tracking.on_ready,
@@ -119,6 +121,7 @@ class Scheduler:
         With ``until_idle`` (tests), consume what is there without a lease, then return.
         """
         if until_idle:
+            self.ctx.fleet.forget()  # tests change the fleet between runs
             await self._consumer().run(until_idle=True)
             return
         lease = Lease(self.redis, self.keys, self.name, self.ctx.scheduler.lease_ttl_s)
@@ -142,6 +145,7 @@ class Scheduler:
     async def _lead(self, lease: Lease, epoch: int) -> None:
         """Carry out requests and events, tick and fire timers, while the lease is ours."""
         self.ctx.epoch = epoch
+        self.ctx.fleet.forget()
         log.info("scheduler %s leads (epoch %d)", self.name, epoch)
         with contextlib.suppress(ControlPlaneUnavailable):
             await self.ctx.emit(SchedulerElected(name=self.name, epoch=epoch))
@@ -196,15 +200,15 @@ class Scheduler:
             await handler(env)
 
     async def tick(self) -> None:
-        """Notice lost and returning nodes, then probe every live one."""
-        await self.nodes.check()
-        await self.send_health_ticks()
+        """Look at the fleet; notice lost and returning nodes; probe every live one."""
+        listed = await self.ctx.fleet.look()
+        await self.nodes.check(listed)
+        await self.send_health_ticks([record.node_id for record, alive in listed if alive])
 
-    async def send_health_ticks(self) -> int:
-        """One health tick to every live node, in one round trip; how many nodes."""
-        nodes = [r.node_id for r, alive in await self.store.list_nodes() if alive]
+    async def send_health_ticks(self, nodes: list[str]) -> int:
+        """One health tick to each of these nodes, in one round trip; how many nodes."""
         tick = HealthTick(timeout_s=self.ctx.scheduler.probe_timeout_s)
-        await self.bus.publish_each([(self.keys.node_commands(n), tick) for n in nodes])
+        await self.bus.broadcast([self.keys.node_commands(n) for n in nodes], self.ctx.fence(tick))
         return len(nodes)
 
     async def fire_timers(self, now: float | None = None) -> int:

@@ -12,8 +12,10 @@ from sage_mq.messages import (
     EngineRestarting,
     EngineUnhealthy,
     Envelope,
+    HealthTick,
     NodeHealth,
     RelaunchEngine,
+    RestartEngine,
     TerminateEngine,
 )
 from sage_mq.scheduler.context import Context
@@ -34,6 +36,7 @@ class Healing:
         self.placing = placing
         self.tracking = tracking
         self.policy = ctx.scheduler.policy
+        self.steady = ctx.steady
 
     async def on_exited(self, env: Envelope) -> None:
         """The process died on its own: restart directly (after backoff)."""
@@ -53,6 +56,8 @@ class Healing:
         if record is None or record.state not in LIVE:
             return
         reason = f"launch failed on {ev.node}: {ev.reason}"
+        if ev.port_in_use:
+            record = await self.placing.change_port(record)
         await self.fail_or_restart(record, reason, (), still_running=False)
 
     async def on_unhealthy(self, env: Envelope) -> None:
@@ -65,18 +70,42 @@ class Healing:
         await self.fail_or_restart(record, ev.reason, (), still_running=True)
 
     async def on_node_health(self, env: Envelope) -> None:
-        """Probe results of one node: count consecutive failures of RUNNING engines."""
+        """Probe results of one node: count consecutive failures of RUNNING engines.
+
+        A failed probe gets the node probed again at once rather than at the next tick (as
+        HAProxy's ``fastinter``): a hang is confirmed in about threshold times the probe timeout.
+        """
         ev = env.payload
         assert isinstance(ev, NodeHealth)
-        records = await self.ctx.store.get_engines(list(ev.results))  # one round trip a tick
-        for engine_id, healthy in ev.results.items():
-            record = records.get(engine_id)
-            if record is None or record.node != ev.node_id:
+        now = time.monotonic()
+        to_judge = [
+            engine_id
+            for engine_id, healthy in ev.results.items()
+            if not (healthy and self.steady.known(ev.node_id, engine_id, now))
+        ]
+        if not to_judge:
+            return  # the common case, at no cost: healthy engines known to be RUNNING
+        states = await self.ctx.store.probe_states(to_judge)  # one round trip
+        suspects = 0
+        for engine_id in to_judge:
+            healthy = ev.results[engine_id]
+            node, state, failures = states.get(engine_id, ("", "", 0))
+            if node != ev.node_id or state not in (S.RUNNING, S.UNHEALTHY):
+                continue  # not ours, or STARTING (its startup grace)
+            if healthy and not failures:
+                if state == S.RUNNING:
+                    self.steady.remember(node, engine_id, now)
                 continue
-            if record.state in (S.RUNNING, S.UNHEALTHY):  # STARTING: its startup grace
-                await self._probed(record, healthy)
+            self.steady.forget(node, engine_id)
+            record = await self.ctx.store.get_engine(engine_id)
+            if record is not None:
+                suspects += await self._probed(record, healthy)
+        if suspects:
+            recheck = HealthTick(timeout_s=self.ctx.scheduler.probe_timeout_s)
+            await self.ctx.command(ev.node_id, recheck)
 
-    async def _probed(self, record: EngineRecord, healthy: bool) -> None:
+    async def _probed(self, record: EngineRecord, healthy: bool) -> bool:
+        """Count one probe result; whether the engine is now suspect (failed, not replaced)."""
         failures, restart = after_probe(self.policy, record.probe_failures, healthy)
         if restart:
             reason = f"failed {failures} consecutive health probes"
@@ -89,11 +118,13 @@ class Healing:
                 )
             )
             await self.fail_or_restart(record, reason, (), still_running=True)
-        elif failures != record.probe_failures:
+            return False
+        if failures != record.probe_failures:
             state = S.UNHEALTHY if failures else S.RUNNING
             await self.ctx.store.update_engine(
                 record.engine_id, probe_failures=failures, state=state
             )
+        return failures > 0
 
     async def fail_or_restart(
         self,
@@ -147,6 +178,46 @@ class Healing:
             decision.attempt,
             decision.delay_s,
         )
+
+    async def on_restart(self, env: Envelope) -> None:
+        """An operator asked: launch the next generation now, where the engine is (TERM, grace,
+        KILL of the running one first, by the agent); a FAILED or STOPPED engine is placed again.
+        Either way the attempt counter starts afresh."""
+        req = env.payload
+        assert isinstance(req, RestartEngine)
+        record = await self.ctx.store.get_engine(req.engine_id)
+        if record is None:
+            await self.ctx.reject(env, req.engine_id, f"no engine {req.engine_id!r}")
+            return
+        if record.state == S.STOPPING:
+            why = f"{req.engine_id} is stopping; start it again once it is STOPPED"
+            await self.ctx.reject(env, req.engine_id, why)
+            return
+        if record.state == S.PENDING:  # waiting for capacity: try now, keep waiting if none
+            if not await self.placing.place_pending(record):
+                why = f"{req.engine_id} is still waiting for capacity: {record.last_error}"
+                await self.ctx.reject(env, req.engine_id, why)
+            return
+        restarted = await self.ctx.store.update_engine(
+            record.engine_id,
+            current=record,
+            restarts=record.restarts + 1,
+            restart_attempt=0,
+            probe_failures=0,
+            running_since=None,
+            pid=None,
+            **({"state": S.PENDING} if record.state.terminal else {}),
+        )
+        assert restarted is not None
+        if record.state.terminal:
+            log.info("%s: restart asked for; placing it again", record.engine_id)
+            await self.placing.start_pending(env, restarted)
+            return
+        assert record.node is not None
+        self.steady.forget(record.node, record.engine_id)
+        await self.ctx.emit(EngineRestarting(engine_id=record.engine_id, attempt=0, delay_s=0.0))
+        log.info("%s: restart asked for (was %s)", record.engine_id, record.state.value)
+        await self.placing.relaunch(restarted)
 
     async def on_relaunch(self, env: Envelope) -> None:
         """A backoff timer fired: launch again, unless the engine moved on meanwhile."""

@@ -10,7 +10,7 @@ from sage_mq.messages import Envelope, EvacuateNode, NodeJoined, NodeLost
 from sage_mq.scheduler.context import Context
 from sage_mq.scheduler.placing import Placing
 from sage_mq.scheduler.tracking import Tracking
-from sage_mq.store import EngineState, NodeRecord
+from sage_mq.store import EngineState, NodeRecord, oldest_first
 
 log = logging.getLogger(__name__)
 S = EngineState
@@ -24,16 +24,16 @@ class NodeWatch:
         self.placing = placing
         self.tracking = tracking
 
-    async def check(self) -> None:
-        """Compare liveness keys with what the records say (the leader calls this each tick)."""
-        for record, alive in await self.ctx.store.list_nodes():
+    async def check(self, listed: list[tuple[NodeRecord, bool]]) -> None:
+        """Compare liveness with what the records say (the leader does this each tick)."""
+        for record, alive in listed:
             if not alive and record.status != "lost":
                 await self._lost(record)
             elif alive and record.status == "lost":
                 await self._back(record)
 
     async def _lost(self, node: NodeRecord) -> None:
-        await self.ctx.store.set_node_status(node.node_id, "lost")
+        await self.ctx.fleet.set_status(node.node_id, "lost")
         await self.ctx.emit(NodeLost(node_id=node.node_id))
         grace = self.ctx.scheduler.node_lost_grace_s
         log.error(
@@ -46,7 +46,7 @@ class NodeWatch:
         )
 
     async def _back(self, node: NodeRecord) -> None:
-        await self.ctx.store.set_node_status(node.node_id, "up")
+        await self.ctx.fleet.set_status(node.node_id, "up")
         log.info("node %s is back", node.node_id)
         await self.ctx.emit(
             NodeJoined(
@@ -64,7 +64,9 @@ class NodeWatch:
         node = await self.ctx.store.get_node(req.node_id)
         if node is None or node.status != "lost" or await self.ctx.store.is_alive(req.node_id):
             return
-        for record in await self.ctx.store.list_engines():
+        where = await self.ctx.store.engine_placements()
+        held = [e for e, (state, node) in where.items() if node == req.node_id]
+        for record in oldest_first((await self.ctx.store.get_engines(held)).values()):
             if record.node != req.node_id or record.state.terminal:
                 continue
             if record.state == S.STOPPING:  # it cannot confirm; the terminate waits there
@@ -75,6 +77,9 @@ class NodeWatch:
     async def on_joined(self, env: Envelope) -> None:
         """Capacity may have come: place the engines waiting PENDING."""
         assert isinstance(env.payload, NodeJoined)
-        for record in await self.ctx.store.list_engines():
+        await self.ctx.fleet.refresh_node(env.payload.node_id)
+        where = await self.ctx.store.engine_placements()
+        waiting = [e for e, (state, node) in where.items() if state == S.PENDING and node is None]
+        for record in oldest_first((await self.ctx.store.get_engines(waiting)).values()):
             if record.state == S.PENDING and record.node is None:
                 await self.placing.place_pending(record)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from sage_mq.errors import InvalidRequest, PlacementError
 from sage_mq.messages import StartEngine
@@ -33,6 +35,11 @@ class NodeView:
     engines: int = 0
     port_range: tuple[int, int] = (40000, 40999)
     ports_in_use: frozenset[int] = field(default_factory=frozenset)
+
+    @cached_property
+    def free_ascending(self) -> tuple[tuple[float, int], ...]:
+        """(free GiB, index) of every GPU, least free first: a fit is a slice of it."""
+        return tuple(sorted((g.free_gb, g.index) for g in self.gpus))
 
 
 @dataclass(frozen=True)
@@ -85,28 +92,30 @@ def place(demand: Demand, nodes: Sequence[NodeView]) -> Placement:
             raise PlacementError(f"node {demand.node!r} is not live (live nodes: {live})")
         raise PlacementError("no live node: start one with `sage llm node run --node-id ID`")
     if demand.gpu_count == 0:
-        best = min(candidates, key=lambda n: (n.engines, n.node_id))
-        return Placement(best.node_id, best.address, (), 0.0)
-    fits = [p for p in (_fit_on(n, demand) for n in candidates) if p is not None]
-    if not fits:
+        fewest = min(candidates, key=lambda n: (n.engines, n.node_id))
+        return Placement(fewest.node_id, fewest.address, (), 0.0)
+    count, need = demand.gpu_count, demand.memory_gb_per_gpu
+    best: tuple[float, str] | None = None
+    chosen: tuple[NodeView, tuple[tuple[float, int], ...]] | None = None
+    for node in candidates:  # best fit: the tightest GPUs that hold it; score = GiB left over
+        free = node.free_ascending
+        start = bisect_left(free, (need - 1e-9, -1))
+        if len(free) - start < count:
+            continue
+        fit = free[start : start + count]
+        score = (sum(f for f, _index in fit) - count * need, node.node_id)
+        if best is None or score < best:
+            best, chosen = score, (node, fit)
+    if chosen is None:
         raise PlacementError(_no_gpu_fits(demand, candidates))
-    return min(fits, key=lambda scored: (scored[0], scored[1].node_id))[1]
+    target, fit = chosen
+    gpus = tuple(sorted(index for _free, index in fit))
+    smallest = min(g.total_gb for g in target.gpus if g.index in gpus)
+    return Placement(target.node_id, target.address, gpus, need, smallest)
 
 
-def _fit_on(node: NodeView, demand: Demand) -> tuple[float, Placement] | None:
-    """Best fit on one node: the tightest GPUs that hold the demand; score = GiB left over."""
-    usable = sorted(
-        (g for g in node.gpus if g.free_gb + 1e-9 >= demand.memory_gb_per_gpu),
-        key=lambda g: (g.free_gb, g.index),
-    )
-    if len(usable) < demand.gpu_count:
-        return None
-    chosen = sorted(usable[: demand.gpu_count], key=lambda g: g.index)
-    leftover = sum(g.free_gb - demand.memory_gb_per_gpu for g in chosen)
-    gpus = tuple(g.index for g in chosen)
-    smallest = min(g.total_gb for g in chosen)
-    placement = Placement(node.node_id, node.address, gpus, demand.memory_gb_per_gpu, smallest)
-    return leftover, placement
+_LISTED = 8
+"""Nodes named in a "no GPU fits" error (those with the most free memory)."""
 
 
 def _no_gpu_fits(demand: Demand, nodes: Sequence[NodeView]) -> str:
@@ -114,13 +123,18 @@ def _no_gpu_fits(demand: Demand, nodes: Sequence[NodeView]) -> str:
         f"no GPU fits: needs {demand.gpu_count} GPU(s) with "
         f"≥{demand.memory_gb_per_gpu:.1f} GiB free each on one node"
     )
+    roomiest = sorted(
+        nodes, key=lambda n: (-max((g.free_gb for g in n.gpus), default=0.0), n.node_id)
+    )
     seen = []
-    for n in sorted(nodes, key=lambda n: n.node_id):
+    for n in sorted(roomiest[:_LISTED], key=lambda n: n.node_id):
         if not n.gpus:
             seen.append(f"{n.node_id}: no GPUs")
             continue
         free = ", ".join(f"{g.free_gb:.1f}" for g in n.gpus)
         seen.append(f"{n.node_id}: {len(n.gpus)} GPU(s), free GiB [{free}]")
+    if len(nodes) > _LISTED:
+        seen.append(f"and {len(nodes) - _LISTED} more live node(s) with less free")
     return f"{need}; {'; '.join(seen)}"
 
 

@@ -20,8 +20,14 @@ from sage_mq.messages import (
     TerminateEngine,
 )
 from sage_mq.scheduler.context import Context
-from sage_mq.scheduler.fleet import live_nodes
-from sage_mq.scheduler.placement import Demand, Placement, check_request, choose_port, place
+from sage_mq.scheduler.placement import (
+    Demand,
+    NodeView,
+    Placement,
+    check_request,
+    choose_port,
+    place,
+)
 from sage_mq.scheduler.placement import wants_gpu as resolve_use_gpu
 from sage_mq.scheduler.tracking import Tracking
 from sage_mq.store import EngineRecord, EngineState, Reservation
@@ -54,11 +60,15 @@ class Placing:
         record = existing or new_record(req)  # PENDING: a half-done start is resumed
         if existing is None:
             await self.ctx.store.put_engine(record)
+        await self.start_pending(env, record)
+
+    async def start_pending(self, env: Envelope, record: EngineRecord) -> None:
+        """Place and launch a PENDING engine, or end it FAILED and reject ``env`` saying why."""
         try:
             placement, port = await self._place(record)
         except PlacementError as exc:
             await self.ctx.store.update_engine(
-                record.engine_id, state=S.FAILED, last_error=str(exc)
+                record.engine_id, current=record, state=S.FAILED, last_error=str(exc)
             )
             await self.ctx.reject(env, record.engine_id, str(exc))
             await self.ctx.emit(EngineFailed(engine_id=record.engine_id, reason=str(exc)))
@@ -66,7 +76,7 @@ class Placing:
         await self._launch_new(record, placement, port)
 
     async def _place(self, record: EngineRecord) -> tuple[Placement, int]:
-        nodes = await live_nodes(self.ctx.store)
+        nodes = await self.ctx.fleet.live()
         wants = resolve_use_gpu(record.kind, record.use_gpu)
         gpu_count = record.tensor_parallel_size * record.pipeline_parallel_size if wants else 0
         total_gb = estimate_memory_gb(
@@ -77,13 +87,15 @@ class Placing:
         )
         demand = Demand(gpu_count, total_gb / max(gpu_count, 1), record.requested_node)
         placement = place(demand, nodes)
-        node = next(n for n in nodes if n.node_id == placement.node_id)
+        node: NodeView | None = next(n for n in nodes if n.node_id == placement.node_id)
         for _attempt in range(3):
+            if node is None:
+                break
             port = choose_port(node, record.requested_port)
-            if await self.ctx.store.assign_port(node.node_id, port, record.engine_id):
+            if await self.ctx.fleet.assign_port(node.node_id, port, record.engine_id):
                 return placement, port
-            node = next(n for n in await live_nodes(self.ctx.store) if n.node_id == node.node_id)
-        raise PlacementError(f"could not assign a port on {node.node_id}: ports keep changing")
+            node = next((n for n in await self.ctx.fleet.live() if n.node_id == node.node_id), None)
+        raise PlacementError(f"could not assign a port on {placement.node_id}: ports keep changing")
 
     async def _launch_new(self, record: EngineRecord, placement: Placement, port: int) -> None:
         node_id = placement.node_id
@@ -91,7 +103,7 @@ class Placing:
             reservation = Reservation(
                 gpus=list(placement.gpus), memory_gb=placement.memory_gb_per_gpu
             )
-            await self.ctx.store.reserve_gpus(node_id, record.engine_id, reservation)
+            await self.ctx.fleet.reserve_gpus(node_id, record.engine_id, reservation)
         fraction = None
         if record.backend == "vllm" and placement.gpus:
             fraction = gpu_memory_utilization(
@@ -99,6 +111,7 @@ class Placing:
             )
         placed = await self.ctx.store.update_engine(
             record.engine_id,
+            current=record,
             state=S.STARTING,
             node=node_id,
             host=placement.address,
@@ -110,14 +123,12 @@ class Placing:
             memory_gb=placement.memory_gb_per_gpu * max(len(placement.gpus), 1),
         )
         assert placed is not None
-        await self.ctx.emit(
-            EnginePlaced(
-                engine_id=record.engine_id,
-                node=node_id,
-                port=port,
-                gpus=placement.gpus,
-                memory_gb=placement.memory_gb_per_gpu,
-            )
+        announced = EnginePlaced(
+            engine_id=record.engine_id,
+            node=node_id,
+            port=port,
+            gpus=placement.gpus,
+            memory_gb=placement.memory_gb_per_gpu,
         )
         commands: list[Message] = []
         if placement.gpus:
@@ -129,7 +140,7 @@ class Placing:
                 )
             )
         commands.append(launch_command(placed))
-        await self.ctx.command(node_id, *commands)
+        await self.ctx.command(node_id, *commands, events=[announced])
         log.info(
             "placed %s on %s port %d GPUs %s",
             record.engine_id,
@@ -146,7 +157,11 @@ class Placing:
         """
         assert record.node is not None
         relaunched = await self.ctx.store.update_engine(
-            record.engine_id, state=S.STARTING, generation=record.generation + 1, pid=None
+            record.engine_id,
+            current=record,
+            state=S.STARTING,
+            generation=record.generation + 1,
+            pid=None,
         )
         assert relaunched is not None
         await self.ctx.command(record.node, launch_command(relaunched))
@@ -159,6 +174,38 @@ class Placing:
             record.port,
         )
 
+    async def change_port(self, record: EngineRecord) -> EngineRecord:
+        """Another process holds the engine's port: give it a free one on the same node.
+
+        The old port is assigned to no engine for a while. Returns the record as it is now
+        (unchanged if the engine asked for that port, or if no port is free).
+        """
+        node_id, old = record.node, record.port
+        assert node_id is not None and old is not None
+        self.ctx.fleet.mark_foreign(node_id, old)
+        if record.requested_port is not None:
+            return record  # asked for by the user: not ours to change
+        view = next((n for n in await self.ctx.fleet.live() if n.node_id == node_id), None)
+        try:
+            port = choose_port(view) if view is not None else None
+        except PlacementError:
+            port = None
+        if port is None or not await self.ctx.fleet.assign_port(node_id, port, record.engine_id):
+            return record
+        await self.ctx.fleet.release_port(node_id, old, record.engine_id)
+        moved = await self.ctx.store.update_engine(
+            record.engine_id, current=record, port=port, url=f"http://{record.host}:{port}"
+        )
+        assert moved is not None
+        log.warning(
+            "%s: port %d on %s is held by another process; moving to port %d",
+            record.engine_id,
+            old,
+            node_id,
+            port,
+        )
+        return moved
+
     async def move(self, record: EngineRecord, why: str) -> None:
         """Place an engine again, away from its lost node; PENDING with the reason if none fits.
 
@@ -167,9 +214,7 @@ class Placing:
         """
         old = record.node
         if old is not None:
-            if record.port is not None:
-                await self.ctx.store.release_port(old, record.port, record.engine_id)
-            await self.ctx.store.release_gpus(old, record.engine_id)
+            await self.ctx.fleet.release(old, record.engine_id, record.port)
             stale = TerminateEngine(engine_id=record.engine_id, generation=record.generation)
             await self.ctx.command(old, stale)
         pending = await self.ctx.store.update_engine(

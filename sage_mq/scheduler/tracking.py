@@ -35,7 +35,9 @@ class Tracking:
         assert isinstance(ev, EngineStarting)
         record = await self.ctx.current(ev.engine_id, ev.generation)
         if record is not None and record.state == S.STARTING:
-            await self.ctx.store.update_engine(ev.engine_id, pid=ev.pid, argv=list(ev.argv))
+            await self.ctx.store.update_engine(
+                ev.engine_id, current=record, pid=ev.pid, argv=list(ev.argv)
+            )
 
     async def on_adopted(self, env: Envelope) -> None:
         """A restarted agent still runs the process: keep it, or stop it if it is stale."""
@@ -68,7 +70,8 @@ class Tracking:
         changes: dict[str, Any] = {"state": S.RUNNING, "url": ev.url, "probe_failures": 0}
         if record.state != S.RUNNING:
             changes["running_since"] = time.time()
-        await self.ctx.store.update_engine(ev.engine_id, **changes)
+        await self.ctx.store.update_engine(ev.engine_id, current=record, **changes)
+        self.ctx.steady.remember(ev.node, ev.engine_id, time.monotonic())
         log.info("%s RUNNING at %s (generation %d)", ev.engine_id, ev.url, ev.generation)
 
     async def on_stopped(self, env: Envelope) -> None:
@@ -83,9 +86,7 @@ class Tracking:
     async def finish(self, record: EngineRecord, state: EngineState, error: str | None) -> None:
         """Enter a terminal state: give back the port and GPUs, clear where it ran."""
         if record.node is not None:
-            if record.port is not None:
-                await self.ctx.store.release_port(record.node, record.port, record.engine_id)
-            await self.ctx.store.release_gpus(record.node, record.engine_id)
+            await self.ctx.fleet.release(record.node, record.engine_id, record.port)
             if record.gpus:
                 await self.ctx.command(record.node, ReleaseGpus(engine_id=record.engine_id))
         changes: dict[str, Any] = {

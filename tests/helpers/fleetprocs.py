@@ -50,7 +50,7 @@ class FleetProcs:
                 "--fake-gpus",
                 "2x24GiB",
                 "--liveness-ttl",
-                "3",
+                "5",  # the default: a loaded 2-core CI box once stalled an agent's beat for 3 s
                 "--stop-grace",
                 "3",
                 "--port-range",

@@ -1,0 +1,118 @@
+"""``sage llm preset …``: list, show and apply presets."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+import yaml
+from rich.table import Table
+
+from sage_mq.cli.common import (
+    DEFAULT_URL,
+    JsonFlag,
+    RedisUrl,
+    console,
+    fail,
+    print_json,
+    run,
+    settings_for,
+)
+from sage_mq.cli.engine import show_progress
+from sage_mq.control import ControlPlaneManager
+from sage_mq.presets import BUILTIN_DIR, Preset, PresetError, builtin_names, load_preset
+from sage_mq.store import EngineRecord
+
+preset_app = typer.Typer(help="Named sets of engines, started with one command.")
+NameOrFile = Annotated[str, typer.Argument(help="A built-in preset's name, or a YAML file.")]
+
+
+@preset_app.command("list")
+def list_presets(json_output: JsonFlag = False) -> None:
+    """The built-in presets (files in presets/)."""
+    presets = [_load(name) for name in builtin_names()]
+    if json_output:
+        print_json([p.model_dump(mode="json") for p in presets])
+        return
+    table = Table("PRESET", "ENGINES", "MODELS")
+    for p in presets:
+        models = ", ".join(f"{e.model} ({e.kind})" for e in p.engines)
+        table.add_row(p.name, str(len(p.engines)), models)
+    console.print(table)
+    console.print(f"[dim]from {BUILTIN_DIR}[/dim]", highlight=False)
+
+
+@preset_app.command("show")
+def show(name: NameOrFile, json_output: JsonFlag = False) -> None:
+    """A preset as YAML, with the engine id each engine gets."""
+    preset = _load(name)
+    data = {"version": preset.version, **preset.model_dump(mode="json", exclude_defaults=True)}
+    if json_output:
+        print_json(data)
+        return
+    typer.echo(yaml.safe_dump(data, sort_keys=False).rstrip())
+    for engine in preset.engines:
+        typer.echo(f"# {engine.name} → engine id {preset.engine_id(engine)}")
+
+
+@preset_app.command("apply")
+def apply(
+    name: NameOrFile,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Check the preset and show the plan only.")
+    ] = False,
+    wait: Annotated[
+        bool, typer.Option("--wait/--no-wait", help="Wait until every engine is RUNNING.")
+    ] = True,
+    rollback: Annotated[
+        bool,
+        typer.Option(
+            "--rollback/--no-rollback", help="Stop what was started if a later engine fails."
+        ),
+    ] = True,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for each engine.")] = 1800.0,
+    json_output: JsonFlag = False,
+    redis_url: RedisUrl = DEFAULT_URL,
+) -> None:
+    """Start every engine of a preset (engines already running are left as they are)."""
+    preset = _load(name)  # a bad file is refused here, before anything starts
+    if dry_run:
+        _plan(preset, json_output)
+        return
+
+    async def main() -> list[EngineRecord]:
+        async with ControlPlaneManager(settings_for(redis_url)) as cp:
+            return await cp.apply_preset(
+                preset,
+                wait=wait,
+                rollback=rollback,
+                timeout=timeout,
+                on_event=None if json_output else show_progress,
+            )
+
+    records = run(main)
+    if json_output:
+        print_json([r.public() for r in records])
+        return
+    for r in records:
+        console.print(f"{r.engine_id} {r.state.value} {r.url or ''}", highlight=False)
+
+
+def _load(name: str) -> Preset:
+    try:
+        return load_preset(name)
+    except PresetError as exc:
+        fail(str(exc))
+
+
+def _plan(preset: Preset, json_output: bool) -> None:
+    plan = [
+        {"engine_id": preset.engine_id(e), "model": e.model, "kind": e.kind, "use_gpu": e.use_gpu}
+        for e in preset.engines
+    ]
+    if json_output:
+        print_json({"preset": preset.name, "engines": plan})
+        return
+    console.print(f"preset {preset.name} is valid; it would start:", highlight=False)
+    for step in plan:
+        console.print(f"  {step['engine_id']}: {step['model']} ({step['kind']})", highlight=False)

@@ -1,0 +1,65 @@
+"""``sage llm up``: the whole fleet on this machine, in one command, until Ctrl-C."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from sage_mq.cli.common import LogLevel, console, on_signals, run, setup_logging
+from sage_mq.connection import redact_url
+from sage_mq.embedded import EmbeddedControlPlane
+from sage_mq.settings import ENV_REDIS_URL
+
+
+def up(
+    preset: Annotated[
+        str, typer.Option(help="A built-in preset's name or a preset file.")
+    ] = "demo",
+    port: Annotated[int, typer.Option(help="The gateway's port.")] = 8000,
+    host: Annotated[str, typer.Option(help="The gateway's address.")] = "127.0.0.1",
+    redis_url: Annotated[
+        str | None,
+        typer.Option(
+            "--redis-url",
+            envvar=ENV_REDIS_URL,
+            help="Join this Redis instead of starting a private one.",
+        ),
+    ] = None,
+    fake_gpus: Annotated[
+        str | None, typer.Option(help="Fake GPU inventory, e.g. 2x24GiB (default: NVML).")
+    ] = None,
+    state_dir: Annotated[Path | None, typer.Option(help="Engine state and logs.")] = None,
+    log_level: LogLevel = "WARNING",
+) -> None:
+    """Run Redis, a scheduler, a node agent and the gateway here, and apply a preset; Ctrl-C
+    stops every engine and process it started."""
+    setup_logging(log_level)
+
+    async def main() -> int:
+        stopping = asyncio.Event()
+        plane = EmbeddedControlPlane(
+            redis_url=redis_url, host=host, port=port, fake_gpus=fake_gpus, state_dir=state_dir
+        )
+        async with plane:
+            on_signals(stopping.set)
+            records = await plane.apply(preset)
+            where = redact_url(plane.local.url if plane.local else (redis_url or ""))
+            console.print(f"[green]sage-mq is up[/green] (preset {preset})", highlight=False)
+            console.print(f"  OpenAI API   {plane.gateway_url}", highlight=False)
+            console.print(f"  management   http://{host}:{port}/v1/management", highlight=False)
+            console.print(f"  Redis        {where}", highlight=False)
+            table = Table("ENGINE", "MODEL", "KIND", "STATE", "URL")
+            for r in records:
+                table.add_row(r.engine_id, r.model, r.kind, r.state.value, r.url or "-")
+            console.print(table)
+            console.print("Ctrl-C stops everything.", highlight=False)
+            await stopping.wait()
+            console.print("stopping…", highlight=False)
+        return len(records)
+
+    count = run(main)
+    console.print(f"stopped {count} engine(s) and every process; nothing is left", highlight=False)

@@ -1,0 +1,123 @@
+"""The gateway app: OpenAI-compatible inference routes over the fleet's RUNNING engines."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.responses import JSONResponse, Response
+
+from sage_mq.bus import Bus
+from sage_mq.connection import connect
+from sage_mq.control import ControlPlaneManager
+from sage_mq.errors import ControlPlaneUnavailable, SageMQError
+from sage_mq.gateway.auth import KeyCheck
+from sage_mq.gateway.management import management_router, on_bad_body, on_our_error
+from sage_mq.gateway.metrics import CONTENT_TYPE, GatewayMetrics
+from sage_mq.gateway.proxy import Forwarder, openai_error
+from sage_mq.gateway.registry import Registry
+from sage_mq.keys import Keys
+from sage_mq.routing import Router
+from sage_mq.settings import Settings
+from sage_mq.store import Store
+
+_TIMEOUT = httpx.Timeout(connect=5.0, read=600.0, write=60.0, pool=10.0)
+
+
+def create_app(
+    settings: Settings,
+    *,
+    policy: str = "adaptive",
+    api_key: str | None = None,
+    admin_key: str | None = None,
+) -> FastAPI:
+    """The gateway for the fleet in ``settings``, routing by ``policy``.
+
+    With ``api_key`` the inference routes want ``Authorization: Bearer <api_key>``; with
+    ``admin_key`` the management routes want the admin key (which also opens inference).
+    ``/health`` and ``/metrics`` are open.
+    """
+    router = Router(policy)
+    metrics = GatewayMetrics()
+    parts: dict[str, Any] = {"metrics": metrics}
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        redis = connect(settings)
+        keys = Keys(settings.namespace)
+        registry = Registry(Store(redis, keys), Bus(redis, keys, settings.bus))
+        with contextlib.suppress(ControlPlaneUnavailable):
+            await registry.load()  # if Redis is away, follow() keeps trying
+        follow = asyncio.create_task(registry.follow(), name="registry")
+        http = httpx.AsyncClient(timeout=_TIMEOUT)
+        parts["registry"] = registry
+        parts["forwarder"] = Forwarder(registry, router, http)
+        parts["control"] = ControlPlaneManager(settings, redis=redis)
+        try:
+            yield
+        finally:
+            follow.cancel()
+            await asyncio.gather(follow, return_exceptions=True)
+            await http.aclose()
+            await redis.aclose()
+
+    app = FastAPI(title="sage-mq gateway", lifespan=lifespan)
+    app.add_exception_handler(SageMQError, on_our_error)
+    app.add_exception_handler(RequestValidationError, on_bad_body)
+    app.middleware("http")(KeyCheck(api_key, admin_key))
+    app.include_router(management_router(parts))
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        body = await metrics.render(parts["control"])
+        return Response(body, media_type=CONTENT_TYPE)
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "models": parts["registry"].models()}
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        data = [
+            {"id": m, "object": "model", "created": 0, "owned_by": "sage-mq"}
+            for m in parts["registry"].models()
+        ]
+        return {"object": "list", "data": data}
+
+    for path in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings"):
+        app.add_api_route(path, _inference(path, parts), methods=["POST"])
+    return app
+
+
+def _inference(path: str, parts: dict[str, Any]) -> Any:
+    async def route(request: Request) -> Response:
+        body = await request.body()
+        try:
+            payload = json.loads(body)
+        except ValueError:
+            return openai_error(400, "the body is not JSON", "invalid_request_error")
+        model = payload.get("model") if isinstance(payload, dict) else None
+        if not isinstance(model, str) or not model:
+            return _bad("`model` is required: one of the names GET /v1/models lists")
+        stream = bool(payload.get("stream"))
+        forwarder: Forwarder = parts["forwarder"]
+        metrics: GatewayMetrics = parts["metrics"]
+        started = time.monotonic()
+        response = await forwarder.forward(path, model, body, stream)
+        metrics.requests.labels(path, model, str(response.status_code)).inc()
+        metrics.latency.labels(path, model).observe(time.monotonic() - started)
+        return response
+
+    route.__name__ = path.strip("/").replace("/", "_")
+    return route
+
+
+def _bad(message: str) -> JSONResponse:
+    return openai_error(400, message, "invalid_request_error")

@@ -1,0 +1,115 @@
+"""Which engines serve which model right now, kept current from ``sage:events``.
+
+Read in full at start (and every ``RELOAD_S`` as a safety net); after that events keep it
+current: ``engine.ready`` puts an engine in rotation, and an exit, a failed probe, a restart, a
+failure or a stop takes it out as soon as the event is published (the record may follow later);
+other events about an engine make the gateway read its record again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+
+from sage_mq.bus import Bus
+from sage_mq.errors import ControlPlaneUnavailable
+from sage_mq.routing import Replica
+from sage_mq.store import EngineRecord, EngineState, Store
+
+log = logging.getLogger(__name__)
+RELOAD_S = 30.0
+_LEAVING = {
+    "engine.exited",
+    "engine.unhealthy",
+    "engine.restarting",
+    "engine.failed",
+    "engine.stopped",
+    "engine.launch_failed",
+}
+"""Events after which an engine must not get requests, before any record is read."""
+
+
+class Registry:
+    """RUNNING replicas by model name."""
+
+    def __init__(self, store: Store, bus: Bus) -> None:
+        self.store = store
+        self.bus = bus
+        self._replicas: dict[str, Replica] = {}
+        self._models: dict[str, str] = {}
+        """Engine id -> model, for every engine known (RUNNING or not)."""
+
+    def replicas(self, model: str) -> list[Replica]:
+        """RUNNING replicas of ``model``."""
+        return [r for r in self._replicas.values() if r.model == model]
+
+    def models(self) -> list[str]:
+        """Models with at least one RUNNING replica."""
+        return sorted({r.model for r in self._replicas.values()})
+
+    def known(self, model: str) -> bool:
+        """Whether any engine (in any state) is for ``model``."""
+        return model in self._models.values()
+
+    async def load(self) -> None:
+        """Read every engine record."""
+        records = await self.store.list_engines()
+        self._replicas, self._models = {}, {}
+        for record in records:
+            self._apply(record)
+
+    def _apply(self, record: EngineRecord) -> None:
+        self._models[record.engine_id] = record.model
+        if record.state == EngineState.RUNNING and record.url:
+            self._replicas[record.engine_id] = Replica(
+                record.engine_id, record.model, record.url, record.kind
+            )
+        else:
+            self._replicas.pop(record.engine_id, None)
+
+    async def follow(self) -> None:
+        """Keep the registry current until cancelled (outlives Redis outages)."""
+        cursor = "$"
+        reloaded = 0.0
+        while True:
+            try:
+                if time.monotonic() - reloaded > RELOAD_S:
+                    cursor = await self.bus.last_id(self.bus.keys.events)
+                    await self.load()
+                    reloaded = time.monotonic()
+                async for entry_id, fields in self.bus.tail(self.bus.keys.events, cursor):
+                    if entry_id:
+                        cursor = entry_id
+                        await self._on_event(fields)
+                    if time.monotonic() - reloaded > RELOAD_S:
+                        break
+            except ControlPlaneUnavailable as exc:
+                log.warning("gateway registry: %s; retrying", exc)
+                await asyncio.sleep(1.0)
+
+    async def _on_event(self, fields: dict[str, str]) -> None:
+        data: object = None
+        with contextlib.suppress(ValueError):
+            data = json.loads(fields.get("data") or "null")
+        engine_id = data.get("engine_id") if isinstance(data, dict) else None
+        if not isinstance(engine_id, str):
+            return  # not about an engine (node events, ticks) or not ours to read
+        kind = fields.get("type", "")
+        if kind in _LEAVING:  # out of rotation at once, whatever the record says yet
+            self._replicas.pop(engine_id, None)
+            return
+        record = await self.store.get_engine(engine_id)
+        if record is None:
+            self._replicas.pop(engine_id, None)
+            self._models.pop(engine_id, None)
+        elif kind == "engine.ready" and isinstance(data, dict) and data.get("url"):
+            # The agent saw it healthy; the scheduler's record may not say RUNNING yet.
+            self._models[engine_id] = record.model
+            self._replicas[engine_id] = Replica(
+                engine_id, record.model, str(data["url"]), record.kind
+            )
+        else:
+            self._apply(record)

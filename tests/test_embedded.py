@@ -1,0 +1,78 @@
+"""All-in-one: `sage llm up` and create(embedded=True) start a whole fleet and leave nothing."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from sage_mq import UnifiedInferenceClient
+from tests.helpers.engines import engine_processes, marked_env
+from tests.helpers.servers import ROOT, free_port
+
+pytestmark = pytest.mark.fleet
+
+
+def test_sage_llm_up_serves_the_demo_and_ctrl_c_leaves_nothing(tmp_path: Path) -> None:
+    port = free_port()
+    env = marked_env(tmp_path, SAGE_MQ_STATE_DIR=str(tmp_path))
+    env.pop("SAGE_MQ_REDIS_URL", None)
+    out = tmp_path / "up.out"
+    with open(out, "wb") as sink:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "sage_mq", "llm", "up", "--port", str(port)],
+            env=env,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # Ctrl-C at a terminal reaches the whole group: so do we
+            cwd=ROOT,
+        )
+    try:
+        deadline = time.monotonic() + 60
+        while "Ctrl-C stops everything" not in out.read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, out.read_text()
+            time.sleep(0.1)
+        text = out.read_text()
+        assert f"http://127.0.0.1:{port}/v1" in text and "demo-chat" in text
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
+        answer = client.chat.completions.create(
+            model="demo-chat", messages=[{"role": "user", "content": "hello"}]
+        )
+        assert answer.choices[0].message.content == "[demo-chat] You said: hello"
+        assert len(engine_processes(tmp_path)) == 2
+        found = re.search(r"Redis\s+redis://127\.0\.0\.1:(\d+)", text)
+        assert found is not None
+        redis_port = int(found.group(1))
+        os.killpg(proc.pid, signal.SIGINT)
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert "nothing is left" in out.read_text()
+    assert engine_processes(tmp_path) == []
+    with pytest.raises(httpx.TransportError):
+        httpx.get(f"http://127.0.0.1:{port}/health", timeout=2)
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", redis_port), timeout=2).close()
+
+
+def test_an_embedded_client_runs_its_own_fleet_and_stops_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SAGE_MQ_STATE_DIR", str(tmp_path))
+    monkeypatch.setenv("SAGE_MQ_TEST_STATE", str(tmp_path))  # our engines, found by marker
+    with UnifiedInferenceClient.create(embedded=True, default_llm_model="demo-chat") as client:
+        assert client.models() == ["demo-chat", "demo-embed"]
+        assert client.chat("hi") == "[demo-chat] You said: hi"
+        assert len(client.embed(["a", "b"], model="demo-embed")) == 2
+        assert len(engine_processes(tmp_path)) == 2
+    assert engine_processes(tmp_path) == []

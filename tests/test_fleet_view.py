@@ -1,0 +1,69 @@
+"""The scheduler's in-memory fleet picture against a real Redis: it follows what changes."""
+
+from __future__ import annotations
+
+from sage_mq.connection import Redis
+from sage_mq.gpu import FakeGpus
+from sage_mq.keys import Keys
+from sage_mq.scheduler.fleet import FleetView
+from sage_mq.settings import Settings
+from sage_mq.store import NodeRecord, Reservation, Store
+
+
+async def register(store: Store, node_id: str, gpus: str = "2x24GiB", epoch: int = 1) -> None:
+    inventory = FakeGpus(gpus).snapshot()
+    record = NodeRecord(node_id=node_id, address="127.0.0.1", gpus=inventory, epoch=epoch)
+    await store.put_node(record, 60)
+
+
+async def test_each_look_notices_joins_deaths_and_restarted_agents(
+    aredis: Redis, settings: Settings
+) -> None:
+    store = Store(aredis, Keys(settings.namespace))
+    view = FleetView(store)
+    await register(store, "a")
+    assert [r.node_id for r, alive in await view.look() if alive] == ["a"]
+    await register(store, "b")
+    assert [r.node_id for r, alive in await view.look() if alive] == ["a", "b"]
+    await aredis.delete(Keys(settings.namespace).node_alive("a"))
+    assert [(r.node_id, alive) for r, alive in await view.look()] == [("a", False), ("b", True)]
+    assert [n.node_id for n in await view.live()] == ["b"]
+    await register(store, "b", gpus="4x24GiB", epoch=2)  # the agent restarted with more GPUs
+    await view.look()
+    assert [len(n.gpus) for n in await view.live()] == [4]
+
+
+async def test_usage_written_behind_its_back_is_seen_within_thirty_looks(
+    aredis: Redis, settings: Settings
+) -> None:
+    store = Store(aredis, Keys(settings.namespace))
+    view = FleetView(store)
+    for i in range(60):
+        await register(store, f"n{i:02d}")
+    await view.look()
+    await store.reserve_gpus("n42", "elsewhere", Reservation(gpus=[0], memory_gb=20))
+    for _ in range(30):
+        await view.look()
+    (n42,) = [n for n in await view.live() if n.node_id == "n42"]
+    assert n42.gpus[0].reserved_gb == 20 and n42.engines == 1
+
+
+async def test_its_own_writes_show_at_once_and_a_lost_port_race_reads_the_node_again(
+    aredis: Redis, settings: Settings
+) -> None:
+    store = Store(aredis, Keys(settings.namespace))
+    view = FleetView(store)
+    await register(store, "a")
+    await view.look()
+    await view.reserve_gpus("a", "e1", Reservation(gpus=[1], memory_gb=10))
+    assert await view.assign_port("a", 40000, "e1")
+    (node,) = await view.live()
+    assert node.gpus[1].reserved_gb == 10 and node.ports_in_use == {40000}
+    await store.assign_port("a", 40001, "someone-else")
+    assert not await view.assign_port("a", 40001, "e2")
+    (node,) = await view.live()
+    assert node.ports_in_use == {40000, 40001}
+    await view.release("a", "e1", 40000)
+    (node,) = await view.live()
+    assert node.gpus[1].reserved_gb == 0 and node.ports_in_use == {40001}
+    assert await store.ports_in_use("a") == {40001: "someone-else"}

