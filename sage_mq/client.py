@@ -10,7 +10,9 @@
 Through a gateway, the gateway picks replicas. With a Redis URL the client reads RUNNING engines
 from the registry (kept current from ``sage:events``), picks a replica itself by
 ``scheduling_policy`` and calls its URL, moving to another replica if one cannot be reached.
-The methods are synchronous; the work runs on an event loop in a thread of the client's own.
+The methods are synchronous and safe to call from many threads; requests go out from the
+calling thread. A thread of the client's own runs an event loop for what lives on: the registry
+kept current from Redis, and an embedded control plane.
 """
 
 from __future__ import annotations
@@ -141,12 +143,12 @@ class UnifiedInferenceClient:
     # -- the API ---------------------------------------------------------------------------
     def models(self) -> list[str]:
         """Every model with a RUNNING engine."""
-        return self._loop.run(self._transport.models())
+        return self._transport.models()
 
     def chat(self, messages: Messages, model: str | None = None, **params: Any) -> str:
         """The assistant's answer to ``messages`` (a string is one user message)."""
         body = {"model": self._model(model, llm=True), "messages": _messages(messages), **params}
-        answer = self._loop.run(self._transport.post("/chat/completions", body))
+        answer = self._transport.post("/chat/completions", body)
         return str(answer["choices"][0]["message"]["content"])
 
     def chat_stream(
@@ -159,12 +161,7 @@ class UnifiedInferenceClient:
             **params,
             "stream": True,
         }
-        events = self._transport.stream("/chat/completions", body)
-
-        async def next_event() -> dict[str, Any] | None:
-            return await anext(events, None)
-
-        while (event := self._loop.run(next_event())) is not None:
+        for event in self._transport.stream("/chat/completions", body):
             for choice in event.get("choices", []):
                 piece = (choice.get("delta") or {}).get("content")
                 if piece:
@@ -173,14 +170,14 @@ class UnifiedInferenceClient:
     def generate(self, prompt: str, model: str | None = None, **params: Any) -> str:
         """A plain completion of ``prompt``."""
         body = {"model": self._model(model, llm=True), "prompt": prompt, **params}
-        answer = self._loop.run(self._transport.post("/completions", body))
+        answer = self._transport.post("/completions", body)
         return str(answer["choices"][0]["text"])
 
     def embed(self, texts: str | Sequence[str], model: str | None = None) -> list[list[float]]:
         """One vector per text (a single string gives a list of one)."""
         batch = [texts] if isinstance(texts, str) else list(texts)
         body = {"model": self._model(model, llm=False), "input": batch}
-        answer = self._loop.run(self._transport.post("/embeddings", body))
+        answer = self._transport.post("/embeddings", body)
         rows = sorted(answer["data"], key=lambda row: row["index"])
         return [list(map(float, row["embedding"])) for row in rows]
 
@@ -193,7 +190,7 @@ class UnifiedInferenceClient:
 
     async def _close(self) -> None:
         if hasattr(self, "_transport"):
-            await self._transport.close()
+            self._transport.close()
         for close in reversed(self._closers):
             result = close()
             if asyncio.iscoroutine(result):

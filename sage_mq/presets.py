@@ -1,12 +1,16 @@
 """Presets: a named set of engines in one YAML file (DESIGN.md §7), checked before anything starts.
 
-Built-in presets live in ``presets/`` at the top of the checkout. A file that cannot be used is
-refused with the file, the engine and the field named.
+Built-in presets live in ``presets/`` at the top of the checkout; a wheel installs them as data
+files under ``<prefix>/share/sage-mq/presets``. A file that cannot be used is refused with the
+file, the engine and the field named.
 """
 
 from __future__ import annotations
 
+import os
 import shlex
+import sys
+import sysconfig
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -26,7 +30,19 @@ if TYPE_CHECKING:
     from sage_mq.control import ControlPlaneManager, EventCallback
     from sage_mq.store import EngineRecord
 
-BUILTIN_DIR = Path(__file__).resolve().parent.parent / "presets"
+
+def _builtin_dir() -> Path:
+    """``presets/`` of the checkout (editable installs), else the copy a wheel installed."""
+    checkout = Path(__file__).resolve().parent.parent / "presets"
+    prefixes = (sys.prefix, sysconfig.get_path("data", f"{os.name}_user"))
+    installed = [Path(prefix) / "share" / "sage-mq" / "presets" for prefix in prefixes]
+    for candidate in (checkout, *installed):
+        if candidate.is_dir():
+            return candidate
+    return checkout  # none: builtin_names() is empty and naming a built-in says so
+
+
+BUILTIN_DIR = _builtin_dir()
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
 
 

@@ -1,10 +1,16 @@
-"""How the client reaches engines: through a gateway, or straight to engine URLs from Redis."""
+"""How the client reaches engines: through a gateway, or straight to engine URLs from Redis.
+
+Both are synchronous (``httpx.Client``) and run in the caller's thread: a request costs no hop
+to another thread, and many threads may call at once. Only the registry of the direct way is
+kept current on the client's event loop, and it is read here as an immutable snapshot.
+"""
 
 from __future__ import annotations
 
 import json
+import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import Iterator
 from typing import Any, Protocol
 
 import httpx
@@ -18,13 +24,13 @@ _RETRY_STATUS = {502, 503, 504}
 class Transport(Protocol):
     """What the client needs from a way to the engines."""
 
-    async def models(self) -> list[str]: ...
+    def models(self) -> list[str]: ...
 
-    async def post(self, path: str, body: dict[str, Any]) -> dict[str, Any]: ...
+    def post(self, path: str, body: dict[str, Any]) -> dict[str, Any]: ...
 
-    def stream(self, path: str, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]: ...
+    def stream(self, path: str, body: dict[str, Any]) -> Iterator[dict[str, Any]]: ...
 
-    async def close(self) -> None: ...
+    def close(self) -> None: ...
 
 
 class GatewayTransport:
@@ -33,33 +39,32 @@ class GatewayTransport:
     def __init__(self, base_url: str, timeout: float) -> None:
         base = base_url.rstrip("/")
         self.base = base if base.endswith("/v1") else f"{base}/v1"
-        self.http = httpx.AsyncClient(timeout=timeout)
+        self.http = httpx.Client(timeout=timeout)
 
-    async def models(self) -> list[str]:
-        response = await self._send("GET", "/models", None)
+    def models(self) -> list[str]:
+        response = self._send("GET", "/models", None)
         return [m["id"] for m in response.json()["data"]]
 
-    async def post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
-        answer: dict[str, Any] = (await self._send("POST", path, body)).json()
+    def post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        answer: dict[str, Any] = self._send("POST", path, body).json()
         return answer
 
-    async def stream(self, path: str, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+    def stream(self, path: str, body: dict[str, Any]) -> Iterator[dict[str, Any]]:
         try:
-            async with self.http.stream("POST", f"{self.base}{path}", json=body) as response:
+            with self.http.stream("POST", f"{self.base}{path}", json=body) as response:
                 if response.status_code >= 400:
-                    await response.aread()
+                    response.read()
                     raise _error(response, self.base)
-                async for event in sse_events(response):
-                    yield event
+                yield from sse_events(response)
         except httpx.TransportError as exc:
             raise _unreachable(self.base, exc) from None
 
-    async def close(self) -> None:
-        await self.http.aclose()
+    def close(self) -> None:
+        self.http.close()
 
-    async def _send(self, method: str, path: str, body: dict[str, Any] | None) -> httpx.Response:
+    def _send(self, method: str, path: str, body: dict[str, Any] | None) -> httpx.Response:
         try:
-            response = await self.http.request(method, f"{self.base}{path}", json=body)
+            response = self.http.request(method, f"{self.base}{path}", json=body)
         except httpx.TransportError as exc:
             raise _unreachable(self.base, exc) from None
         if response.status_code >= 400:
@@ -74,49 +79,49 @@ class DirectTransport:
         self.registry = replicas
         """Anything with ``replicas(model)``, ``models()`` and ``known(model)`` (a Registry)."""
         self.router = router
-        self.http = httpx.AsyncClient(timeout=timeout)
+        self.http = httpx.Client(timeout=timeout)
+        self._lock = threading.Lock()
+        """The router's counters, shared by the threads that call."""
 
-    async def models(self) -> list[str]:
+    def models(self) -> list[str]:
         models: list[str] = self.registry.models()
         return models
 
-    async def post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+    def post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         tried: set[str] = set()
         while True:
-            replica = self._choose(str(body.get("model")), tried)
-            self.router.started(replica)
+            replica = self._start(str(body.get("model")), tried)
             started = time.monotonic()
             try:
-                response = await self.http.post(f"{replica.url}/v1{path}", json=body)
+                response = self.http.post(f"{replica.url}/v1{path}", json=body)
             except httpx.TransportError:
-                self.router.finished(replica, None)
+                self._finish(replica, None)
                 tried.add(replica.engine_id)
                 continue
             if response.status_code in _RETRY_STATUS:
-                self.router.finished(replica, None)
+                self._finish(replica, None)
                 tried.add(replica.engine_id)
                 continue
-            self.router.finished(replica, time.monotonic() - started)
+            self._finish(replica, time.monotonic() - started)
             if response.status_code >= 400:
                 raise _error(response, replica.engine_id)
             answer: dict[str, Any] = response.json()
             return answer
 
-    async def stream(self, path: str, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+    def stream(self, path: str, body: dict[str, Any]) -> Iterator[dict[str, Any]]:
         tried: set[str] = set()
         while True:
-            replica = self._choose(str(body.get("model")), tried)
-            self.router.started(replica)
+            replica = self._start(str(body.get("model")), tried)
             started, began = time.monotonic(), False
             try:
-                async with self.http.stream("POST", f"{replica.url}/v1{path}", json=body) as resp:
+                with self.http.stream("POST", f"{replica.url}/v1{path}", json=body) as resp:
                     if resp.status_code in _RETRY_STATUS:
                         tried.add(replica.engine_id)
                         continue
                     if resp.status_code >= 400:
-                        await resp.aread()
+                        resp.read()
                         raise _error(resp, replica.engine_id)
-                    async for event in sse_events(resp):
+                    for event in sse_events(resp):
                         began = True
                         yield event
                     return
@@ -127,11 +132,20 @@ class DirectTransport:
                     ) from None
                 tried.add(replica.engine_id)
             finally:
-                elapsed = time.monotonic() - started
-                self.router.finished(replica, elapsed if began else None)
+                self._finish(replica, time.monotonic() - started if began else None)
 
-    async def close(self) -> None:
-        await self.http.aclose()
+    def close(self) -> None:
+        self.http.close()
+
+    def _start(self, model: str, tried: set[str]) -> Replica:
+        with self._lock:
+            replica = self._choose(model, tried)
+            self.router.started(replica)
+        return replica
+
+    def _finish(self, replica: Replica, latency_s: float | None) -> None:
+        with self._lock:
+            self.router.finished(replica, latency_s)
 
     def _choose(self, model: str, tried: set[str]) -> Replica:
         replicas = self.registry.replicas(model)
@@ -155,15 +169,19 @@ class DirectTransport:
             ) from None
 
 
-async def sse_events(response: httpx.Response) -> AsyncIterator[dict[str, Any]]:
-    """The JSON objects of a server-sent event stream, until ``[DONE]``."""
-    async for line in response.aiter_lines():
+def sse_events(response: httpx.Response) -> Iterator[dict[str, Any]]:
+    """The JSON objects of a server-sent event stream, until ``[DONE]``; an error event (a
+    replica lost mid-stream, say) raises :class:`InferenceError`."""
+    for line in response.iter_lines():
         if not line.startswith("data:"):
             continue
         data = line[5:].strip()
         if data == "[DONE]":
             return
         event: dict[str, Any] = json.loads(data)
+        if isinstance(event.get("error"), dict):
+            message = event["error"].get("message") or "the stream broke off"
+            raise InferenceError(f"stream ended with an error: {message}", retryable=True)
         yield event
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -128,3 +129,65 @@ def test_a_dead_replica_costs_no_request_and_a_stopped_one_leaves_rotation(
     with pytest.raises(openai.APIStatusError) as err:
         client.chat.completions.create(model="demo", messages=[{"role": "user", "content": "x"}])
     assert err.value.status_code == 503 and "no replica of 'demo' is RUNNING" in str(err.value)
+
+
+def _one_request(client: httpx.Client, url: str, streaming: bool) -> tuple[str, str | None, str]:
+    """(kind, engine that answered, what went wrong: "" when the whole answer came)."""
+    body = {"model": "demo", "messages": [{"role": "user", "content": "a b c d e f g h"}]}
+    kind, engine = ("stream" if streaming else "plain"), None
+    try:
+        if streaming:
+            with client.stream(
+                "POST", f"{url}/v1/chat/completions", json=body | {"stream": True}
+            ) as r:
+                engine = r.headers.get("x-sage-engine")
+                text = "".join(r.iter_text())
+            whole = r.status_code == 200 and text.endswith("data: [DONE]\n\n")
+            return kind, engine, "" if whole else text[-300:]
+        r = client.post(f"{url}/v1/chat/completions", json=body)
+        engine = r.headers.get("x-sage-engine")
+        whole = r.status_code == 200 and r.json()["choices"][0]["message"]["content"].endswith("h")
+        return kind, engine, "" if whole else r.text
+    except httpx.HTTPError as exc:
+        return kind, engine, repr(exc)
+
+
+def test_killing_one_of_two_replicas_under_load_fails_only_streams_it_had_begun(
+    gateway: tuple[FleetProcs, str],
+) -> None:
+    fleet, url = gateway
+    slow = ("--extra-args", "--latency-ms 20 --stream-delay-ms 20")
+    victim, survivor = start(fleet, "demo", *slow), start(fleet, "demo", *slow)
+    wait_for(lambda: models(url) == ["demo"])
+    results: list[tuple[str, str | None, str]] = []
+    stop = threading.Event()
+
+    def client_loop(i: int) -> None:
+        with httpx.Client(timeout=15) as client:
+            while not stop.is_set():
+                results.append(_one_request(client, url, streaming=i % 2 == 0))
+
+    with ThreadPoolExecutor(8) as pool:
+        loops = [pool.submit(client_loop, i) for i in range(8)]
+        try:
+            time.sleep(1.5)
+            served_before = {engine for _, engine, _ in results}
+            before = [r for r in results if r[2]]
+            at_kill = len(results)
+            os.killpg(int(str(victim["pid"])), signal.SIGKILL)
+            time.sleep(2.0)
+        finally:
+            stop.set()
+        for loop in loops:
+            loop.result()
+    assert not before, f"failures before the kill: {before[:3]}"
+    assert served_before == {victim["engine_id"], survivor["engine_id"]}
+    failed = [r for r in results if r[2]]
+    # only streams the victim had begun (headers sent, so no retry) may fail, and they end with
+    # an error event an SDK raises on
+    for kind, engine, what in failed:
+        assert (kind, engine) == ("stream", victim["engine_id"]), what
+        assert '"code": "engine_lost"' in what, what
+    after = results[at_kill:]
+    assert sum(not what for *_, what in after) >= 40  # the gateway kept serving through the loss
+    assert not [what for kind, _, what in after if kind == "plain" and what]

@@ -10,6 +10,7 @@ from sage_mq.cli.gateway import gateway_app
 from sage_mq.cli.observe import events, gpu, status
 from sage_mq.cli.preset import preset_app
 from sage_mq.cli.up import up
+from sage_mq.cli.worker import worker_app
 
 app = typer.Typer(
     help="sage-mq: a control plane for fleets of LLM and embedding engines, on Redis.",
@@ -23,6 +24,7 @@ llm_app.add_typer(scheduler_app, name="scheduler", no_args_is_help=True)
 llm_app.add_typer(node_app, name="node", no_args_is_help=True)
 llm_app.add_typer(preset_app, name="preset", no_args_is_help=True)
 llm_app.add_typer(gateway_app, name="gateway", no_args_is_help=True)
+llm_app.add_typer(worker_app, name="worker", no_args_is_help=True)
 llm_app.command("up")(up)
 llm_app.command("status")(status)
 llm_app.command("events")(events)

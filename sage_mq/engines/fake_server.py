@@ -3,7 +3,8 @@
 For tests, benchmarks and the demo only. Chat and completion answers echo the prompt; embeddings
 are unit vectors derived from a hash of the text. Faults can be injected with flags:
 ``--startup-delay S`` (slow load), ``--crash-after S`` / ``--exit-code N`` (crash),
-``--hang-after S`` (stops answering, ignores SIGTERM), ``--latency-ms N`` (slow answers).
+``--hang-after S`` (stops answering, ignores SIGTERM), ``--latency-ms N`` (slow answers),
+``--stream-delay-ms N`` (a pause between streamed chunks, as tokens come from a real model).
 """
 
 from __future__ import annotations
@@ -34,10 +35,13 @@ from sage_mq.engines import openai_shapes as shapes
 class FakeEngine:
     """The answers of one fake engine."""
 
-    def __init__(self, model: str, *, dim: int = 384, latency_ms: float = 0.0) -> None:
+    def __init__(
+        self, model: str, *, dim: int = 384, latency_ms: float = 0.0, stream_delay_ms: float = 0.0
+    ) -> None:
         self.model = model
         self.dim = dim
         self.latency_s = latency_ms / 1000
+        self.stream_delay_s = stream_delay_ms / 1000
 
     def answer(self, prompt: str, max_tokens: int | None) -> str:
         """The deterministic answer to a prompt: an echo, cut to ``max_tokens`` words."""
@@ -107,7 +111,8 @@ class _Api:
         content = self.engine.answer(prompt, limit)
         model = self.engine.model
         if body.get("stream"):
-            return StreamingResponse(_stream(model, content), media_type="text/event-stream")
+            chunks = _stream(model, content, self.engine.stream_delay_s)
+            return StreamingResponse(chunks, media_type="text/event-stream")
         return JSONResponse(shapes.chat_body(model, content, len(prompt.split())))
 
     async def completions(self, request: Request) -> Response:
@@ -157,10 +162,12 @@ def _last_user_text(messages: list[Any]) -> str:
     return ""
 
 
-async def _stream(model: str, content: str) -> AsyncIterator[str]:
+async def _stream(model: str, content: str, delay_s: float) -> AsyncIterator[str]:
     chunk_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
     yield _sse(shapes.chat_chunk(chunk_id, model, {"role": "assistant", "content": ""}, None))
     for i, word in enumerate(content.split()):
+        if delay_s:
+            await asyncio.sleep(delay_s)
         yield _sse(shapes.chat_chunk(chunk_id, model, {"content": (" " if i else "") + word}, None))
     yield _sse(shapes.chat_chunk(chunk_id, model, {}, "stop"))
     yield "data: [DONE]\n\n"
@@ -183,6 +190,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--exit-code", type=int, default=1, metavar="N")
     p.add_argument("--hang-after", type=float, default=None, metavar="S")
     p.add_argument("--latency-ms", type=float, default=0.0, metavar="N")
+    p.add_argument("--stream-delay-ms", type=float, default=0.0, metavar="N")
     return p.parse_args(argv)
 
 
@@ -211,7 +219,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.startup_delay:
         print(f"fake engine: loading {args.model} for {args.startup_delay}s", flush=True)
         time.sleep(args.startup_delay)
-    engine = FakeEngine(args.model, dim=args.dim, latency_ms=args.latency_ms)
+    engine = FakeEngine(
+        args.model, dim=args.dim, latency_ms=args.latency_ms, stream_delay_ms=args.stream_delay_ms
+    )
     app = build_app(engine, on_start=lambda: _schedule_faults(args))
     print(f"fake engine: serving {args.model} on http://{args.host}:{args.port}", flush=True)
     config = uvicorn.Config(

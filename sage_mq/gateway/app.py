@@ -9,10 +9,11 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-import httpx
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
+from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
 
 from sage_mq.bus import Bus
 from sage_mq.connection import connect
@@ -21,14 +22,12 @@ from sage_mq.errors import ControlPlaneUnavailable, SageMQError
 from sage_mq.gateway.auth import KeyCheck
 from sage_mq.gateway.management import management_router, on_bad_body, on_our_error
 from sage_mq.gateway.metrics import CONTENT_TYPE, GatewayMetrics
-from sage_mq.gateway.proxy import Forwarder, openai_error
+from sage_mq.gateway.proxy import Forwarder, Pools, openai_error
 from sage_mq.gateway.registry import Registry
 from sage_mq.keys import Keys
 from sage_mq.routing import Router
 from sage_mq.settings import Settings
 from sage_mq.store import Store
-
-_TIMEOUT = httpx.Timeout(connect=5.0, read=600.0, write=60.0, pool=10.0)
 
 
 def create_app(
@@ -56,22 +55,22 @@ def create_app(
         with contextlib.suppress(ControlPlaneUnavailable):
             await registry.load()  # if Redis is away, follow() keeps trying
         follow = asyncio.create_task(registry.follow(), name="registry")
-        http = httpx.AsyncClient(timeout=_TIMEOUT)
+        pools = Pools()
         parts["registry"] = registry
-        parts["forwarder"] = Forwarder(registry, router, http)
+        parts["forwarder"] = Forwarder(registry, router, pools)
         parts["control"] = ControlPlaneManager(settings, redis=redis)
         try:
             yield
         finally:
             follow.cancel()
             await asyncio.gather(follow, return_exceptions=True)
-            await http.aclose()
+            await pools.aclose()
             await redis.aclose()
 
     app = FastAPI(title="sage-mq gateway", lifespan=lifespan)
     app.add_exception_handler(SageMQError, on_our_error)
     app.add_exception_handler(RequestValidationError, on_bad_body)
-    app.middleware("http")(KeyCheck(api_key, admin_key))
+    app.add_middleware(KeyCheck, api_key=api_key, admin_key=admin_key)
     app.include_router(management_router(parts))
 
     @app.get("/metrics")
@@ -91,8 +90,9 @@ def create_app(
         ]
         return {"object": "list", "data": data}
 
+    # Plain Starlette routes, first in line: the hot path skips FastAPI's dependency machinery.
     for path in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings"):
-        app.add_api_route(path, _inference(path, parts), methods=["POST"])
+        app.router.routes.insert(0, Route(path, _inference(path, parts), methods=["POST"]))
     return app
 
 

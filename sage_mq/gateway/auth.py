@@ -3,34 +3,43 @@
 from __future__ import annotations
 
 import hmac
-from collections.abc import Awaitable, Callable
 
-from fastapi import Request
+from starlette.datastructures import Headers
 from starlette.responses import JSONResponse, Response
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from sage_mq.gateway.proxy import openai_error
 
-Next = Callable[[Request], Awaitable[Response]]
 _OPEN = ("/health", "/metrics")
 
 
 class KeyCheck:
-    """HTTP middleware: ``/v1/management`` wants the admin key, the other ``/v1`` routes the API
-    key (or the admin key). A key that is not set leaves its routes open."""
+    """ASGI middleware: ``/v1/management`` wants the admin key, the other ``/v1`` routes the API
+    key (or the admin key). A key that is not set leaves its routes open. (Plain ASGI, not
+    Starlette's BaseHTTPMiddleware, which costs every request a task and a response copy.)"""
 
-    def __init__(self, api_key: str | None, admin_key: str | None) -> None:
+    def __init__(self, app: ASGIApp, api_key: str | None, admin_key: str | None) -> None:
+        self.app = app
         self.api_key = api_key or None
         self.admin_key = admin_key or None
 
-    async def __call__(self, request: Request, call_next: Next) -> Response:
-        path = request.url.path
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        refusal = self._refusal(scope) if scope["type"] == "http" else None
+        if refusal is None:
+            await self.app(scope, receive, send)
+        else:
+            await refusal(scope, receive, send)
+
+    def _refusal(self, scope: Scope) -> Response | None:
+        path: str = scope["path"]
         if path in _OPEN or not path.startswith("/v1/"):
-            return await call_next(request)
-        given = _bearer(request)
+            return None
+        if not (self.api_key or self.admin_key):
+            return None
+        given = _bearer(Headers(scope=scope))
         if path.startswith("/v1/management"):
-            if self.admin_key and not _same(given, self.admin_key):
-                return _refused()
-        elif self.api_key and not (
+            return _refused() if self.admin_key and not _same(given, self.admin_key) else None
+        if self.api_key and not (
             _same(given, self.api_key) or (self.admin_key and _same(given, self.admin_key))
         ):
             return openai_error(
@@ -39,11 +48,11 @@ class KeyCheck:
                 "invalid_request_error",
                 "invalid_api_key",
             )
-        return await call_next(request)
+        return None
 
 
-def _bearer(request: Request) -> str:
-    header = request.headers.get("authorization", "")
+def _bearer(headers: Headers) -> str:
+    header = headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
     return token.strip() if scheme.lower() == "bearer" else ""
 

@@ -33,7 +33,11 @@ _LEAVING = {
 
 
 class Registry:
-    """RUNNING replicas by model name."""
+    """RUNNING replicas by model name.
+
+    Written on one event loop; read from anywhere (the client's calling threads too): readers
+    see an immutable snapshot, replaced whole after each change.
+    """
 
     def __init__(self, store: Store, bus: Bus) -> None:
         self.store = store
@@ -41,18 +45,20 @@ class Registry:
         self._replicas: dict[str, Replica] = {}
         self._models: dict[str, str] = {}
         """Engine id -> model, for every engine known (RUNNING or not)."""
+        self._by_model: dict[str, tuple[Replica, ...]] = {}
+        self._known: frozenset[str] = frozenset()
 
-    def replicas(self, model: str) -> list[Replica]:
+    def replicas(self, model: str) -> tuple[Replica, ...]:
         """RUNNING replicas of ``model``."""
-        return [r for r in self._replicas.values() if r.model == model]
+        return self._by_model.get(model, ())
 
     def models(self) -> list[str]:
         """Models with at least one RUNNING replica."""
-        return sorted({r.model for r in self._replicas.values()})
+        return sorted(self._by_model)
 
     def known(self, model: str) -> bool:
         """Whether any engine (in any state) is for ``model``."""
-        return model in self._models.values()
+        return model in self._known
 
     async def load(self) -> None:
         """Read every engine record."""
@@ -60,6 +66,14 @@ class Registry:
         self._replicas, self._models = {}, {}
         for record in records:
             self._apply(record)
+        self._publish()
+
+    def _publish(self) -> None:
+        by_model: dict[str, list[Replica]] = {}
+        for replica in self._replicas.values():
+            by_model.setdefault(replica.model, []).append(replica)
+        self._by_model = {model: tuple(found) for model, found in by_model.items()}
+        self._known = frozenset(self._models.values())
 
     def _apply(self, record: EngineRecord) -> None:
         self._models[record.engine_id] = record.model
@@ -91,6 +105,10 @@ class Registry:
                 await asyncio.sleep(1.0)
 
     async def _on_event(self, fields: dict[str, str]) -> None:
+        await self._take(fields)
+        self._publish()
+
+    async def _take(self, fields: dict[str, str]) -> None:
         data: object = None
         with contextlib.suppress(ValueError):
             data = json.loads(fields.get("data") or "null")

@@ -34,13 +34,14 @@ def fake_launch(engine_id: str = "e1", *, generation: int = 1, **overrides: Any)
 
 
 def engine_processes(state_dir: Path) -> list[psutil.Process]:
-    """Live fake-engine processes a test started (marked with its directory in their env)."""
+    """Live engine processes of ours (fake or embedding server) a test started (marked with its
+    directory in their env)."""
     found = []
     for proc in psutil.process_iter(["cmdline", "status"]):
         cmdline = proc.info["cmdline"] or []
         if proc.info["status"] == psutil.STATUS_ZOMBIE:
             continue
-        if "sage_mq.engines.fake_server" not in cmdline:
+        if not any(part.startswith("sage_mq.engines.") for part in cmdline):
             continue
         try:
             marked = proc.environ().get("SAGE_MQ_TEST_STATE", "")

@@ -1,0 +1,90 @@
+"""Real processes for benchmarks: schedulers, an agent and the CLI on a private Redis."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+import redis
+
+from sage_mq.messages import Envelope, decode
+
+
+class Fleet:
+    """Scheduler(s), one agent and the CLI as real processes on a private Redis."""
+
+    def __init__(self, url: str, workdir: Path) -> None:
+        self.env = {
+            **os.environ,
+            "SAGE_MQ_REDIS_URL": url,
+            "SAGE_MQ_STATE_DIR": str(workdir),
+            "SAGE_MQ_NAMESPACE": "bench",
+        }
+        self.redis = redis.Redis.from_url(url, decode_responses=True)
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.workdir = workdir
+
+    def start(self, name: str, *args: str) -> subprocess.Popen[bytes]:
+        log = open(self.workdir / f"{name}.log", "ab")  # noqa: SIM115 - the child keeps it
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "sage_mq", "llm", *args],
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        log.close()
+        self.procs.append(proc)
+        return proc
+
+    def cli(self, *args: str) -> Any:
+        done = subprocess.run(
+            [sys.executable, "-m", "sage_mq", "llm", *args, "--json"],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=120,
+        )
+        return json.loads(done.stdout)
+
+    def events(self) -> list[Envelope]:
+        return [decode(f) for _id, f in self.redis.xrange("bench:events")]
+
+    def wait(
+        self, type_name: str, after: float, engine_id: str | None = None, timeout: float = 60
+    ) -> Envelope:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for env in self.events():
+                if (
+                    env.type == type_name
+                    and env.ts >= after
+                    and engine_id in (None, getattr(env.payload, "engine_id", None))
+                ):
+                    return env
+            time.sleep(0.01)
+        raise TimeoutError(f"no {type_name} after {after}")
+
+    def pid(self, engine_id: str) -> int:
+        record = self.redis.hgetall(f"bench:engine:{engine_id}")
+        return int(record["pid"])
+
+    def close(self) -> None:
+        for proc in self.procs:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        for proc in psutil.process_iter():  # engines outlive agents by design: find them
+            with contextlib.suppress(psutil.Error):
+                if proc.environ().get("SAGE_MQ_STATE_DIR") == str(self.workdir):
+                    proc.kill()
+        self.redis.close()

@@ -1,0 +1,59 @@
+"""rq workers for queued inference.
+
+Queues are named under the fleet's namespace (``sage:batch`` → rq's key ``rq:queue:sage:batch``),
+so ``rq info --url URL`` lists them beside any other rq queues. Jobs and results are JSON
+(:class:`rq.serializers.JSONSerializer`): a job can name a function and pass plain data, never a
+pickled object, so a worker runs only code that is installed on its host.
+
+Workers are :class:`rq.SimpleWorker`: a job runs in the worker's own process, with no fork per
+job (rq's fork costs more than a short inference job); a job that outlives its timeout is ended
+by rq's alarm as with a forking worker.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import redis
+from rq import Queue, SimpleWorker
+from rq.serializers import JSONSerializer
+
+from sage_mq.connection import redact_url
+from sage_mq.errors import ConfigError
+from sage_mq.settings import Settings
+
+DEFAULT_QUEUES = ("batch",)
+
+
+def queue_name(settings: Settings, name: str) -> str:
+    """The rq queue name for one of our queues, e.g. ``sage:batch``."""
+    return f"{settings.namespace}:{name}"
+
+
+def rq_connection(settings: Settings) -> redis.Redis:
+    """A synchronous client, as rq wants (bytes replies; TLS, password and ACL from the URL).
+
+    No read timeout here: rq sets one longer than its blocking dequeue on the worker's client.
+    """
+    try:
+        return redis.Redis.from_url(
+            settings.redis_url,
+            socket_connect_timeout=settings.socket_timeout_s,
+            health_check_interval=30,
+        )
+    except ValueError as exc:
+        raise ConfigError(f"bad Redis URL {redact_url(settings.redis_url)!r}: {exc}") from None
+
+
+def make_worker(
+    settings: Settings, queues: Sequence[str] = DEFAULT_QUEUES, *, name: str | None = None
+) -> SimpleWorker:
+    """A worker over our queues (in the order given: earlier queues first)."""
+    names = [q.strip() for q in queues if q.strip()]
+    if not names:
+        raise ConfigError("give at least one queue (e.g. --queues batch)")
+    conn = rq_connection(settings)
+    rq_queues = [
+        Queue(queue_name(settings, q), connection=conn, serializer=JSONSerializer) for q in names
+    ]
+    return SimpleWorker(rq_queues, name=name, connection=conn, serializer=JSONSerializer)

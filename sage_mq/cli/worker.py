@@ -1,0 +1,41 @@
+"""``sage llm worker run``: an rq worker draining the fleet's inference queues."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+from sage_mq.batch import DEFAULT_QUEUES, make_worker
+from sage_mq.cli.common import DEFAULT_URL, LogLevel, RedisUrl, fail, settings_for
+from sage_mq.connection import redact_url
+from sage_mq.errors import SageMQError
+
+worker_app = typer.Typer(help="Batch workers (rq) for queued inference.")
+
+
+@worker_app.command("run")
+def worker_run(
+    queues: Annotated[
+        str, typer.Option(help="Queues to drain, comma-separated, earlier ones first.")
+    ] = ",".join(DEFAULT_QUEUES),
+    name: Annotated[str | None, typer.Option(help="Worker name (default: rq's own).")] = None,
+    burst: Annotated[bool, typer.Option(help="Stop once the queues are empty.")] = False,
+    redis_url: RedisUrl = DEFAULT_URL,
+    log_level: LogLevel = "INFO",
+) -> None:
+    """Run one worker until SIGINT/SIGTERM (a job in progress is finished first; a second
+    signal ends it at once)."""
+    settings = settings_for(redis_url)
+    try:
+        worker = make_worker(settings, queues.split(","), name=name)
+        typer.echo(
+            f"worker {worker.name} on {', '.join(worker.queue_names())} at {redact_url(redis_url)}",
+            err=True,
+        )
+        worker.work(burst=burst, logging_level=log_level)
+    except SageMQError as exc:
+        fail(str(exc))
+    except RedisConnectionError as exc:
+        fail(f"Redis unreachable at {redact_url(redis_url)}: {exc}")
