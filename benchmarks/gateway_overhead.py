@@ -16,7 +16,8 @@ Targets: (a) ≥ 80 % of direct throughput, (b) p50 ≤ 1 ms and p99 ≤ 5 ms ad
 For scale: LiteLLM's proxy documents 2-12 ms p50 added per request.
 
     python benchmarks/gateway_overhead.py [--requests 5000] [--concurrency 64]
-        [--engine-latency-ms 0] [--out benchmarks/results/gateway_overhead.json]
+        [--engine-latency-ms 0] [--gateway-workers 1]
+        [--out benchmarks/results/gateway_overhead.json]
 
 With ``--engine-latency-ms 0`` the engine answers at once: what is measured is pure overhead,
 and on a small machine the load generator, the gateway and the engine compete for the same
@@ -91,8 +92,12 @@ async def _load(url: str, n: int, concurrency: int) -> tuple[list[float], float]
 
 
 def _cpu_s(proc: psutil.Process) -> float:
-    times = proc.cpu_times()
-    return float(times.user + times.system + times.children_user + times.children_system)
+    """CPU seconds of a process and its live children (a gateway's worker processes)."""
+    total = 0.0
+    for each in (proc, *proc.children(recursive=True)):
+        times = each.cpu_times()
+        total += times.user + times.system
+    return total
 
 
 def under_load(
@@ -170,7 +175,9 @@ def client_redis_mode(redis_url: str, namespace: str, direct: str, n: int) -> An
     return result
 
 
-def main(n: int, concurrency: int, engine_latency_ms: float = 0.0) -> dict[str, Any]:
+def main(
+    n: int, concurrency: int, engine_latency_ms: float = 0.0, gateway_workers: int = 1
+) -> dict[str, Any]:
     with redis_server() as url, tempfile.TemporaryDirectory() as tmp:
         fleet = Fleet(url, Path(tmp))
         try:
@@ -182,7 +189,15 @@ def main(n: int, concurrency: int, engine_latency_ms: float = 0.0) -> dict[str, 
             fleet.wait("node.joined", 0)
             gw_port = low + 50
             gateway_proc = fleet.start(
-                "gateway", "gateway", "run", "--port", str(gw_port), "--log-level", "WARNING"
+                "gateway",
+                "gateway",
+                "run",
+                "--port",
+                str(gw_port),
+                "--workers",
+                str(gateway_workers),
+                "--log-level",
+                "WARNING",
             )
             extra = (
                 ["--extra-args", f"--latency-ms {engine_latency_ms}"] if engine_latency_ms else []
@@ -210,6 +225,7 @@ def main(n: int, concurrency: int, engine_latency_ms: float = 0.0) -> dict[str, 
         "requests": n,
         "concurrency": concurrency,
         "engine_latency_ms": engine_latency_ms,
+        "gateway_workers": gateway_workers,
         "under_load": loaded,
         "one_at_a_time": single,
         "client_redis_mode": client,
@@ -273,11 +289,12 @@ if __name__ == "__main__":
         default=0.0,
         help="the fake engine's time per answer (0: pure overhead, the worst case)",
     )
+    parser.add_argument("--gateway-workers", type=int, default=1, help="gateway processes")
     parser.add_argument(
         "--out", type=Path, default=Path("benchmarks/results/gateway_overhead.json")
     )
     args = parser.parse_args()
-    figures = main(args.requests, args.concurrency, args.engine_latency_ms)
+    figures = main(args.requests, args.concurrency, args.engine_latency_ms, args.gateway_workers)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(figures, indent=2))
     _print(figures)

@@ -19,6 +19,38 @@ ENV_FAKE_GPUS = "SAGE_MQ_FAKE_GPUS"
 ENV_STATE_DIR = "SAGE_MQ_STATE_DIR"
 ENV_CONTROL_PLANE_URL = "SAGE_CONTROL_PLANE_URL"
 DEFAULT_CONTROL_PLANE_URL = "http://localhost:8000/v1"
+ENV_API_KEY = "SAGE_MQ_API_KEY"
+ENV_ADMIN_KEY = "SAGE_MQ_ADMIN_KEY"
+ENV_GATEWAY_POLICY = "SAGE_MQ_GATEWAY_POLICY"
+"""How ``gateway run --workers N`` hands its scheduling policy to its worker processes."""
+
+
+@dataclass(frozen=True)
+class GatewayOptions:
+    """What a gateway process needs beyond :class:`Settings`."""
+
+    policy: str = "adaptive"
+    api_key: str | None = None
+    admin_key: str | None = None
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> GatewayOptions:
+        """From ``SAGE_MQ_GATEWAY_POLICY``, ``SAGE_MQ_API_KEY`` and ``SAGE_MQ_ADMIN_KEY``."""
+        env = os.environ if env is None else env
+        return cls(
+            policy=env.get(ENV_GATEWAY_POLICY) or "adaptive",
+            api_key=env.get(ENV_API_KEY) or None,
+            admin_key=env.get(ENV_ADMIN_KEY) or None,
+        )
+
+    def as_env(self) -> dict[str, str]:
+        """The variables :meth:`from_env` reads (for worker processes to inherit)."""
+        env = {ENV_GATEWAY_POLICY: self.policy}
+        if self.api_key:
+            env[ENV_API_KEY] = self.api_key
+        if self.admin_key:
+            env[ENV_ADMIN_KEY] = self.admin_key
+        return env
 
 
 def control_plane_url_from_env(env: Mapping[str, str] | None = None) -> str:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import httpx
 import openai
+import psutil
 import pytest
 
 from tests.helpers.fleetprocs import FleetProcs
@@ -191,3 +192,26 @@ def test_killing_one_of_two_replicas_under_load_fails_only_streams_it_had_begun(
     after = results[at_kill:]
     assert sum(not what for *_, what in after) >= 40  # the gateway kept serving through the loss
     assert not [what for kind, _, what in after if kind == "plain" and what]
+
+
+def test_several_gateway_processes_share_the_port_and_the_keys(
+    processes: Processes, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    fleet, url = run_gateway(processes, redis_server, tmp_path, "--workers", "2", "--api-key", "k1")
+    start(fleet, "demo")
+    gateway = next(p for p in processes.procs if "gateway" in " ".join(map(str, p.args)))
+    wait_for(lambda: len(psutil.Process(gateway.pid).children()) >= 2)
+    keyed = {"authorization": "Bearer k1"}
+
+    def served() -> bool:
+        reply = httpx.get(f"{url}/v1/models", headers=keyed, timeout=5)
+        return [m["id"] for m in reply.json()["data"]] == ["demo"]
+
+    wait_for(served)
+    body = {"model": "demo", "messages": [{"role": "user", "content": "hi"}]}
+    for _ in range(20):  # whichever process takes the connection, it knows the fleet and the key
+        with httpx.Client(timeout=10) as client:  # a new connection each time
+            ok = client.post(f"{url}/v1/chat/completions", json=body, headers=keyed)
+            assert ok.status_code == 200, ok.text
+            refused = client.post(f"{url}/v1/chat/completions", json=body)
+            assert refused.status_code == 401

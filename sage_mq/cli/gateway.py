@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+import os
+from typing import Annotated, Any
 
 import typer
 import uvicorn
@@ -11,6 +12,7 @@ from sage_mq.cli.common import DEFAULT_URL, LogLevel, RedisUrl, fail, settings_f
 from sage_mq.connection import redact_url
 from sage_mq.gateway import create_app
 from sage_mq.routing import POLICIES
+from sage_mq.settings import ENV_NAMESPACE, ENV_REDIS_URL, GatewayOptions
 
 gateway_app = typer.Typer(help="The OpenAI-compatible gateway in front of the fleet.")
 
@@ -30,6 +32,9 @@ def gateway_run(
         str | None,
         typer.Option(envvar="SAGE_MQ_ADMIN_KEY", help="Key /v1/management wants (Bearer)."),
     ] = None,
+    workers: Annotated[
+        int, typer.Option(help="Processes serving the port (the gateway is stateless).")
+    ] = 1,
     redis_url: RedisUrl = DEFAULT_URL,
     log_level: LogLevel = "INFO",
 ) -> None:
@@ -37,9 +42,30 @@ def gateway_run(
     (/v1/management), /health and /metrics."""
     if scheduling_policy not in POLICIES:
         fail(f"--scheduling-policy must be one of {', '.join(POLICIES)}")
+    if workers < 1:
+        fail("--workers must be at least 1")
     setup_logging(log_level)
-    app = create_app(
-        settings_for(redis_url), policy=scheduling_policy, api_key=api_key, admin_key=admin_key
+    options = GatewayOptions(policy=scheduling_policy, api_key=api_key, admin_key=admin_key)
+    settings = settings_for(redis_url)
+    typer.echo(
+        f"gateway on http://{host}:{port} ({workers} process{'es' if workers > 1 else ''}) "
+        f"for {redact_url(redis_url)}",
+        err=True,
     )
-    typer.echo(f"gateway on http://{host}:{port} for {redact_url(redis_url)}", err=True)
-    uvicorn.run(app, host=host, port=port, log_level=log_level.lower(), access_log=False)
+    if workers == 1:
+        app: Any = create_app(settings, policy=options.policy, api_key=api_key, admin_key=admin_key)
+    else:  # worker processes build their own app from the environment they inherit
+        os.environ.update(
+            {ENV_REDIS_URL: settings.redis_url, ENV_NAMESPACE: settings.namespace}
+            | options.as_env()
+        )
+        app = "sage_mq.gateway.app:app_from_env"
+    uvicorn.run(
+        app,
+        factory=workers > 1,
+        workers=workers,
+        host=host,
+        port=port,
+        log_level=log_level.lower(),
+        access_log=False,
+    )

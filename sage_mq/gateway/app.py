@@ -26,8 +26,20 @@ from sage_mq.gateway.proxy import Forwarder, Pools, openai_error
 from sage_mq.gateway.registry import Registry
 from sage_mq.keys import Keys
 from sage_mq.routing import Router
-from sage_mq.settings import Settings
+from sage_mq.settings import GatewayOptions, Settings
 from sage_mq.store import Store
+
+
+def app_from_env() -> FastAPI:
+    """The gateway as each worker process of ``sage llm gateway run --workers N`` makes it,
+    from the environment its parent set (Redis URL, namespace, policy, keys)."""
+    options = GatewayOptions.from_env()
+    return create_app(
+        Settings.from_env(),
+        policy=options.policy,
+        api_key=options.api_key,
+        admin_key=options.admin_key,
+    )
 
 
 def create_app(
