@@ -22,8 +22,9 @@ from sage_mq.errors import ControlPlaneUnavailable, SageMQError
 from sage_mq.gateway.auth import KeyCheck
 from sage_mq.gateway.management import management_router, on_bad_body, on_our_error
 from sage_mq.gateway.metrics import CONTENT_TYPE, GatewayMetrics
-from sage_mq.gateway.proxy import Forwarder, Pools, openai_error
+from sage_mq.gateway.proxy import Forwarder, openai_error
 from sage_mq.gateway.registry import Registry
+from sage_mq.gateway.upstream import Upstream
 from sage_mq.keys import Keys
 from sage_mq.routing import Router
 from sage_mq.settings import GatewayOptions, Settings
@@ -67,16 +68,16 @@ def create_app(
         with contextlib.suppress(ControlPlaneUnavailable):
             await registry.load()  # if Redis is away, follow() keeps trying
         follow = asyncio.create_task(registry.follow(), name="registry")
-        pools = Pools()
+        upstream = Upstream()
         parts["registry"] = registry
-        parts["forwarder"] = Forwarder(registry, router, pools)
+        parts["forwarder"] = Forwarder(registry, router, upstream)
         parts["control"] = ControlPlaneManager(settings, redis=redis)
         try:
             yield
         finally:
             follow.cancel()
             await asyncio.gather(follow, return_exceptions=True)
-            await pools.aclose()
+            await upstream.aclose()
             await redis.aclose()
 
     app = FastAPI(title="sage-mq gateway", lifespan=lifespan)
