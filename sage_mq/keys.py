@@ -90,3 +90,60 @@ class Keys:
     def processed(self, group: str, message_id: str) -> str:
         """Idempotency marker: a message id already carried out by a consumer group."""
         return self._k("done", group, message_id)
+
+    # -- batch (files and batches of the OpenAI Batch API) --------------------------------
+    @property
+    def files(self) -> str:
+        """Set of all file ids."""
+        return self._k("files")
+
+    def file(self, file_id: str) -> str:
+        """Hash holding one file record (OpenAI's file object fields)."""
+        return self._k("file", file_id)
+
+    def file_lines(self, file_id: str) -> str:
+        """List of an uploaded file's lines."""
+        return self._k("file", file_id, "lines")
+
+    @property
+    def batches(self) -> str:
+        """Set of all batch ids."""
+        return self._k("batches")
+
+    @property
+    def batches_active(self) -> str:
+        """Set of the ids of batches not yet in a final state."""
+        return self._k("batches", "active")
+
+    def batch(self, batch_id: str) -> str:
+        """Hash holding one batch record (OpenAI's batch object fields)."""
+        return self._k("batch", batch_id)
+
+    def batch_requests(self, batch_id: str) -> str:
+        """List of a batch's checked requests (JSON: line, custom_id, body), in file order."""
+        return self._k("batch", batch_id, "requests")
+
+    def batch_results(self, batch_id: str) -> str:
+        """Hash custom_id -> output line (JSON) of the requests that succeeded."""
+        return self._k("batch", batch_id, "results")
+
+    def batch_errors(self, batch_id: str) -> str:
+        """Hash custom_id -> error line (JSON) of the requests that failed."""
+        return self._k("batch", batch_id, "errors")
+
+    def batch_pending(self, batch_id: str) -> str:
+        """Set of a batch's chunk numbers not finished yet."""
+        return self._k("batch", batch_id, "pending")
+
+    def batch_jobs(self, batch_id: str) -> str:
+        """Hash chunk number -> rq job id of its latest run."""
+        return self._k("batch", batch_id, "jobs")
+
+    def batch_lease(self, batch_id: str, chunk: int) -> str:
+        """String with a short TTL, kept alive by the worker running that chunk."""
+        return self._k("batch", batch_id, "lease", str(chunk))
+
+    @property
+    def batch_sweeper(self) -> str:
+        """Lock (with TTL) of the worker that looks for stranded chunks right now."""
+        return self._k("batch", "sweeper")

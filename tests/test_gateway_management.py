@@ -77,7 +77,12 @@ def test_engines_nodes_gpus_status_and_presets_over_rest(
         assert stopped.status_code == 202 and stopped.json()["state"] == "STOPPED"
         chat = {"model": "demo-chat", "messages": [{"role": "user", "content": "hi"}]}
         assert httpx.post(f"{url}/v1/chat/completions", json=chat, timeout=10).status_code == 200
+        for made_up in ("gpt-x", "gpt-y"):  # the caller's free text makes no label of its own
+            lost = httpx.post(f"{url}/v1/chat/completions", json=chat | {"model": made_up})
+            assert lost.status_code == 404
         metrics = httpx.get(f"{url}/metrics", timeout=10).text
+        assert 'model="(unknown)",route="/v1/chat/completions",status="404"} 2.0' in metrics
+        assert "gpt-x" not in metrics
         counted = 'model="demo-chat",route="/v1/chat/completions",status="200"} 1.0'
         assert "sage_gateway_requests_total{" + counted in metrics
         assert 'sage_engines{state="RUNNING"} 2.0' in metrics

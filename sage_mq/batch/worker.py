@@ -23,6 +23,21 @@ from sage_mq.errors import ConfigError
 from sage_mq.settings import Settings
 
 DEFAULT_QUEUES = ("batch",)
+DEFAULT_CONCURRENCY = 32
+"""Requests a job has in flight at once (async HTTP inside the job)."""
+_current: tuple[Settings, int] | None = None
+
+
+def worker_settings() -> tuple[Settings, int]:
+    """The settings and concurrency of this worker process (jobs run inside it); a plain
+    ``rq worker`` gets them from the environment."""
+    return _current or (Settings.from_env(), DEFAULT_CONCURRENCY)
+
+
+def batch_queue(settings: Settings, connection: redis.Redis | None = None) -> Queue:
+    """The queue batch chunks go to."""
+    conn = connection or rq_connection(settings)
+    return Queue(queue_name(settings, "batch"), connection=conn, serializer=JSONSerializer)
 
 
 def queue_name(settings: Settings, name: str) -> str:
@@ -46,12 +61,20 @@ def rq_connection(settings: Settings) -> redis.Redis:
 
 
 def make_worker(
-    settings: Settings, queues: Sequence[str] = DEFAULT_QUEUES, *, name: str | None = None
+    settings: Settings,
+    queues: Sequence[str] = DEFAULT_QUEUES,
+    *,
+    name: str | None = None,
+    concurrency: int = DEFAULT_CONCURRENCY,
 ) -> SimpleWorker:
     """A worker over our queues (in the order given: earlier queues first)."""
+    global _current
     names = [q.strip() for q in queues if q.strip()]
     if not names:
         raise ConfigError("give at least one queue (e.g. --queues batch)")
+    if concurrency < 1:
+        raise ConfigError("--concurrency must be at least 1")
+    _current = (settings, concurrency)
     conn = rq_connection(settings)
     rq_queues = [
         Queue(queue_name(settings, q), connection=conn, serializer=JSONSerializer) for q in names

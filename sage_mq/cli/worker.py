@@ -8,6 +8,8 @@ import typer
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from sage_mq.batch import DEFAULT_QUEUES, make_worker
+from sage_mq.batch.sweeper import start_sweeper
+from sage_mq.batch.worker import DEFAULT_CONCURRENCY
 from sage_mq.cli.common import DEFAULT_URL, LogLevel, RedisUrl, fail, settings_for
 from sage_mq.connection import redact_url
 from sage_mq.errors import SageMQError
@@ -22,6 +24,9 @@ def worker_run(
     ] = ",".join(DEFAULT_QUEUES),
     name: Annotated[str | None, typer.Option(help="Worker name (default: rq's own).")] = None,
     burst: Annotated[bool, typer.Option(help="Stop once the queues are empty.")] = False,
+    concurrency: Annotated[
+        int, typer.Option(help="Requests a job keeps in flight at once.")
+    ] = DEFAULT_CONCURRENCY,
     redis_url: RedisUrl = DEFAULT_URL,
     log_level: LogLevel = "INFO",
 ) -> None:
@@ -29,11 +34,12 @@ def worker_run(
     signal ends it at once)."""
     settings = settings_for(redis_url)
     try:
-        worker = make_worker(settings, queues.split(","), name=name)
+        worker = make_worker(settings, queues.split(","), name=name, concurrency=concurrency)
         typer.echo(
             f"worker {worker.name} on {', '.join(worker.queue_names())} at {redact_url(redis_url)}",
             err=True,
         )
+        start_sweeper(settings)  # chunks whose worker was killed get run again
         worker.work(burst=burst, logging_level=log_level)
     except SageMQError as exc:
         fail(str(exc))

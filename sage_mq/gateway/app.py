@@ -15,11 +15,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from sage_mq.batch.service import BatchService
 from sage_mq.bus import Bus
 from sage_mq.connection import connect
 from sage_mq.control import ControlPlaneManager
 from sage_mq.errors import ControlPlaneUnavailable, SageMQError
 from sage_mq.gateway.auth import KeyCheck
+from sage_mq.gateway.batch_api import batch_router
 from sage_mq.gateway.management import management_router, on_bad_body, on_our_error
 from sage_mq.gateway.metrics import CONTENT_TYPE, GatewayMetrics
 from sage_mq.gateway.proxy import Forwarder, openai_error
@@ -72,6 +74,7 @@ def create_app(
         parts["registry"] = registry
         parts["forwarder"] = Forwarder(registry, router, upstream)
         parts["control"] = ControlPlaneManager(settings, redis=redis)
+        parts["batches"] = BatchService(settings, redis)
         try:
             yield
         finally:
@@ -85,6 +88,7 @@ def create_app(
     app.add_exception_handler(RequestValidationError, on_bad_body)
     app.add_middleware(KeyCheck, api_key=api_key, admin_key=admin_key)
     app.include_router(management_router(parts))
+    app.include_router(batch_router(parts))
 
     @app.get("/metrics")
     async def prometheus() -> Response:
@@ -124,8 +128,10 @@ def _inference(path: str, parts: dict[str, Any]) -> Any:
         metrics: GatewayMetrics = parts["metrics"]
         started = time.monotonic()
         response = await forwarder.forward(path, model, body, stream)
-        metrics.requests.labels(path, model, str(response.status_code)).inc()
-        metrics.latency.labels(path, model).observe(time.monotonic() - started)
+        # a name nothing serves is the caller's free text: one label for all, not one each
+        label = model if forwarder.registry.known(model) else "(unknown)"
+        metrics.requests.labels(path, label, str(response.status_code)).inc()
+        metrics.latency.labels(path, label).observe(time.monotonic() - started)
         return response
 
     route.__name__ = path.strip("/").replace("/", "_")

@@ -105,6 +105,15 @@ class FleetProcs:
         seen = [e.type for e in self.events(engine_id)]
         raise AssertionError(f"no {type_name} #{count} for {engine_id} in {timeout}s; saw {seen}")
 
+    def wait_state(self, state: str, timeout: float = 10) -> dict[str, Any]:
+        """The (only) engine's record once it is in ``state``: the record follows an event
+        as soon as the scheduler has read it, not at the same instant."""
+        deadline = time.monotonic() + timeout
+        while (record := self.json("llm", "engine", "list")[0])["state"] != state:
+            assert time.monotonic() < deadline, f"never {state}: {record}"
+            time.sleep(0.05)
+        return dict(record)
+
     def wait_node(self, count: int = 1) -> None:
         for _ in range(200):
             if self.json("llm", "status")["nodes"]["alive"] == count:

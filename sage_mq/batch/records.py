@@ -1,0 +1,282 @@
+"""Files and batches in Redis, in the shapes OpenAI's Batch API shows them.
+
+Everything lives in Redis, so any gateway and any worker on any host sees the same files and
+batches, and ``redis-cli HGETALL sage:batch:<id>`` shows one. An uploaded file is a list of its
+lines (bounded by :data:`MAX_FILE_BYTES`); a batch keeps its checked requests in a list, and
+each request's outcome in one of two hashes keyed by ``custom_id``, written at most once
+(``HSETNX``), so a chunk that runs twice records each request once. Output and error files are
+rendered from those hashes, in input order, when downloaded.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Any
+
+from sage_mq.batch.validate import MAX_FILE_BYTES, BatchRequest
+from sage_mq.connection import Redis, redis_errors
+from sage_mq.errors import InvalidRequest
+from sage_mq.keys import Keys
+
+FINAL = frozenset({"completed", "failed", "expired", "cancelled"})
+WINDOW_S = {"24h": 24 * 3600}
+_TIMES = (
+    "created_at",
+    "in_progress_at",
+    "expires_at",
+    "finalizing_at",
+    "completed_at",
+    "failed_at",
+    "expired_at",
+    "cancelling_at",
+    "cancelled_at",
+)
+
+# Record one request's outcome once, and count it with it.
+_RECORD = """
+if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 1 then
+  redis.call('HINCRBY', KEYS[2], ARGV[3], 1)
+  return 1
+end
+return 0
+"""
+
+
+def new_id(prefix: str) -> str:
+    """``file-…`` / ``batch_…`` ids, as OpenAI spells them."""
+    return f"{prefix}{uuid.uuid4().hex[:24]}"
+
+
+class Records:
+    """Reads and writes file and batch records."""
+
+    def __init__(self, redis: Redis, keys: Keys) -> None:
+        self.redis: Any = redis  # str replies (decode_responses), which redis-py's types miss
+        self.keys = keys
+        self._record = redis.register_script(_RECORD)
+
+    # -- files -----------------------------------------------------------------------------
+    async def create_file(self, data: bytes, filename: str, purpose: str) -> dict[str, Any]:
+        """Store an uploaded file; refuses one that is too big or not UTF-8 text."""
+        if len(data) > MAX_FILE_BYTES:
+            raise InvalidRequest(
+                f"the file is {len(data)} bytes; at most {MAX_FILE_BYTES} are taken: "
+                "split it into several batches"
+            )
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise InvalidRequest(f"the file is not UTF-8 text: {exc}") from None
+        lines = text.split("\n")
+        if lines and lines[-1] == "":
+            lines.pop()
+        file_id = new_id("file-")
+        record = {
+            "id": file_id,
+            "object": "file",
+            "bytes": len(data),
+            "created_at": int(time.time()),
+            "filename": filename,
+            "purpose": purpose,
+            "status": "processed",
+            "lines": len(lines),
+        }
+        with redis_errors("storing a file"):
+            async with self.redis.pipeline(transaction=True) as pipe:
+                for start in range(0, len(lines), 1000):
+                    pipe.rpush(self.keys.file_lines(file_id), *lines[start : start + 1000])
+                pipe.hset(self.keys.file(file_id), mapping=_flat(record))
+                pipe.sadd(self.keys.files, file_id)
+                await pipe.execute()
+        return _file_object(record)
+
+    async def get_file(self, file_id: str) -> dict[str, Any] | None:
+        with redis_errors("reading a file"):
+            raw = await self.redis.hgetall(self.keys.file(file_id))
+        return _file_object(_unflat(raw)) if raw else None
+
+    async def file_lines(self, file_id: str) -> list[str]:
+        with redis_errors("reading a file"):
+            lines: list[str] = await self.redis.lrange(self.keys.file_lines(file_id), 0, -1)
+        return lines
+
+    async def file_content(self, file_id: str) -> bytes | None:
+        """An uploaded file as sent, or a batch's output or error file rendered now."""
+        with redis_errors("reading a file"):
+            raw = await self.redis.hgetall(self.keys.file(file_id))
+        if not raw:
+            return None
+        record = _unflat(raw)
+        if "batch_id" not in record:
+            return "".join(f"{line}\n" for line in await self.file_lines(file_id)).encode()
+        batch_id = str(record["batch_id"])
+        outcome = (
+            self.keys.batch_results(batch_id)
+            if record.get("kind") == "output"
+            else self.keys.batch_errors(batch_id)
+        )
+        with redis_errors("reading a batch's results"):
+            ids = [json.loads(r)["custom_id"] for r in await self._requests(batch_id)]
+            found = await self.redis.hmget(outcome, ids) if ids else []
+        return "".join(f"{line}\n" for line in found if line).encode()
+
+    # -- batches ---------------------------------------------------------------------------
+    async def create_batch(
+        self,
+        input_file_id: str,
+        endpoint: str,
+        completion_window: str,
+        metadata: dict[str, str] | None,
+        requests: list[BatchRequest],
+        chunk_size: int,
+    ) -> tuple[dict[str, Any], int]:
+        """A batch of checked requests, in progress; returns it and its number of chunks."""
+        now = int(time.time())
+        batch_id = new_id("batch_")
+        chunks = max(1, -(-len(requests) // chunk_size))
+        record: dict[str, Any] = {
+            "id": batch_id,
+            "object": "batch",
+            "endpoint": endpoint,
+            "input_file_id": input_file_id,
+            "completion_window": completion_window,
+            "status": "in_progress",
+            "created_at": now,
+            "in_progress_at": now,
+            "expires_at": now + WINDOW_S[completion_window],
+            "total": len(requests),
+            "completed": 0,
+            "failed": 0,
+            "chunks": chunks,
+            "chunk_size": chunk_size,
+            "metadata": metadata,
+        }
+        rows = [
+            json.dumps({"line": r.line, "custom_id": r.custom_id, "body": r.body}) for r in requests
+        ]
+        with redis_errors("creating a batch"):
+            async with self.redis.pipeline(transaction=True) as pipe:
+                for start in range(0, len(rows), 1000):
+                    pipe.rpush(self.keys.batch_requests(batch_id), *rows[start : start + 1000])
+                pipe.sadd(self.keys.batch_pending(batch_id), *range(chunks))
+                pipe.hset(self.keys.batch(batch_id), mapping=_flat(record))
+                pipe.sadd(self.keys.batches, batch_id)
+                pipe.sadd(self.keys.batches_active, batch_id)
+                await pipe.execute()
+        return batch_object(record), chunks
+
+    async def failed_batch(
+        self, input_file_id: str, endpoint: str, window: str, errors: list[dict[str, Any]]
+    ) -> dict[str, Any]:
+        """A batch refused at validation: status ``failed`` with every problem found."""
+        now = int(time.time())
+        record: dict[str, Any] = {
+            "id": new_id("batch_"),
+            "object": "batch",
+            "endpoint": endpoint,
+            "input_file_id": input_file_id,
+            "completion_window": window,
+            "status": "failed",
+            "created_at": now,
+            "failed_at": now,
+            "errors": {"object": "list", "data": errors},
+            "total": 0,
+            "completed": 0,
+            "failed": 0,
+        }
+        with redis_errors("recording a batch"):
+            await self.redis.hset(self.keys.batch(record["id"]), mapping=_flat(record))
+            await self.redis.sadd(self.keys.batches, record["id"])
+        return batch_object(record)
+
+    async def get_batch(self, batch_id: str) -> dict[str, Any] | None:
+        """The batch as OpenAI shows it, or None."""
+        raw = await self.raw_batch(batch_id)
+        return batch_object(raw) if raw else None
+
+    async def raw_batch(self, batch_id: str) -> dict[str, Any]:
+        with redis_errors("reading a batch"):
+            raw = await self.redis.hgetall(self.keys.batch(batch_id))
+        return _unflat(raw)
+
+    async def update_batch(self, batch_id: str, **fields: Any) -> None:
+        with redis_errors("updating a batch"):
+            await self.redis.hset(self.keys.batch(batch_id), mapping=_flat(fields))
+
+    async def chunk(self, batch_id: str, number: int, size: int) -> list[dict[str, Any]]:
+        """The requests of one chunk."""
+        with redis_errors("reading a batch"):
+            rows = await self.redis.lrange(
+                self.keys.batch_requests(batch_id), number * size, (number + 1) * size - 1
+            )
+        return [json.loads(row) for row in rows]
+
+    async def settled(self, batch_id: str, custom_ids: list[str]) -> set[str]:
+        """Which of these requests already have an outcome."""
+        if not custom_ids:
+            return set()
+        with redis_errors("reading a batch"):
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.hmget(self.keys.batch_results(batch_id), custom_ids)
+                pipe.hmget(self.keys.batch_errors(batch_id), custom_ids)
+                ok, bad = await pipe.execute()
+        return {cid for cid, a, b in zip(custom_ids, ok, bad, strict=True) if a or b}
+
+    async def record(self, batch_id: str, custom_id: str, line: dict[str, Any], ok: bool) -> bool:
+        """Keep one request's outcome (the first one only); True if this was the first."""
+        outcome = self.keys.batch_results if ok else self.keys.batch_errors
+        with redis_errors("recording a result"):
+            first = await self._record(
+                keys=[outcome(batch_id), self.keys.batch(batch_id)],
+                args=[custom_id, json.dumps(line), "completed" if ok else "failed"],
+            )
+        return bool(first)
+
+    async def _requests(self, batch_id: str) -> list[str]:
+        rows: list[str] = await self.redis.lrange(self.keys.batch_requests(batch_id), 0, -1)
+        return rows
+
+
+def batch_object(record: dict[str, Any]) -> dict[str, Any]:
+    """A stored batch record in OpenAI's shape."""
+    batch = {
+        "id": record["id"],
+        "object": "batch",
+        "endpoint": record.get("endpoint"),
+        "errors": record.get("errors"),
+        "input_file_id": record.get("input_file_id"),
+        "completion_window": record.get("completion_window"),
+        "status": record.get("status"),
+        "output_file_id": record.get("output_file_id"),
+        "error_file_id": record.get("error_file_id"),
+        "request_counts": {
+            "total": int(record.get("total") or 0),
+            "completed": int(record.get("completed") or 0),
+            "failed": int(record.get("failed") or 0),
+        },
+        "metadata": record.get("metadata"),
+    }
+    batch.update({name: record.get(name) for name in _TIMES})
+    return batch
+
+
+def _file_object(record: dict[str, Any]) -> dict[str, Any]:
+    fields = ("id", "object", "bytes", "created_at", "filename", "purpose", "status")
+    return {name: record.get(name) for name in fields}
+
+
+def _flat(record: dict[str, Any]) -> dict[str, str]:
+    return {k: v if isinstance(v, str) else json.dumps(v) for k, v in record.items()}
+
+
+_JSON_FIELDS = frozenset(
+    {"bytes", "lines", "total", "completed", "failed", "chunks", "chunk_size", "metadata"}
+    | {"errors", *_TIMES}
+)
+"""Fields stored as JSON; every other field is a string as it is (a filename "123" stays one)."""
+
+
+def _unflat(raw: dict[str, str]) -> dict[str, Any]:
+    return {k: json.loads(v) if k in _JSON_FIELDS else v for k, v in raw.items()}

@@ -1,0 +1,256 @@
+"""Running one chunk of a batch: its requests sent concurrently to RUNNING replicas, each
+outcome recorded once, transient failures waited out, cancellation honoured between requests.
+
+A chunk is idempotent: requests that already have an outcome are skipped, so a chunk run again
+(its worker was killed) sends only what is missing. While it runs, the worker keeps a lease on
+the chunk alive in Redis; a lease that lapses tells the sweeper the chunk needs another run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+import uuid
+from typing import Any
+
+from sage_mq.batch.records import FINAL, Records
+from sage_mq.connection import connect
+from sage_mq.errors import ControlPlaneUnavailable
+from sage_mq.gateway.upstream import Upstream, UpstreamError
+from sage_mq.keys import Keys
+from sage_mq.routing import NoReplica, Replica, Router
+from sage_mq.settings import Settings
+from sage_mq.store import EngineState, Store
+
+log = logging.getLogger(__name__)
+LEASE_TTL_S = 6
+WAIT_FOR_ENGINE_S = 600.0
+"""How long a request waits for a replica of its model to be RUNNING again before it fails."""
+_RETRY_STATUS = {502, 503, 504}
+_SERVER_ERROR_TRIES = 3
+
+
+async def run_chunk(
+    settings: Settings, batch_id: str, number: int, *, concurrency: int = 32
+) -> dict[str, Any]:
+    """Run chunk ``number`` of a batch; returns what it did."""
+    redis = connect(settings)
+    keys = Keys(settings.namespace)
+    records = Records(redis, keys)
+    upstream = Upstream()
+    lease = asyncio.create_task(_keep_lease(redis, keys.batch_lease(batch_id, number)))
+    try:
+        batch = await records.raw_batch(batch_id)
+        if not batch:
+            return {"skipped": "no such batch"}
+        sent = 0
+        if batch["status"] == "in_progress":
+            rows = await records.chunk(batch_id, number, int(batch["chunk_size"]))
+            settled = await records.settled(batch_id, [r["custom_id"] for r in rows])
+            todo = [row for row in rows if row["custom_id"] not in settled]
+            sender = _Sender(Store(redis, keys), upstream, str(batch["endpoint"]))
+            sent = await _send_all(records, sender, batch_id, todo, concurrency)
+        await finish_chunk(records, batch_id, number)
+        return {"batch": batch_id, "chunk": number, "sent": sent}
+    finally:
+        lease.cancel()
+        await asyncio.gather(lease, return_exceptions=True)
+        with contextlib.suppress(Exception):
+            await redis.delete(keys.batch_lease(batch_id, number))
+        await upstream.aclose()
+        await redis.aclose()
+
+
+async def _send_all(
+    records: Records, sender: _Sender, batch_id: str, rows: list[dict[str, Any]], concurrency: int
+) -> int:
+    cancelled = asyncio.Event()
+    watch = asyncio.create_task(_watch_cancel(records, batch_id, cancelled))
+    gate = asyncio.Semaphore(concurrency)
+    sent = 0
+
+    async def one(row: dict[str, Any]) -> None:
+        nonlocal sent
+        async with gate:
+            if cancelled.is_set():
+                return
+            ok, line = await sender.send(row["custom_id"], row["body"])
+            await records.record(batch_id, row["custom_id"], line, ok)
+            sent += 1
+
+    try:
+        await asyncio.gather(*(one(row) for row in rows))
+    finally:
+        watch.cancel()
+        await asyncio.gather(watch, return_exceptions=True)
+    return sent
+
+
+async def finish_chunk(records: Records, batch_id: str, number: int) -> None:
+    """Mark a chunk done; the last one to finish finalizes the batch."""
+    keys = records.keys
+    await records.redis.srem(keys.batch_pending(batch_id), number)
+    if await records.redis.scard(keys.batch_pending(batch_id)) == 0:
+        await finalize(records, batch_id)
+
+
+async def finalize(records: Records, batch_id: str) -> None:
+    """Write the output and error files and end the batch (once, whoever calls)."""
+    keys = records.keys
+    if not await records.redis.hsetnx(keys.batch(batch_id), "finalized", "1"):
+        return
+    batch = await records.raw_batch(batch_id)
+    now = int(time.time())
+    await records.update_batch(batch_id, status="finalizing", finalizing_at=now)
+    files: dict[str, Any] = {}
+    for kind, outcome, field in (
+        ("output", keys.batch_results(batch_id), "output_file_id"),
+        ("error", keys.batch_errors(batch_id), "error_file_id"),
+    ):
+        if await records.redis.hlen(outcome):
+            file_id = f"file-{batch_id.removeprefix('batch_')}-{kind}"
+            record = {
+                "id": file_id,
+                "object": "file",
+                "created_at": now,
+                "filename": f"{batch_id}_{kind}.jsonl",
+                "purpose": "batch_output",
+                "status": "processed",
+                "batch_id": batch_id,
+                "kind": kind,
+                "bytes": 0,
+            }
+            await records.redis.hset(
+                keys.file(file_id), mapping={k: str(v) for k, v in record.items()}
+            )
+            content = await records.file_content(file_id) or b""
+            await records.redis.hset(keys.file(file_id), "bytes", len(content))
+            await records.redis.sadd(keys.files, file_id)
+            files[field] = file_id
+    ended = "cancelled" if batch.get("status") in ("cancelling", "cancelled") else "completed"
+    await records.update_batch(batch_id, status=ended, **{f"{ended}_at": now}, **files)
+    await records.redis.srem(keys.batches_active, batch_id)
+
+
+class _Sender:
+    """Sends one request, waiting out restarts, to a RUNNING replica of its model."""
+
+    def __init__(self, store: Store, upstream: Upstream, endpoint: str) -> None:
+        self.store = store
+        self.upstream = upstream
+        self.endpoint = endpoint
+        self.router = Router("adaptive")
+        self._replicas: dict[str, tuple[Replica, ...]] = {}
+        self._known: set[str] = set()
+        self._read_at = 0.0
+
+    async def send(self, custom_id: str, body: dict[str, Any]) -> tuple[bool, dict[str, Any]]:
+        model = str(body["model"])
+        payload = json.dumps(body).encode()
+        deadline = time.monotonic() + WAIT_FOR_ENGINE_S
+        delay, server_errors, last = 0.5, 0, "no replica tried"
+        while time.monotonic() < deadline:
+            replicas = await self._running(model, fresh=last != "no replica tried")
+            if not replicas and model not in self._known:
+                return False, error_line(
+                    custom_id, "model_not_found", f"no engine serves {model!r}"
+                )
+            if replicas:
+                try:
+                    replica = self.router.choose(replicas)
+                except NoReplica:  # pragma: no cover - choose() never excludes here
+                    replica = replicas[0]
+                outcome = await self._try(replica, payload, custom_id)
+                if isinstance(outcome, tuple):
+                    status, line = outcome
+                    if status < 500 or server_errors + 1 >= _SERVER_ERROR_TRIES:
+                        return 200 <= status < 300, line
+                    server_errors += 1
+                    last = f"{replica.engine_id}: HTTP {status}"
+                else:
+                    last = f"{replica.engine_id}: {outcome}"
+            else:
+                last = f"no replica of {model!r} is RUNNING"
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+        return False, error_line(
+            custom_id, "engine_unavailable", f"gave up after {WAIT_FOR_ENGINE_S:.0f} s: {last}"
+        )
+
+    async def _try(
+        self, replica: Replica, payload: bytes, custom_id: str
+    ) -> tuple[int, dict[str, Any]] | str:
+        """(status, output line), or why the replica gave no usable answer (worth a retry)."""
+        self.router.started(replica)
+        started = time.monotonic()
+        try:
+            response = await self.upstream.post(f"{replica.url}{self.endpoint}", payload)
+            if response.status in _RETRY_STATUS:
+                response.close()
+                self.router.finished(replica, None)
+                return f"HTTP {response.status}"
+            raw = await response.read()
+        except UpstreamError as exc:
+            self.router.finished(replica, None)
+            return str(exc)
+        self.router.finished(replica, time.monotonic() - started)
+        try:
+            answer = json.loads(raw)
+        except ValueError:
+            answer = {"error": {"message": raw[:300].decode("utf-8", "replace")}}
+        return response.status, _response_line(custom_id, response.status, answer)
+
+    async def _running(self, model: str, fresh: bool) -> tuple[Replica, ...]:
+        if fresh or not self._read_at or time.monotonic() - self._read_at > 5:
+            with contextlib.suppress(ControlPlaneUnavailable):
+                records = await self.store.list_engines()
+                by_model: dict[str, list[Replica]] = {}
+                self._known = set()
+                for r in records:
+                    if r.state not in (EngineState.STOPPED, EngineState.FAILED):
+                        self._known.add(r.model)
+                    if r.state == EngineState.RUNNING and r.url:
+                        by_model.setdefault(r.model, []).append(
+                            Replica(r.engine_id, r.model, r.url, r.kind)
+                        )
+                self._replicas = {m: tuple(found) for m, found in by_model.items()}
+                self._read_at = time.monotonic()
+        return self._replicas.get(model, ())
+
+
+async def _keep_lease(redis: Any, key: str) -> None:
+    while True:
+        with contextlib.suppress(Exception):
+            await redis.set(key, "1", ex=LEASE_TTL_S)
+        await asyncio.sleep(LEASE_TTL_S / 3)
+
+
+async def _watch_cancel(records: Records, batch_id: str, cancelled: asyncio.Event) -> None:
+    while True:
+        await asyncio.sleep(0.5)
+        with contextlib.suppress(ControlPlaneUnavailable):
+            status = (await records.raw_batch(batch_id)).get("status")
+            if status == "cancelling" or status in FINAL:
+                cancelled.set()
+                return
+
+
+def _response_line(custom_id: str, status: int, body: Any) -> dict[str, Any]:
+    return {
+        "id": f"batch_req_{uuid.uuid4().hex[:24]}",
+        "custom_id": custom_id,
+        "response": {"status_code": status, "request_id": uuid.uuid4().hex, "body": body},
+        "error": None,
+    }
+
+
+def error_line(custom_id: str, code: str, message: str) -> dict[str, Any]:
+    return {
+        "id": f"batch_req_{uuid.uuid4().hex[:24]}",
+        "custom_id": custom_id,
+        "response": None,
+        "error": {"code": code, "message": message},
+    }

@@ -1,0 +1,117 @@
+"""Finding chunks that lost their worker, and running them again.
+
+Every worker process runs a sweeper thread; one at a time sweeps (a lock with a TTL). A chunk
+of an active batch needs another run when nothing is doing it: no lease (the worker running it
+keeps one alive) and its rq job is not waiting in the queue: the job started long enough ago
+and its worker is gone (killed), it failed, or it is missing. A chunk that needed this
+:data:`MAX_RUNS` times ends: its requests without an outcome are failed with the reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from typing import Any
+
+from rq.exceptions import NoSuchJobError
+from rq.job import Job, JobStatus
+
+from sage_mq.batch.records import FINAL, Records
+from sage_mq.batch.runner import LEASE_TTL_S, error_line, finish_chunk
+from sage_mq.batch.service import BatchService
+from sage_mq.connection import connect
+from sage_mq.errors import ControlPlaneUnavailable
+from sage_mq.settings import Settings
+
+log = logging.getLogger(__name__)
+SWEEP_EVERY_S = 3.0
+MAX_RUNS = 5
+_WAITING = {JobStatus.QUEUED, JobStatus.DEFERRED, JobStatus.SCHEDULED}
+
+
+def start_sweeper(settings: Settings) -> threading.Thread:
+    """Sweep in a daemon thread of this process until it exits."""
+    thread = threading.Thread(
+        target=lambda: asyncio.run(_sweep_forever(settings)), name="batch-sweeper", daemon=True
+    )
+    thread.start()
+    return thread
+
+
+async def _sweep_forever(settings: Settings) -> None:
+    redis = connect(settings)
+    service = BatchService(settings, redis)
+    while True:
+        await asyncio.sleep(SWEEP_EVERY_S)
+        try:
+            lock = service.records.keys.batch_sweeper
+            if await redis.set(lock, "1", nx=True, px=int(SWEEP_EVERY_S * 900)):
+                await sweep(service)
+        except ControlPlaneUnavailable as exc:
+            log.warning("batch sweeper: %s", exc)
+        except Exception:  # a sweep must never end the thread
+            log.exception("batch sweeper: a sweep failed; trying again")
+
+
+async def sweep(service: BatchService) -> list[tuple[str, int]]:
+    """One pass over the active batches; returns the chunks queued again."""
+    records = service.records
+    keys = records.keys
+    requeued: list[tuple[str, int]] = []
+    for batch_id in await records.redis.smembers(keys.batches_active):
+        batch = await records.raw_batch(batch_id)
+        if not batch or batch.get("status") in FINAL:
+            await records.redis.srem(keys.batches_active, batch_id)
+            continue
+        jobs: dict[str, str] = await records.redis.hgetall(keys.batch_jobs(batch_id))
+        for member in await records.redis.smembers(keys.batch_pending(batch_id)):
+            number = int(member)
+            if await records.redis.exists(keys.batch_lease(batch_id, number)):
+                continue  # running
+            why = await asyncio.to_thread(_why_stranded, service, jobs.get(str(number)))
+            if why is None:
+                continue
+            runs = await records.redis.hincrby(keys.batch_jobs(batch_id), f"{number}:runs", 1)
+            if runs >= MAX_RUNS:
+                await _give_up(records, batch, number, f"chunk {number} ran {runs} times: {why}")
+                continue
+            log.warning("batch %s chunk %d: %s; queueing it again", batch_id, number, why)
+            await asyncio.to_thread(service.enqueue, batch_id, [number])
+            requeued.append((batch_id, number))
+    return requeued
+
+
+def _why_stranded(service: BatchService, job_id: str | None) -> str | None:
+    """Why nothing is doing a chunk without a lease, or None if its job is still coming."""
+    if job_id is None:
+        return "it has no job"
+    try:
+        job = Job.fetch(
+            job_id, connection=service.queue.connection, serializer=service.queue.serializer
+        )
+    except NoSuchJobError:
+        return "its job is gone"
+    status = job.get_status(refresh=False)
+    if status in _WAITING:
+        return None
+    if status == JobStatus.STARTED:
+        started = job.started_at.timestamp() if job.started_at else 0.0
+        if time.time() - started < LEASE_TTL_S:
+            return None  # just taken: its lease comes in a moment
+        return "its worker went away mid-run"
+    return f"its job ended {status.value if status else 'unknown'} without finishing it"
+
+
+async def _give_up(records: Records, batch: dict[str, Any], number: int, why: str) -> None:
+    batch_id = str(batch["id"])
+    rows = await records.chunk(batch_id, number, int(batch["chunk_size"]))
+    settled = await records.settled(batch_id, [r["custom_id"] for r in rows])
+    for row in rows:
+        if row["custom_id"] not in settled:
+            line = error_line(row["custom_id"], "chunk_failed", why)
+            await records.record(batch_id, row["custom_id"], line, False)
+    with contextlib.suppress(ControlPlaneUnavailable):
+        await finish_chunk(records, batch_id, number)

@@ -1,0 +1,109 @@
+"""OpenAI's Batch API on the gateway: files (``purpose=batch``) and batches.
+
+``POST /v1/files``, ``GET /v1/files/{id}``, ``GET /v1/files/{id}/content``, ``POST /v1/batches``,
+``GET /v1/batches``, ``GET /v1/batches/{id}``, ``POST /v1/batches/{id}/cancel``. Errors are in
+OpenAI's shape. The work itself is done by rq workers (``sage llm worker run``).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, File, Form, UploadFile
+from pydantic import BaseModel, ConfigDict
+from starlette.responses import JSONResponse, Response
+
+from sage_mq.batch.service import BatchNotFound, BatchService
+from sage_mq.batch.validate import ENDPOINTS
+from sage_mq.errors import ControlPlaneUnavailable, InvalidRequest
+from sage_mq.gateway.proxy import openai_error
+
+
+class BatchCreate(BaseModel):
+    """The body of ``POST /v1/batches``."""
+
+    model_config = ConfigDict(extra="forbid")
+    input_file_id: str
+    endpoint: str
+    completion_window: str = "24h"
+    metadata: dict[str, str] | None = None
+
+
+def batch_router(parts: dict[str, Any]) -> APIRouter:
+    """The routes, over the app's :class:`BatchService` (``parts["batches"]``)."""
+    router = APIRouter(prefix="/v1")
+
+    def service() -> BatchService:
+        batches: BatchService = parts["batches"]
+        return batches
+
+    @router.post("/files")
+    async def upload(
+        file: Annotated[UploadFile, File()], purpose: Annotated[str, Form()]
+    ) -> Response:
+        if purpose != "batch":
+            return _bad(
+                f"purpose {purpose!r} is not taken here; upload batch input with purpose 'batch'"
+            )
+        data = await file.read()
+        return await _answer(
+            service().records.create_file(data, file.filename or "upload", purpose)
+        )
+
+    @router.get("/files/{file_id}")
+    async def file_info(file_id: str) -> Response:
+        return await _answer(_must(service().records.get_file(file_id), f"no file {file_id!r}"))
+
+    @router.get("/files/{file_id}/content")
+    async def file_content(file_id: str) -> Response:
+        try:
+            content = await service().records.file_content(file_id)
+        except ControlPlaneUnavailable as exc:
+            return openai_error(503, str(exc), "service_unavailable")
+        if content is None:
+            return openai_error(404, f"no file {file_id!r}", "invalid_request_error", "not_found")
+        return Response(content, media_type="application/jsonl")
+
+    @router.post("/batches")
+    async def create(body: BatchCreate) -> Response:
+        if body.endpoint not in ENDPOINTS:
+            return _bad(
+                f"endpoint {body.endpoint!r} cannot be batched; use one of {', '.join(ENDPOINTS)}"
+            )
+        return await _answer(
+            service().create(
+                body.input_file_id, body.endpoint, body.completion_window, body.metadata
+            )
+        )
+
+    @router.get("/batches/{batch_id}")
+    async def get(batch_id: str) -> Response:
+        return await _answer(service().get(batch_id))
+
+    @router.post("/batches/{batch_id}/cancel")
+    async def cancel(batch_id: str) -> Response:
+        return await _answer(service().cancel(batch_id))
+
+    return router
+
+
+async def _must(pending: Any, missing: str) -> Any:
+    found = await pending
+    if found is None:
+        raise BatchNotFound(missing)
+    return found
+
+
+async def _answer(pending: Any) -> Response:
+    try:
+        return JSONResponse(await pending)
+    except BatchNotFound as exc:
+        return openai_error(404, str(exc), "invalid_request_error", "not_found")
+    except InvalidRequest as exc:
+        return _bad(str(exc))
+    except ControlPlaneUnavailable as exc:
+        return openai_error(503, str(exc), "service_unavailable")
+
+
+def _bad(message: str) -> JSONResponse:
+    return openai_error(400, message, "invalid_request_error")

@@ -1,0 +1,167 @@
+"""The OpenAI Batch API end to end: the real openai SDK, a gateway, rq worker processes, a
+scheduler and an agent with fake engines, all real processes on a real Redis."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+
+from tests.helpers.fleetprocs import FleetProcs
+from tests.helpers.servers import Processes, RedisServer
+from tests.test_gateway import models, run_gateway, start, wait_for
+
+pytestmark = pytest.mark.fleet
+
+
+def jsonl(n: int, model: str = "demo", url: str = "/v1/chat/completions") -> bytes:
+    rows = [
+        {
+            "custom_id": f"req-{i}",
+            "method": "POST",
+            "url": url,
+            "body": {"model": model, "messages": [{"role": "user", "content": f"question {i}"}]},
+        }
+        for i in range(n)
+    ]
+    return "".join(json.dumps(row) + "\n" for row in rows).encode()
+
+
+def wait_batch(client: openai.OpenAI, batch_id: str, until: set[str], timeout: float = 90) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        batch = client.batches.retrieve(batch_id)
+        if batch.status in until:
+            return batch
+        time.sleep(0.2)
+    raise AssertionError(f"batch still {batch.status}: {batch.request_counts}")
+
+
+@pytest.fixture
+def fleet(
+    processes: Processes, redis_server: RedisServer, tmp_path: Path
+) -> tuple[FleetProcs, openai.OpenAI]:
+    fleet, url = run_gateway(processes, redis_server, tmp_path)
+    start(fleet, "demo", "--extra-args", "--latency-ms 5")
+    wait_for(lambda: models(url) == ["demo"])
+    return fleet, openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
+
+
+def test_a_batch_of_240_requests_completes_each_custom_id_once(
+    fleet: tuple[FleetProcs, openai.OpenAI], processes: Processes
+) -> None:
+    procs, client = fleet
+    for i in range(2):
+        processes.sage(f"worker{i}", ["llm", "worker", "run", "--concurrency", "16"], procs.env)
+    uploaded = client.files.create(file=("in.jsonl", io.BytesIO(jsonl(240))), purpose="batch")
+    assert uploaded.purpose == "batch" and uploaded.bytes > 0
+    batch = client.batches.create(
+        input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
+    assert batch.status == "in_progress" and batch.request_counts.total == 240
+    done = wait_batch(client, batch.id, {"completed", "failed"})
+    assert done.status == "completed" and done.request_counts.completed == 240
+    assert done.request_counts.failed == 0 and done.error_file_id is None
+    lines = [json.loads(x) for x in client.files.content(done.output_file_id).text.splitlines()]
+    assert Counter(line["custom_id"] for line in lines) == {f"req-{i}": 1 for i in range(240)}
+    first = lines[0]["response"]
+    assert first["status_code"] == 200
+    assert first["body"]["choices"][0]["message"]["content"] == "[demo] You said: question 0"
+    assert client.files.content(uploaded.id).content == jsonl(240)
+
+
+def test_a_bad_file_fails_the_batch_with_every_line_named_before_any_work(
+    fleet: tuple[FleetProcs, openai.OpenAI],
+) -> None:
+    _, client = fleet
+    good = jsonl(3).decode().splitlines()
+    bad = [good[0], "{oops", good[0], good[2].replace("/v1/chat/completions", "/v1/embeddings")]
+    uploaded = client.files.create(
+        file=("bad.jsonl", io.BytesIO("\n".join(bad).encode())), purpose="batch"
+    )
+    batch = client.batches.create(
+        input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
+    assert batch.status == "failed" and batch.errors is not None
+    assert [(e.line, e.code) for e in batch.errors.data] == [
+        (2, "invalid_json_line"),
+        (3, "duplicate_custom_id"),
+        (4, "mismatched_url"),
+    ]
+    with pytest.raises(openai.NotFoundError):
+        client.batches.create(
+            input_file_id="file-nope", endpoint="/v1/chat/completions", completion_window="24h"
+        )
+    with pytest.raises(openai.BadRequestError, match="cannot be batched"):
+        client.batches.create(
+            input_file_id=uploaded.id,
+            endpoint="/v1/images",
+            completion_window="24h",  # type: ignore[arg-type]
+        )
+
+
+def test_a_cancelled_batch_keeps_what_finished(
+    fleet: tuple[FleetProcs, openai.OpenAI], processes: Processes
+) -> None:
+    procs, client = fleet
+    processes.sage("worker", ["llm", "worker", "run", "--concurrency", "2"], procs.env)
+    uploaded = client.files.create(file=("in.jsonl", io.BytesIO(jsonl(400))), purpose="batch")
+    batch = client.batches.create(
+        input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
+    wait_for(lambda: client.batches.retrieve(batch.id).request_counts.completed >= 20, 30)
+    assert client.batches.cancel(batch.id).status in ("cancelling", "cancelled")
+    done = wait_batch(client, batch.id, {"cancelled"})
+    kept = done.request_counts.completed
+    assert 20 <= kept < 400
+    output = client.files.content(done.output_file_id).text.splitlines()
+    assert len(output) == kept
+
+
+def test_a_worker_killed_mid_batch_costs_nothing_and_repeats_nothing(
+    fleet: tuple[FleetProcs, openai.OpenAI], processes: Processes
+) -> None:
+    procs, client = fleet
+    victim = processes.sage("victim", ["llm", "worker", "run", "--concurrency", "4"], procs.env)
+    uploaded = client.files.create(file=("in.jsonl", io.BytesIO(jsonl(300))), purpose="batch")
+    batch = client.batches.create(
+        input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
+    wait_for(lambda: client.batches.retrieve(batch.id).request_counts.completed >= 30, 30)
+    os.killpg(victim.pid, signal.SIGKILL)  # mid-chunk: its lease lapses, its job stays "started"
+    processes.sage("rescuer", ["llm", "worker", "run", "--concurrency", "8"], procs.env)
+    done = wait_batch(client, batch.id, {"completed", "failed"}, timeout=120)
+    assert done.status == "completed"
+    assert (done.request_counts.completed, done.request_counts.failed) == (300, 0)
+    lines = [json.loads(x) for x in client.files.content(done.output_file_id).text.splitlines()]
+    assert Counter(line["custom_id"] for line in lines) == {f"req-{i}": 1 for i in range(300)}
+    assert "queueing it again" in processes.log("rescuer")
+
+
+def test_an_engine_killed_mid_batch_is_waited_for_and_nothing_fails(
+    fleet: tuple[FleetProcs, openai.OpenAI], processes: Processes
+) -> None:
+    procs, client = fleet
+    processes.sage("worker", ["llm", "worker", "run", "--concurrency", "8"], procs.env)
+    engine = procs.json("llm", "engine", "list")[0]
+    uploaded = client.files.create(file=("in.jsonl", io.BytesIO(jsonl(300))), purpose="batch")
+    batch = client.batches.create(
+        input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
+    wait_for(lambda: client.batches.retrieve(batch.id).request_counts.completed >= 30, 30)
+    os.killpg(int(engine["pid"]), signal.SIGKILL)  # the only replica: requests wait for it
+    done = wait_batch(client, batch.id, {"completed", "failed"}, timeout=120)
+    assert (done.status, done.request_counts.completed, done.request_counts.failed) == (
+        "completed",
+        300,
+        0,
+    )
+    assert procs.json("llm", "engine", "list")[0]["restarts"] >= 1
