@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -31,6 +32,14 @@ class Fleet:
         self.redis = redis.Redis.from_url(url, decode_responses=True)
         self.procs: list[subprocess.Popen[bytes]] = []
         self.workdir = workdir
+
+    def start_scheduler_and_node(self) -> int:
+        """One scheduler and one agent (node n1), joined; returns the low end of its ports."""
+        self.start("scheduler", "scheduler", "run")
+        low = random.randrange(20000, 32000, 100)  # below the ephemeral range (32768+)
+        self.start("agent", "node", "run", "--node-id", "n1", "--port-range", f"{low}-{low + 9}")
+        self.wait("node.joined", 0)
+        return low
 
     def start(self, name: str, *args: str) -> subprocess.Popen[bytes]:
         log = open(self.workdir / f"{name}.log", "ab")  # noqa: SIM115 - the child keeps it

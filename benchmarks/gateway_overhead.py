@@ -32,7 +32,6 @@ import asyncio
 import json
 import os
 import platform
-import random
 import sys
 import tempfile
 import time
@@ -181,12 +180,7 @@ def main(
     with redis_server() as url, tempfile.TemporaryDirectory() as tmp:
         fleet = Fleet(url, Path(tmp))
         try:
-            fleet.start("scheduler", "scheduler", "run")
-            low = random.randrange(20000, 32000, 100)  # below the ephemeral range (32768+)
-            fleet.start(
-                "agent", "node", "run", "--node-id", "n1", "--port-range", f"{low}-{low + 9}"
-            )
-            fleet.wait("node.joined", 0)
+            low = fleet.start_scheduler_and_node()
             gw_port = low + 50
             gateway_proc = fleet.start(
                 "gateway",

@@ -20,9 +20,18 @@ from __future__ import annotations
 import asyncio
 import socket
 import threading
-from collections.abc import Coroutine, Iterator, Sequence
+from collections.abc import Coroutine, Iterable, Iterator, Sequence
 from typing import Any, TypeVar
 
+from sage_mq.batch.handles import (
+    Batches,
+    BatchHandle,
+    HttpBatches,
+    JobHandle,
+    RedisBatches,
+    request_lines,
+)
+from sage_mq.batch.service import BatchService
 from sage_mq.bus import Bus
 from sage_mq.connection import connect
 from sage_mq.embedded import EmbeddedControlPlane
@@ -63,6 +72,7 @@ class UnifiedInferenceClient:
     _transport: Transport
     _loop: _LoopThread
     _closers: list[Any]
+    _batches: Batches
     default_llm_model: str | None
     default_embedding_model: str | None
 
@@ -120,6 +130,8 @@ class UnifiedInferenceClient:
                     f"control_plane_url {url!r} is neither http(s):// (a gateway) "
                     "nor redis(s):// (the registry)"
                 )
+            if isinstance(self._transport, GatewayTransport):
+                self._batches = HttpBatches(self._transport.base, self._transport.http)
         except BaseException:
             self._loop.run(self._close())
             self._loop.stop()
@@ -138,7 +150,30 @@ class UnifiedInferenceClient:
         await registry.load()
         follow = asyncio.get_running_loop().create_task(registry.follow())
         self._closers += [follow.cancel, redis.aclose]
+        self._batches = RedisBatches(BatchService(settings, redis), self._loop.run)
         return DirectTransport(registry, router, timeout)
+
+    # -- queued work -----------------------------------------------------------------------
+    def submit_chat(self, messages: Messages, model: str | None = None, **params: Any) -> JobHandle:
+        """Queue a chat request for the batch workers; ``.result()`` gives the answer."""
+        body = {"model": self._model(model, llm=True), "messages": _messages(messages), **params}
+        handle = self.batch([body], endpoint="/v1/chat/completions")
+        return JobHandle(handle, lambda answer: str(answer["choices"][0]["message"]["content"]))
+
+    def submit_embed(self, texts: str | Sequence[str], model: str | None = None) -> JobHandle:
+        """Queue an embedding request; ``.result()`` gives one vector per text."""
+        batch = [texts] if isinstance(texts, str) else list(texts)
+        body = {"model": self._model(model, llm=False), "input": batch}
+        handle = self.batch([body], endpoint="/v1/embeddings")
+        return JobHandle(handle, _vectors)
+
+    def batch(
+        self, requests: Iterable[dict[str, Any]], endpoint: str = "/v1/chat/completions"
+    ) -> BatchHandle:
+        """Queue many request bodies (each with its ``model``; an optional ``custom_id``) as one
+        batch; the handle gives progress, results and cancel. Needs ``sage llm worker run``."""
+        batches: Batches = self._batches
+        return BatchHandle(batches, batches.create(request_lines(requests, endpoint), endpoint))
 
     # -- the API ---------------------------------------------------------------------------
     def models(self) -> list[str]:
@@ -177,9 +212,7 @@ class UnifiedInferenceClient:
         """One vector per text (a single string gives a list of one)."""
         batch = [texts] if isinstance(texts, str) else list(texts)
         body = {"model": self._model(model, llm=False), "input": batch}
-        answer = self._transport.post("/embeddings", body)
-        rows = sorted(answer["data"], key=lambda row: row["index"])
-        return [list(map(float, row["embedding"])) for row in rows]
+        return _vectors(self._transport.post("/embeddings", body))
 
     def close(self) -> None:
         """Close connections and stop the client's thread; safe to call twice."""
@@ -213,6 +246,11 @@ class UnifiedInferenceClient:
         raise InvalidRequest(
             f"say which model (or set {kind} in create()): one of {', '.join(served) or 'none'}"
         )
+
+
+def _vectors(answer: dict[str, Any]) -> list[list[float]]:
+    rows = sorted(answer["data"], key=lambda row: row["index"])
+    return [list(map(float, row["embedding"])) for row in rows]
 
 
 def _free_port() -> int:

@@ -15,6 +15,8 @@ from typing import Any
 import openai
 import pytest
 
+from sage_mq import UnifiedInferenceClient
+from sage_mq.errors import InvalidRequest
 from tests.helpers.fleetprocs import FleetProcs
 from tests.helpers.servers import Processes, RedisServer
 from tests.test_gateway import models, run_gateway, start, wait_for
@@ -165,3 +167,44 @@ def test_an_engine_killed_mid_batch_is_waited_for_and_nothing_fails(
         0,
     )
     assert procs.json("llm", "engine", "list")[0]["restarts"] >= 1
+
+
+def test_the_client_queues_requests_and_batches_through_gateway_and_redis(
+    fleet: tuple[FleetProcs, openai.OpenAI], processes: Processes
+) -> None:
+    procs, client = fleet
+    start(procs, "mini-embed", "--engine-kind", "embedding")
+    processes.sage("worker", ["llm", "worker", "run", "--concurrency", "4"], procs.env)
+    gateway_url = str(client.base_url).rstrip("/")
+    redis_url = procs.env["SAGE_MQ_REDIS_URL"]
+    for url in (gateway_url, redis_url):
+        with UnifiedInferenceClient.create(
+            control_plane_url=url,
+            namespace=procs.env["SAGE_MQ_NAMESPACE"],
+            default_llm_model="demo",
+            default_embedding_model="mini-embed",
+        ) as ours:
+            job = ours.submit_chat("queued hello")
+            assert job.status in ("queued", "running", "finished")
+            assert job.result(timeout=60) == "[demo] You said: queued hello"
+            assert job.status == "finished"
+            vectors = ours.submit_embed(["a", "b"]).result(timeout=60)
+            assert [len(v) for v in vectors] == [384, 384]
+            bodies = [
+                {
+                    "custom_id": f"c{i}",
+                    "model": "demo",
+                    "messages": [{"role": "user", "content": str(i)}],
+                }
+                for i in range(60)
+            ]
+            handle = ours.batch(bodies)
+            assert handle.progress()["total"] == 60
+            results = list(handle.results(timeout=60))
+            assert sorted(r["custom_id"] for r in results) == sorted(f"c{i}" for i in range(60))
+            assert handle.progress() == {"total": 60, "completed": 60, "failed": 0}
+            with pytest.raises(InvalidRequest, match="line 1"):
+                ours.batch([{"messages": []}])  # no model: refused before any work
+            slow = ours.batch([dict(b, custom_id=f"s{i}") for i, b in enumerate(bodies * 5)])
+            slow.cancel()
+            assert slow.wait(timeout=60)["status"] == "cancelled"

@@ -83,6 +83,7 @@ def test_engines_nodes_gpus_status_and_presets_over_rest(
         metrics = httpx.get(f"{url}/metrics", timeout=10).text
         assert 'model="(unknown)",route="/v1/chat/completions",status="404"} 2.0' in metrics
         assert "gpt-x" not in metrics
+        assert "sage_batch_queue_depth 0.0" in metrics and "sage_batches_active 0.0" in metrics
         counted = 'model="demo-chat",route="/v1/chat/completions",status="200"} 1.0'
         assert "sage_gateway_requests_total{" + counted in metrics
         assert 'sage_engines{state="RUNNING"} 2.0' in metrics

@@ -12,7 +12,7 @@ import pytest
 import uvicorn
 
 from sage_mq.engines.fake_server import FakeEngine, build_app
-from sage_mq.gateway.upstream import Upstream, UpstreamError
+from sage_mq.upstream import Upstream, UpstreamError
 from tests.helpers.servers import free_port
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]

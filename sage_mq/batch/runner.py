@@ -19,11 +19,11 @@ from typing import Any
 from sage_mq.batch.records import FINAL, Records
 from sage_mq.connection import connect
 from sage_mq.errors import ControlPlaneUnavailable
-from sage_mq.gateway.upstream import Upstream, UpstreamError
 from sage_mq.keys import Keys
 from sage_mq.routing import NoReplica, Replica, Router
 from sage_mq.settings import Settings
 from sage_mq.store import EngineState, Store
+from sage_mq.upstream import Upstream, UpstreamError
 
 log = logging.getLogger(__name__)
 LEASE_TTL_S = 6

@@ -17,7 +17,7 @@ from sage_mq.errors import InvalidRequest
 from sage_mq.keys import Keys
 from sage_mq.settings import Settings
 
-CHUNK_SIZE = 50
+CHUNK_SIZE = 200
 """Requests per rq job: enough to amortise rq's own cost per job, few enough to spread."""
 JOB_TIMEOUT_S = 3600
 

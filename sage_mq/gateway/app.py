@@ -26,11 +26,11 @@ from sage_mq.gateway.management import management_router, on_bad_body, on_our_er
 from sage_mq.gateway.metrics import CONTENT_TYPE, GatewayMetrics
 from sage_mq.gateway.proxy import Forwarder, openai_error
 from sage_mq.gateway.registry import Registry
-from sage_mq.gateway.upstream import Upstream
 from sage_mq.keys import Keys
 from sage_mq.routing import Router
 from sage_mq.settings import GatewayOptions, Settings
 from sage_mq.store import Store
+from sage_mq.upstream import Upstream
 
 
 def app_from_env() -> FastAPI:
@@ -92,7 +92,7 @@ def create_app(
 
     @app.get("/metrics")
     async def prometheus() -> Response:
-        body = await metrics.render(parts["control"])
+        body = await metrics.render(parts["control"], parts["batches"])
         return Response(body, media_type=CONTENT_TYPE)
 
     @app.get("/health")

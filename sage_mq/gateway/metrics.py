@@ -6,6 +6,7 @@ from __future__ import annotations
 from prometheus_client import CONTENT_TYPE_LATEST as CONTENT_TYPE
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from sage_mq.batch.service import BatchService
 from sage_mq.control import ControlPlaneManager
 from sage_mq.store import EngineState
 
@@ -37,8 +38,14 @@ class GatewayMetrics:
         self.streams = Gauge(
             "sage_stream_length", "Entries in a stream", ["stream"], registry=self.registry
         )
+        self.batch_queue = Gauge(
+            "sage_batch_queue_depth", "Batch chunks waiting in the rq queue", registry=self.registry
+        )
+        self.batches_active = Gauge(
+            "sage_batches_active", "Batches not yet ended", registry=self.registry
+        )
 
-    async def render(self, cp: ControlPlaneManager) -> bytes:
+    async def render(self, cp: ControlPlaneManager, batches: BatchService) -> bytes:
         """The metrics text, with the fleet's figures read now."""
         records = await cp.list_engines()
         for state in EngineState:
@@ -48,4 +55,7 @@ class GatewayMetrics:
             self.restarts.labels(record.engine_id).set(record.restarts)
         for name, length in (await cp.status())["streams"].items():
             self.streams.labels(name).set(length)
+        redis = batches.records.redis
+        self.batch_queue.set(await redis.llen(batches.queue.key))
+        self.batches_active.set(await redis.scard(batches.records.keys.batches_active))
         return generate_latest(self.registry)

@@ -1,7 +1,7 @@
 """Forwarding one OpenAI request to a replica: retried on another before the first byte,
 streamed back without buffering after it.
 
-Requests go out through :mod:`sage_mq.gateway.upstream` (keep-alive connections per replica).
+Requests go out through :mod:`sage_mq.upstream` (keep-alive connections per replica).
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from collections.abc import AsyncIterator
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from sage_mq.gateway.registry import Registry
-from sage_mq.gateway.upstream import Upstream, UpstreamError, UpstreamResponse
 from sage_mq.routing import NoReplica, Replica, Router
+from sage_mq.upstream import Upstream, UpstreamError, UpstreamResponse
 
 _RETRY_STATUS = {502, 503, 504}
 """An engine answering these (restarting, overloaded) sent no body yet: try another."""

@@ -1,4 +1,4 @@
-"""The gateway's HTTP/1.1 client to engines: keep-alive connections per replica, responses
+"""An HTTP/1.1 client to engines, for the gateway and the batch workers: keep-alive connections per
 parsed by httptools (the parser uvicorn serves with), bodies streamed with flow control.
 
 Why not httpx here: on this hop httpx and httpcore cost the gateway more CPU than everything
