@@ -1,4 +1,5 @@
-"""All-in-one: Redis, a scheduler, a local node agent and the gateway in one process.
+"""All-in-one: Redis, a scheduler, a local node agent and the gateway in one process, and a
+batch worker beside it (an rq worker is a process of its own).
 
 What ``sage llm up`` and ``UnifiedInferenceClient.create(embedded=True)`` run. Redis is a private
 ``redis-server`` child unless a URL is given (then it joins that fleet). Stopping stops every
@@ -10,7 +11,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import signal
 import socket
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,6 +30,8 @@ from sage_mq.local_redis import LocalRedis
 from sage_mq.presets import load_preset
 from sage_mq.scheduler.core import Scheduler
 from sage_mq.settings import (
+    ENV_NAMESPACE,
+    ENV_REDIS_URL,
     AgentSettings,
     Settings,
     default_state_dir,
@@ -68,6 +75,7 @@ class EmbeddedControlPlane:
         self.started: list[str] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._parts: tuple[Scheduler, NodeAgent, uvicorn.Server, ControlPlaneManager] | None = None
+        self._worker: subprocess.Popen[bytes] | None = None
 
     @property
     def gateway_url(self) -> str:
@@ -129,6 +137,7 @@ class EmbeddedControlPlane:
             if loop.time() > deadline:
                 raise ConfigError(f"the all-in-one fleet did not start in {ready_timeout_s:.0f}s")
             await asyncio.sleep(0.05)
+        self._worker = _start_worker(settings)
 
     async def _node_alive(self) -> bool:
         return any(alive for _n, alive in await self.control.list_nodes())
@@ -141,6 +150,9 @@ class EmbeddedControlPlane:
 
     async def stop(self) -> None:
         """Stop the engines (see the module doc), the actors, and Redis; safe to call twice."""
+        if self._worker is not None:
+            await asyncio.to_thread(_stop_worker, self._worker)
+            self._worker = None
         if self._parts is not None:
             scheduler, agent, server, control = self._parts
             with contextlib.suppress(SageMQError):
@@ -168,3 +180,21 @@ class EmbeddedControlPlane:
             *(control.stop_engine(engine_id, wait=True, timeout=30) for engine_id in ids),
             return_exceptions=True,
         )
+
+
+def _start_worker(settings: Settings) -> subprocess.Popen[bytes]:
+    """``sage llm worker run`` for this fleet, in its own session (Ctrl-C is ours to pass on)."""
+    env = {**os.environ, ENV_REDIS_URL: settings.redis_url, ENV_NAMESPACE: settings.namespace}
+    argv = [sys.executable, "-m", "sage_mq", "llm", "worker", "run", "--log-level", "WARNING"]
+    return subprocess.Popen(argv, env=env, start_new_session=True, stdout=subprocess.DEVNULL)
+
+
+def _stop_worker(worker: subprocess.Popen[bytes], grace_s: float = 10.0) -> None:
+    """SIGTERM (the job in progress ends first), then SIGKILL after the grace."""
+    with contextlib.suppress(ProcessLookupError):
+        worker.terminate()
+        try:
+            worker.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(worker.pid, signal.SIGKILL)
+            worker.wait()

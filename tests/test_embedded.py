@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import httpx
 import openai
+import psutil
 import pytest
 
 from sage_mq import UnifiedInferenceClient
@@ -20,6 +22,17 @@ from tests.helpers.engines import engine_processes, marked_env
 from tests.helpers.servers import ROOT, free_port
 
 pytestmark = pytest.mark.fleet
+
+
+def batch_workers(marker: Path) -> list[psutil.Process]:
+    """Live `sage llm worker run` processes started under this test's marker."""
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        with contextlib.suppress(psutil.Error):
+            cmdline = proc.info["cmdline"] or []
+            if "worker" in cmdline and proc.environ().get("SAGE_MQ_TEST_STATE") == str(marker):
+                found.append(proc)
+    return found
 
 
 def test_sage_llm_up_serves_the_demo_and_ctrl_c_leaves_nothing(tmp_path: Path) -> None:
@@ -49,6 +62,7 @@ def test_sage_llm_up_serves_the_demo_and_ctrl_c_leaves_nothing(tmp_path: Path) -
         )
         assert answer.choices[0].message.content == "[demo-chat] You said: hello"
         assert len(engine_processes(tmp_path)) == 2
+        assert len(batch_workers(tmp_path)) == 1
         found = re.search(r"Redis\s+redis://127\.0\.0\.1:(\d+)", text)
         assert found is not None
         redis_port = int(found.group(1))
@@ -58,7 +72,7 @@ def test_sage_llm_up_serves_the_demo_and_ctrl_c_leaves_nothing(tmp_path: Path) -
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     assert "nothing is left" in out.read_text()
-    assert engine_processes(tmp_path) == []
+    assert engine_processes(tmp_path) == [] and batch_workers(tmp_path) == []
     with pytest.raises(httpx.TransportError):
         httpx.get(f"http://127.0.0.1:{port}/health", timeout=2)
     with pytest.raises(OSError):
@@ -75,4 +89,6 @@ def test_an_embedded_client_runs_its_own_fleet_and_stops_it(
         assert client.chat("hi") == "[demo-chat] You said: hi"
         assert len(client.embed(["a", "b"], model="demo-embed")) == 2
         assert len(engine_processes(tmp_path)) == 2
-    assert engine_processes(tmp_path) == []
+        job = client.submit_chat("queued")  # the embedded fleet has a batch worker too
+        assert job.result(timeout=60) == "[demo-chat] You said: queued"
+    assert engine_processes(tmp_path) == [] and batch_workers(tmp_path) == []
