@@ -72,7 +72,9 @@ def test_a_batch_of_240_requests_completes_each_custom_id_once(
     done = wait_batch(client, batch.id, {"completed", "failed"})
     assert done.status == "completed" and done.request_counts.completed == 240
     assert done.request_counts.failed == 0 and done.error_file_id is None
-    lines = [json.loads(x) for x in client.files.content(done.output_file_id).text.splitlines()]
+    content = client.files.content(done.output_file_id).content
+    assert client.files.retrieve(done.output_file_id).bytes == len(content)
+    lines = [json.loads(x) for x in content.decode().splitlines()]
     assert Counter(line["custom_id"] for line in lines) == {f"req-{i}": 1 for i in range(240)}
     first = lines[0]["response"]
     assert first["status_code"] == 200

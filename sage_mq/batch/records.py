@@ -122,6 +122,30 @@ class Records:
             found = await self.redis.hmget(outcome, ids) if ids else []
         return "".join(f"{line}\n" for line in found if line).encode()
 
+    async def create_result_file(self, batch_id: str, kind: str, now: int) -> str | None:
+        """The record of a batch's ``output`` or ``error`` file (its lines are rendered from
+        the outcome hash when downloaded); None when there is nothing to put in it."""
+        outcome = self.keys.batch_results if kind == "output" else self.keys.batch_errors
+        with redis_errors("writing a result file"):
+            lines: list[str] = await self.redis.hvals(outcome(batch_id))
+            if not lines:
+                return None
+            file_id = f"file-{batch_id.removeprefix('batch_')}-{kind}"
+            record = {
+                "id": file_id,
+                "object": "file",
+                "bytes": sum(len(line.encode()) + 1 for line in lines),  # each line + "\n"
+                "created_at": now,
+                "filename": f"{batch_id}_{kind}.jsonl",
+                "purpose": "batch_output",
+                "status": "processed",
+                "batch_id": batch_id,
+                "kind": kind,
+            }
+            await self.redis.hset(self.keys.file(file_id), mapping=_flat(record))
+            await self.redis.sadd(self.keys.files, file_id)
+        return file_id
+
     # -- batches ---------------------------------------------------------------------------
     async def create_batch(
         self,

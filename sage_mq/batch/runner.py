@@ -106,29 +106,9 @@ async def finalize(records: Records, batch_id: str) -> None:
     now = int(time.time())
     await records.update_batch(batch_id, status="finalizing", finalizing_at=now)
     files: dict[str, Any] = {}
-    for kind, outcome, field in (
-        ("output", keys.batch_results(batch_id), "output_file_id"),
-        ("error", keys.batch_errors(batch_id), "error_file_id"),
-    ):
-        if await records.redis.hlen(outcome):
-            file_id = f"file-{batch_id.removeprefix('batch_')}-{kind}"
-            record = {
-                "id": file_id,
-                "object": "file",
-                "created_at": now,
-                "filename": f"{batch_id}_{kind}.jsonl",
-                "purpose": "batch_output",
-                "status": "processed",
-                "batch_id": batch_id,
-                "kind": kind,
-                "bytes": 0,
-            }
-            await records.redis.hset(
-                keys.file(file_id), mapping={k: str(v) for k, v in record.items()}
-            )
-            content = await records.file_content(file_id) or b""
-            await records.redis.hset(keys.file(file_id), "bytes", len(content))
-            await records.redis.sadd(keys.files, file_id)
+    for kind, field in (("output", "output_file_id"), ("error", "error_file_id")):
+        file_id = await records.create_result_file(batch_id, kind, now)
+        if file_id is not None:
             files[field] = file_id
     ended = "cancelled" if batch.get("status") in ("cancelling", "cancelled") else "completed"
     await records.update_batch(batch_id, status=ended, **{f"{ended}_at": now}, **files)
