@@ -29,12 +29,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import gc
 import json
 import os
 import platform
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -82,12 +85,32 @@ async def _load(url: str, n: int, concurrency: int) -> tuple[list[float], float]
         await asyncio.gather(*(one_client(c) for c in clients))
         latencies.clear()
         todo = iter(range(n))
-        started = time.perf_counter()
-        await asyncio.gather(*(one_client(c) for c in clients))
-        return latencies, time.perf_counter() - started
+        with _no_collection():
+            started = time.perf_counter()
+            await asyncio.gather(*(one_client(c) for c in clients))
+            return latencies, time.perf_counter() - started
     finally:
         for client in clients:
             await client.aclose()
+
+
+@contextlib.contextmanager
+def _no_collection() -> Iterator[None]:
+    """No garbage collection in the load generator while a block is timed.
+
+    Its heap (httpx, 64 clients, every latency so far) made a full collection take 90-220 ms
+    here, stalling every request in flight; such a pause fell on one side or the other at
+    random and moved the throughput ratio by ±0.2 from run to run. Collected before and after.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+        gc.unfreeze()
+        gc.collect()
 
 
 def _cpu_s(proc: psutil.Process) -> float:
@@ -135,7 +158,7 @@ def under_load(
 def one_at_a_time(direct: str, gateway: str, n: int) -> Any:
     """(b): requests alternate between the two ways, one at a time."""
     times: dict[str, list[float]] = {"direct": [], "gateway": []}
-    with httpx.Client(timeout=30) as client:
+    with httpx.Client(timeout=30) as client, _no_collection():
         for i in range(n + 50):
             for name, url in (("direct", direct), ("gateway", gateway)):
                 started = time.perf_counter()

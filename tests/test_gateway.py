@@ -215,3 +215,46 @@ def test_several_gateway_processes_share_the_port_and_the_keys(
             assert ok.status_code == 200, ok.text
             refused = client.post(f"{url}/v1/chat/completions", json=body)
             assert refused.status_code == 401
+
+
+def test_bad_requests_get_openai_errors_and_a_caller_leaving_mid_stream_frees_the_engine(
+    processes: Processes, gateway: tuple[FleetProcs, str]
+) -> None:
+    fleet, url = gateway
+    record = start(fleet, "demo", "--extra-args", "--stream-delay-ms 100")
+    wait_for(lambda: models(url) == ["demo"])
+    chat = f"{url}/v1/chat/completions"
+    for body, message in (
+        (b"{not json", "the body is not JSON"),
+        (b'{"messages": []}', "`model` is required"),
+        (b'["demo"]', "`model` is required"),
+    ):
+        reply = httpx.post(chat, content=body, timeout=5)
+        assert reply.status_code == 400
+        assert reply.json()["error"]["type"] == "invalid_request_error"
+        assert message in reply.json()["error"]["message"]
+    wrong_method = httpx.get(chat, timeout=5)
+    assert (wrong_method.status_code, wrong_method.headers["allow"]) == (405, "POST")
+
+    gateway = next(p for p in processes.procs if "gateway" in " ".join(map(str, p.args)))
+    engine_port = int(str(record["url"]).rsplit(":", 1)[1])
+
+    def to_engine() -> int:
+        """The gateway's open connections to the engine."""
+        return sum(
+            bool(c.raddr) and c.raddr.port == engine_port and c.status == psutil.CONN_ESTABLISHED
+            for c in psutil.Process(gateway.pid).net_connections("tcp")
+        )
+
+    words = " ".join(["word"] * 60)  # 60 words, 100 ms apart: a 6 s stream
+    body = {"model": "demo", "messages": [{"role": "user", "content": words}], "stream": True}
+    with httpx.Client(timeout=10) as client, client.stream("POST", chat, json=body) as stream:
+        lines = stream.iter_lines()  # kept: a generator dropped closes the stream
+        assert next(lines).startswith("data: ")
+        wait_for(lambda: to_engine() == 1, timeout=3)
+    # The caller is gone: the gateway drops its connection to the engine at once (vLLM aborts
+    # a request whose connection closes), instead of relaying the rest to nobody and pooling it.
+    wait_for(lambda: to_engine() == 0, timeout=3)
+    for _ in range(10):  # and for good: the stream had 5 s to go
+        assert to_engine() == 0
+        time.sleep(0.05)

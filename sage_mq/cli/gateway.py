@@ -11,6 +11,7 @@ import uvicorn
 from sage_mq.cli.common import DEFAULT_URL, LogLevel, RedisUrl, fail, settings_for, setup_logging
 from sage_mq.connection import redact_url
 from sage_mq.gateway import create_app
+from sage_mq.gateway.app import freeze_startup_heap
 from sage_mq.routing import POLICIES
 from sage_mq.settings import ENV_NAMESPACE, ENV_REDIS_URL, GatewayOptions
 
@@ -54,6 +55,7 @@ def gateway_run(
     )
     if workers == 1:
         app: Any = create_app(settings, policy=options.policy, api_key=api_key, admin_key=admin_key)
+        freeze_startup_heap()
     else:  # worker processes build their own app from the environment they inherit
         os.environ.update(
             {ENV_REDIS_URL: settings.redis_url, ENV_NAMESPACE: settings.namespace}

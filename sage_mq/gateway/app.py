@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
-import time
+import gc
 from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.responses import Response
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from sage_mq.batch.service import BatchService
 from sage_mq.bus import Bus
@@ -22,9 +20,10 @@ from sage_mq.control import ControlPlaneManager
 from sage_mq.errors import ControlPlaneUnavailable, SageMQError
 from sage_mq.gateway.auth import KeyCheck
 from sage_mq.gateway.batch_api import batch_router
+from sage_mq.gateway.inference import PATHS, Inference
 from sage_mq.gateway.management import management_router, on_bad_body, on_our_error
 from sage_mq.gateway.metrics import CONTENT_TYPE, GatewayMetrics
-from sage_mq.gateway.proxy import Forwarder, openai_error
+from sage_mq.gateway.proxy import Forwarder
 from sage_mq.gateway.registry import Registry
 from sage_mq.keys import Keys
 from sage_mq.routing import Router
@@ -37,12 +36,35 @@ def app_from_env() -> FastAPI:
     """The gateway as each worker process of ``sage llm gateway run --workers N`` makes it,
     from the environment its parent set (Redis URL, namespace, policy, keys)."""
     options = GatewayOptions.from_env()
-    return create_app(
+    app = create_app(
         Settings.from_env(),
         policy=options.policy,
         api_key=options.api_key,
         admin_key=options.admin_key,
     )
+    freeze_startup_heap()
+    return app
+
+
+def freeze_startup_heap() -> None:
+    """Put what start-up made (modules, FastAPI's routes and schemas: ~90,000 objects) out of the
+    garbage collector's sight, so a full collection scans only what requests left behind.
+    For a process that is only the gateway: unfrozen, a full collection stalled every request
+    in flight for 40-50 ms (seen with a ``gc.callbacks`` timer under load)."""
+    gc.collect()
+    gc.freeze()
+
+
+class Gateway(FastAPI):
+    """FastAPI, with the inference routes served by :class:`Inference` ahead of its stack."""
+
+    inference: ASGIApp
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] in PATHS:
+            await self.inference(scope, receive, send)
+        else:
+            await super().__call__(scope, receive, send)
 
 
 def create_app(
@@ -61,6 +83,7 @@ def create_app(
     router = Router(policy)
     metrics = GatewayMetrics()
     parts: dict[str, Any] = {"metrics": metrics}
+    inference = Inference(metrics)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -72,7 +95,7 @@ def create_app(
         follow = asyncio.create_task(registry.follow(), name="registry")
         upstream = Upstream()
         parts["registry"] = registry
-        parts["forwarder"] = Forwarder(registry, router, upstream)
+        parts["forwarder"] = inference.forwarder = Forwarder(registry, router, upstream)
         parts["control"] = ControlPlaneManager(settings, redis=redis)
         parts["batches"] = BatchService(settings, redis)
         try:
@@ -83,7 +106,8 @@ def create_app(
             await upstream.aclose()
             await redis.aclose()
 
-    app = FastAPI(title="sage-mq gateway", lifespan=lifespan)
+    app = Gateway(title="sage-mq gateway", lifespan=lifespan)
+    app.inference = KeyCheck(inference, api_key=api_key, admin_key=admin_key)
     app.add_exception_handler(SageMQError, on_our_error)
     app.add_exception_handler(RequestValidationError, on_bad_body)
     app.add_middleware(KeyCheck, api_key=api_key, admin_key=admin_key)
@@ -107,36 +131,4 @@ def create_app(
         ]
         return {"object": "list", "data": data}
 
-    # Plain Starlette routes, first in line: the hot path skips FastAPI's dependency machinery.
-    for path in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings"):
-        app.router.routes.insert(0, Route(path, _inference(path, parts), methods=["POST"]))
     return app
-
-
-def _inference(path: str, parts: dict[str, Any]) -> Any:
-    async def route(request: Request) -> Response:
-        body = await request.body()
-        try:
-            payload = json.loads(body)
-        except ValueError:
-            return openai_error(400, "the body is not JSON", "invalid_request_error")
-        model = payload.get("model") if isinstance(payload, dict) else None
-        if not isinstance(model, str) or not model:
-            return _bad("`model` is required: one of the names GET /v1/models lists")
-        stream = bool(payload.get("stream"))
-        forwarder: Forwarder = parts["forwarder"]
-        metrics: GatewayMetrics = parts["metrics"]
-        started = time.monotonic()
-        response = await forwarder.forward(path, model, body, stream)
-        # a name nothing serves is the caller's free text: one label for all, not one each
-        label = model if forwarder.registry.known(model) else "(unknown)"
-        metrics.requests.labels(path, label, str(response.status_code)).inc()
-        metrics.latency.labels(path, label).observe(time.monotonic() - started)
-        return response
-
-    route.__name__ = path.strip("/").replace("/", "_")
-    return route
-
-
-def _bad(message: str) -> JSONResponse:
-    return openai_error(400, message, "invalid_request_error")
