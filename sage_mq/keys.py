@@ -94,7 +94,7 @@ class Keys:
     # -- batch (files and batches of the OpenAI Batch API) --------------------------------
     @property
     def files(self) -> str:
-        """Set of all file ids."""
+        """Sorted set of all file ids, scored by creation time (seconds)."""
         return self._k("files")
 
     def file(self, file_id: str) -> str:
@@ -107,7 +107,7 @@ class Keys:
 
     @property
     def batches(self) -> str:
-        """Set of all batch ids."""
+        """Sorted set of all batch ids, scored by creation time (seconds)."""
         return self._k("batches")
 
     @property
@@ -130,6 +130,10 @@ class Keys:
     def batch_errors(self, batch_id: str) -> str:
         """Hash custom_id -> error line (JSON) of the requests that failed."""
         return self._k("batch", batch_id, "errors")
+
+    def batch_done(self, batch_id: str) -> str:
+        """List of the custom_ids with an outcome, in the order the outcomes were recorded."""
+        return self._k("batch", batch_id, "done")
 
     def batch_pending(self, batch_id: str) -> str:
         """Set of a batch's chunk numbers not finished yet."""

@@ -47,6 +47,18 @@ def wait_batch(client: openai.OpenAI, batch_id: str, until: set[str], timeout: f
     raise AssertionError(f"batch still {batch.status}: {batch.request_counts}")
 
 
+def batch_under_way(fleet: tuple[FleetProcs, openai.OpenAI], processes: Processes) -> str:
+    """A batch of 400 requests with one slow worker on it, 20 of them done."""
+    procs, client = fleet
+    processes.sage("worker", ["llm", "worker", "run", "--concurrency", "2"], procs.env)
+    uploaded = client.files.create(file=("in.jsonl", io.BytesIO(jsonl(400))), purpose="batch")
+    batch = client.batches.create(
+        input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
+    wait_for(lambda: client.batches.retrieve(batch.id).request_counts.completed >= 20, 30)
+    return batch.id
+
+
 @pytest.fixture
 def fleet(
     processes: Processes, redis_server: RedisServer, tmp_path: Path
@@ -115,15 +127,10 @@ def test_a_bad_file_fails_the_batch_with_every_line_named_before_any_work(
 def test_a_cancelled_batch_keeps_what_finished(
     fleet: tuple[FleetProcs, openai.OpenAI], processes: Processes
 ) -> None:
-    procs, client = fleet
-    processes.sage("worker", ["llm", "worker", "run", "--concurrency", "2"], procs.env)
-    uploaded = client.files.create(file=("in.jsonl", io.BytesIO(jsonl(400))), purpose="batch")
-    batch = client.batches.create(
-        input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
-    )
-    wait_for(lambda: client.batches.retrieve(batch.id).request_counts.completed >= 20, 30)
-    assert client.batches.cancel(batch.id).status in ("cancelling", "cancelled")
-    done = wait_batch(client, batch.id, {"cancelled"})
+    _, client = fleet
+    batch_id = batch_under_way(fleet, processes)
+    assert client.batches.cancel(batch_id).status in ("cancelling", "cancelled")
+    done = wait_batch(client, batch_id, {"cancelled"})
     kept = done.request_counts.completed
     assert 20 <= kept < 400
     output = client.files.content(done.output_file_id).text.splitlines()

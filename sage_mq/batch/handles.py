@@ -35,6 +35,8 @@ class Batches(Protocol):
 
     def content(self, file_id: str) -> bytes: ...
 
+    def finished(self, batch_id: str, after: int, limit: int) -> dict[str, Any]: ...
+
 
 class HttpBatches:
     """Through a gateway's Batch API."""
@@ -44,11 +46,10 @@ class HttpBatches:
         self.http = http
 
     def create(self, lines: list[dict[str, Any]], endpoint: str) -> dict[str, Any]:
-        data = "".join(json.dumps(line) + "\n" for line in lines).encode()
         upload = self._check(
             self.http.post(
                 f"{self.base}/files",
-                files={"file": ("requests.jsonl", data)},
+                files={"file": ("requests.jsonl", _jsonl(lines))},
                 data={"purpose": "batch"},
             )
         )
@@ -60,6 +61,10 @@ class HttpBatches:
 
     def cancel(self, batch_id: str) -> dict[str, Any]:
         return self._check(self.http.post(f"{self.base}/batches/{batch_id}/cancel"))
+
+    def finished(self, batch_id: str, after: int, limit: int) -> dict[str, Any]:
+        params = {"after": after, "limit": limit}
+        return self._check(self.http.get(f"{self.base}/batches/{batch_id}/results", params=params))
 
     def content(self, file_id: str) -> bytes:
         response = self.http.get(f"{self.base}/files/{file_id}/content")
@@ -87,8 +92,9 @@ class RedisBatches:
         self.run = run
 
     def create(self, lines: list[dict[str, Any]], endpoint: str) -> dict[str, Any]:
-        data = "".join(json.dumps(line) + "\n" for line in lines).encode()
-        upload = self.run(self.service.records.create_file(data, "requests.jsonl", "batch"))
+        upload = self.run(
+            self.service.records.create_file(_jsonl(lines), "requests.jsonl", "batch")
+        )
         batch: dict[str, Any] = self.run(self.service.create(upload["id"], endpoint))
         return batch
 
@@ -99,6 +105,10 @@ class RedisBatches:
     def cancel(self, batch_id: str) -> dict[str, Any]:
         batch: dict[str, Any] = self.run(self.service.cancel(batch_id))
         return batch
+
+    def finished(self, batch_id: str, after: int, limit: int) -> dict[str, Any]:
+        page: dict[str, Any] = self.run(self.service.finished(batch_id, after, limit))
+        return page
 
     def content(self, file_id: str) -> bytes:
         content: bytes | None = self.run(self.service.records.file_content(file_id))
@@ -143,13 +153,24 @@ class BatchHandle:
             time.sleep(poll_s)
         return self._batch
 
-    def results(self, timeout: float | None = None) -> Iterator[dict[str, Any]]:
-        """Output and error lines (OpenAI's shape) once the batch has ended, successes first."""
-        batch = self.wait(timeout)
-        for field in ("output_file_id", "error_file_id"):
-            if batch.get(field):
-                for line in self.batches.content(batch[field]).decode().splitlines():
-                    yield json.loads(line)
+    def results(
+        self, timeout: float | None = None, poll_s: float = 0.2
+    ) -> Iterator[dict[str, Any]]:
+        """Output and error lines (OpenAI's shape) as the requests finish, until the batch has
+        ended; each request once. ``timeout`` bounds the whole wait."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        seen = 0
+        while True:
+            page = self.batches.finished(self.id, seen, 1000)
+            yield from page["data"]
+            seen = page["next"]
+            if page["data"]:
+                continue
+            if page["batch_status"] in FINAL:  # read before the lines: none can be missing
+                return
+            if deadline is not None and time.monotonic() > deadline:
+                raise WaitTimeout(f"batch {self.id} still {page['batch_status']} after {timeout}s")
+            time.sleep(poll_s)
 
 
 class JobHandle:
@@ -191,3 +212,7 @@ def request_lines(bodies: Iterable[dict[str, Any]], endpoint: str) -> list[dict[
         custom_id = str(body.pop("custom_id", None) or uuid.uuid4().hex)
         lines.append({"custom_id": custom_id, "method": "POST", "url": endpoint, "body": body})
     return lines
+
+
+def _jsonl(lines: list[dict[str, Any]]) -> bytes:
+    return "".join(json.dumps(line) + "\n" for line in lines).encode()

@@ -34,10 +34,12 @@ _TIMES = (
     "cancelled_at",
 )
 
-# Record one request's outcome once, and count it with it.
+# Record one request's outcome once (in either hash), count it, and note the order of outcomes.
 _RECORD = """
+if redis.call('HEXISTS', KEYS[2], ARGV[1]) == 1 then return 0 end
 if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 1 then
-  redis.call('HINCRBY', KEYS[2], ARGV[3], 1)
+  redis.call('HINCRBY', KEYS[3], ARGV[3], 1)
+  redis.call('RPUSH', KEYS[4], ARGV[1])
   return 1
 end
 return 0
@@ -88,7 +90,7 @@ class Records:
                 for start in range(0, len(lines), 1000):
                     pipe.rpush(self.keys.file_lines(file_id), *lines[start : start + 1000])
                 pipe.hset(self.keys.file(file_id), mapping=_flat(record))
-                pipe.sadd(self.keys.files, file_id)
+                pipe.zadd(self.keys.files, {file_id: record["created_at"]})
                 await pipe.execute()
         return _file_object(record)
 
@@ -143,7 +145,7 @@ class Records:
                 "kind": kind,
             }
             await self.redis.hset(self.keys.file(file_id), mapping=_flat(record))
-            await self.redis.sadd(self.keys.files, file_id)
+            await self.redis.zadd(self.keys.files, {file_id: now})
         return file_id
 
     # -- batches ---------------------------------------------------------------------------
@@ -186,7 +188,7 @@ class Records:
                     pipe.rpush(self.keys.batch_requests(batch_id), *rows[start : start + 1000])
                 pipe.sadd(self.keys.batch_pending(batch_id), *range(chunks))
                 pipe.hset(self.keys.batch(batch_id), mapping=_flat(record))
-                pipe.sadd(self.keys.batches, batch_id)
+                pipe.zadd(self.keys.batches, {batch_id: now})
                 pipe.sadd(self.keys.batches_active, batch_id)
                 await pipe.execute()
         return batch_object(record), chunks
@@ -212,7 +214,7 @@ class Records:
         }
         with redis_errors("recording a batch"):
             await self.redis.hset(self.keys.batch(record["id"]), mapping=_flat(record))
-            await self.redis.sadd(self.keys.batches, record["id"])
+            await self.redis.zadd(self.keys.batches, {record["id"]: now})
         return batch_object(record)
 
     async def get_batch(self, batch_id: str) -> dict[str, Any] | None:
@@ -250,13 +252,58 @@ class Records:
 
     async def record(self, batch_id: str, custom_id: str, line: dict[str, Any], ok: bool) -> bool:
         """Keep one request's outcome (the first one only); True if this was the first."""
-        outcome = self.keys.batch_results if ok else self.keys.batch_errors
         with redis_errors("recording a result"):
-            first = await self._record(
-                keys=[outcome(batch_id), self.keys.batch(batch_id)],
-                args=[custom_id, json.dumps(line), "completed" if ok else "failed"],
-            )
+            keys, args = self._record_args(batch_id, custom_id, line, ok)
+            first = await self._record(keys=keys, args=args)
         return bool(first)
+
+    async def record_many(self, batch_id: str, lines: dict[str, dict[str, Any]], ok: bool) -> int:
+        """:meth:`record` for many requests (custom_id -> line) in one round trip; how many
+        were first."""
+        with redis_errors("recording results"):
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for custom_id, line in lines.items():
+                    keys, args = self._record_args(batch_id, custom_id, line, ok)
+                    await self._record(keys=keys, args=args, client=pipe)
+                return sum(await pipe.execute())
+
+    def _record_args(
+        self, batch_id: str, custom_id: str, line: dict[str, Any], ok: bool
+    ) -> tuple[list[str], list[str]]:
+        mine, other = (self.keys.batch_results, self.keys.batch_errors)[:: 1 if ok else -1]
+        keys = [mine(batch_id), other(batch_id), self.keys.batch(batch_id)]
+        keys.append(self.keys.batch_done(batch_id))
+        return keys, [custom_id, json.dumps(line), "completed" if ok else "failed"]
+
+    async def finished(self, batch_id: str, start: int, limit: int) -> list[dict[str, Any]]:
+        """Output and error lines in the order they were recorded, from the ``start``-th on."""
+        keys = self.keys
+        with redis_errors("reading a batch's results"):
+            ids = await self.redis.lrange(keys.batch_done(batch_id), start, start + limit - 1)
+            if not ids:
+                return []
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.hmget(keys.batch_results(batch_id), ids)
+                pipe.hmget(keys.batch_errors(batch_id), ids)
+                ok, bad = await pipe.execute()
+        return [json.loads(a or b) for a, b in zip(ok, bad, strict=True) if a or b]
+
+    async def newest(self, kind: str, after: str | None, limit: int) -> tuple[list[str], bool]:
+        """Ids of ``files`` or ``batches``, newest first, after the id ``after``; and whether
+        more follow."""
+        index = self.keys.files if kind == "files" else self.keys.batches
+        with redis_errors(f"listing {kind}"):
+            start = 0
+            if after:
+                rank = await self.redis.zrevrank(index, after)
+                start = 0 if rank is None else rank + 1
+            ids: list[str] = await self.redis.zrevrange(index, start, start + limit)
+        return ids[:limit], len(ids) > limit
+
+    async def all_requests(self, batch_id: str) -> list[dict[str, Any]]:
+        """Every request of a batch (line, custom_id, body), in file order."""
+        with redis_errors("reading a batch"):
+            return [json.loads(row) for row in await self._requests(batch_id)]
 
     async def _requests(self, batch_id: str) -> list[str]:
         rows: list[str] = await self.redis.lrange(self.keys.batch_requests(batch_id), 0, -1)

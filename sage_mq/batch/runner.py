@@ -1,5 +1,6 @@
 """Running one chunk of a batch: its requests sent concurrently to RUNNING replicas, each
-outcome recorded once, transient failures waited out, cancellation honoured between requests.
+outcome recorded once, transient failures waited out, cancellation and expiry honoured between
+requests.
 
 A chunk is idempotent: requests that already have an outcome are skipped, so a chunk run again
 (its worker was killed) sends only what is missing. While it runs, the worker keeps a lease on
@@ -16,8 +17,9 @@ import time
 import uuid
 from typing import Any
 
-from sage_mq.batch.records import FINAL, Records
-from sage_mq.connection import connect
+from sage_mq.batch.ending import error_line, finish_chunk
+from sage_mq.batch.records import Records
+from sage_mq.connection import connect, redis_errors
 from sage_mq.errors import ControlPlaneUnavailable
 from sage_mq.keys import Keys
 from sage_mq.routing import NoReplica, Replica, Router
@@ -87,32 +89,6 @@ async def _send_all(
         watch.cancel()
         await asyncio.gather(watch, return_exceptions=True)
     return sent
-
-
-async def finish_chunk(records: Records, batch_id: str, number: int) -> None:
-    """Mark a chunk done; the last one to finish finalizes the batch."""
-    keys = records.keys
-    await records.redis.srem(keys.batch_pending(batch_id), number)
-    if await records.redis.scard(keys.batch_pending(batch_id)) == 0:
-        await finalize(records, batch_id)
-
-
-async def finalize(records: Records, batch_id: str) -> None:
-    """Write the output and error files and end the batch (once, whoever calls)."""
-    keys = records.keys
-    if not await records.redis.hsetnx(keys.batch(batch_id), "finalized", "1"):
-        return
-    batch = await records.raw_batch(batch_id)
-    now = int(time.time())
-    await records.update_batch(batch_id, status="finalizing", finalizing_at=now)
-    files: dict[str, Any] = {}
-    for kind, field in (("output", "output_file_id"), ("error", "error_file_id")):
-        file_id = await records.create_result_file(batch_id, kind, now)
-        if file_id is not None:
-            files[field] = file_id
-    ended = "cancelled" if batch.get("status") in ("cancelling", "cancelled") else "completed"
-    await records.update_batch(batch_id, status=ended, **{f"{ended}_at": now}, **files)
-    await records.redis.srem(keys.batches_active, batch_id)
 
 
 class _Sender:
@@ -209,11 +185,13 @@ async def _keep_lease(redis: Any, key: str) -> None:
 
 
 async def _watch_cancel(records: Records, batch_id: str, cancelled: asyncio.Event) -> None:
+    """Sets ``cancelled`` once the batch is no longer in progress (cancelled or expiring)."""
     while True:
         await asyncio.sleep(0.5)
         with contextlib.suppress(ControlPlaneUnavailable):
-            status = (await records.raw_batch(batch_id)).get("status")
-            if status == "cancelling" or status in FINAL:
+            with redis_errors("reading a batch"):
+                status = await records.redis.hget(records.keys.batch(batch_id), "status")
+            if status != "in_progress":
                 cancelled.set()
                 return
 
@@ -224,13 +202,4 @@ def _response_line(custom_id: str, status: int, body: Any) -> dict[str, Any]:
         "custom_id": custom_id,
         "response": {"status_code": status, "request_id": uuid.uuid4().hex, "body": body},
         "error": None,
-    }
-
-
-def error_line(custom_id: str, code: str, message: str) -> dict[str, Any]:
-    return {
-        "id": f"batch_req_{uuid.uuid4().hex[:24]}",
-        "custom_id": custom_id,
-        "response": None,
-        "error": {"code": code, "message": message},
     }

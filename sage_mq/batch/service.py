@@ -8,8 +8,8 @@ from typing import Any
 from rq import Queue
 from starlette.concurrency import run_in_threadpool
 
+from sage_mq.batch.ending import expire_if_due, release_idle_chunks
 from sage_mq.batch.records import FINAL, WINDOW_S, Records
-from sage_mq.batch.runner import finalize
 from sage_mq.batch.validate import check_lines
 from sage_mq.batch.worker import batch_queue
 from sage_mq.connection import Redis
@@ -86,10 +86,49 @@ class BatchService:
         )
 
     async def get(self, batch_id: str) -> dict[str, Any]:
+        """The batch now; one whose window has run out begins to expire on this read (so it
+        does even when no worker is running)."""
         batch = await self.records.get_batch(batch_id)
         if batch is None:
             raise BatchNotFound(f"no batch {batch_id!r}")
+        if batch["status"] == "in_progress" and batch["expires_at"] <= _now():
+            await expire_if_due(self.records, batch_id)
+            return await self.get(batch_id)
         return batch
+
+    async def finished(self, batch_id: str, after: int, limit: int) -> dict[str, Any]:
+        """Output and error lines from the ``after``-th on, in the order they were recorded,
+        with the batch's status read before them: a status that is final means no line
+        is missing from what ``after`` + these lines cover."""
+        batch = await self.get(batch_id)
+        lines = await self.records.finished(batch_id, after, limit)
+        return {
+            "object": "list",
+            "data": lines,
+            "next": after + len(lines),
+            "batch_status": batch["status"],
+        }
+
+    async def list(self, after: str | None = None, limit: int = 20) -> dict[str, Any]:
+        """Batches, newest first, in OpenAI's list shape (``after``: the last id seen)."""
+        ids, more = await self.records.newest("batches", after, limit)
+        data = [await self.get(batch_id) for batch_id in ids]
+        return _page(data, more)
+
+    async def list_files(
+        self, after: str | None = None, limit: int = 10000, purpose: str | None = None
+    ) -> dict[str, Any]:
+        """Files, newest first, in OpenAI's list shape; ``purpose`` keeps one kind."""
+        data: list[dict[str, Any]] = []
+        more = True
+        while more and len(data) < limit:
+            ids, more = await self.records.newest("files", after, limit)
+            for file_id in ids:
+                file = await self.records.get_file(file_id)
+                if file is not None and purpose in (None, file["purpose"]):
+                    data.append(file)
+            after = ids[-1] if ids else None
+        return _page(data[:limit], more or len(data) > limit)
 
     async def cancel(self, batch_id: str) -> dict[str, Any]:
         """Stop a batch: queued chunks will not run, running ones stop between requests, and
@@ -98,9 +137,18 @@ class BatchService:
         if batch["status"] in FINAL or batch["status"] == "cancelling":
             return batch
         await self.records.update_batch(batch_id, status="cancelling", cancelling_at=_now())
-        if await self.records.redis.scard(self.records.keys.batch_pending(batch_id)) == 0:
-            await finalize(self.records, batch_id)
+        await release_idle_chunks(self.records, batch_id)  # ends it now if nothing is running
         return await self.get(batch_id)
+
+
+def _page(data: list[dict[str, Any]], more: bool) -> dict[str, Any]:
+    return {
+        "object": "list",
+        "data": data,
+        "first_id": data[0]["id"] if data else None,
+        "last_id": data[-1]["id"] if data else None,
+        "has_more": more,
+    }
 
 
 def _now() -> int:

@@ -1,4 +1,5 @@
-"""Finding chunks that lost their worker, and running them again.
+"""Finding chunks that lost their worker, and running them again; ending batches whose window
+ran out, and finishing endings a dead process left half-done.
 
 Every worker process runs a sweeper thread; one at a time sweeps (a lock with a TTL). A chunk
 of an active batch needs another run when nothing is doing it: no lease (the worker running it
@@ -19,8 +20,16 @@ from typing import Any
 from rq.exceptions import NoSuchJobError
 from rq.job import Job, JobStatus
 
+from sage_mq.batch.ending import (
+    error_line,
+    expire_if_due,
+    finalize,
+    finish_chunk,
+    release_idle_chunks,
+    stuck_finalizing,
+)
 from sage_mq.batch.records import FINAL, Records
-from sage_mq.batch.runner import LEASE_TTL_S, error_line, finish_chunk
+from sage_mq.batch.runner import LEASE_TTL_S
 from sage_mq.batch.service import BatchService
 from sage_mq.connection import connect
 from sage_mq.errors import ControlPlaneUnavailable
@@ -57,30 +66,51 @@ async def _sweep_forever(settings: Settings) -> None:
 
 
 async def sweep(service: BatchService) -> list[tuple[str, int]]:
-    """One pass over the active batches; returns the chunks queued again."""
+    """One pass over the active batches: end what is due to end, and queue again the chunks
+    nothing is running; returns the chunks queued again."""
     records = service.records
     keys = records.keys
     requeued: list[tuple[str, int]] = []
     for batch_id in await records.redis.smembers(keys.batches_active):
         batch = await records.raw_batch(batch_id)
-        if not batch or batch.get("status") in FINAL:
+        status = batch.get("status")
+        if not batch or status in FINAL:
             await records.redis.srem(keys.batches_active, batch_id)
+        elif stuck_finalizing(batch, time.time()):
+            log.warning("batch %s: finishing a finalization left half-done", batch_id)
+            await finalize(records, batch_id, again=True)
+        elif status == "in_progress" and await expire_if_due(records, batch_id):
+            log.warning("batch %s: its completion window ran out; it expires", batch_id)
+        elif status != "in_progress":  # cancelling or expiring: nothing is run again
+            await release_idle_chunks(records, batch_id)
+        else:
+            requeued += await _requeue_stranded(service, batch)
+    return requeued
+
+
+async def _requeue_stranded(service: BatchService, batch: dict[str, Any]) -> list[tuple[str, int]]:
+    records = service.records
+    keys = records.keys
+    batch_id = str(batch["id"])
+    requeued: list[tuple[str, int]] = []
+    jobs: dict[str, str] = await records.redis.hgetall(keys.batch_jobs(batch_id))
+    pending = await records.redis.smembers(keys.batch_pending(batch_id))
+    if not pending:  # the last chunk's process died between finishing it and finalizing
+        await finalize(records, batch_id)
+    for member in pending:
+        number = int(member)
+        if await records.redis.exists(keys.batch_lease(batch_id, number)):
+            continue  # running
+        why = await asyncio.to_thread(_why_stranded, service, jobs.get(str(number)))
+        if why is None:
             continue
-        jobs: dict[str, str] = await records.redis.hgetall(keys.batch_jobs(batch_id))
-        for member in await records.redis.smembers(keys.batch_pending(batch_id)):
-            number = int(member)
-            if await records.redis.exists(keys.batch_lease(batch_id, number)):
-                continue  # running
-            why = await asyncio.to_thread(_why_stranded, service, jobs.get(str(number)))
-            if why is None:
-                continue
-            runs = await records.redis.hincrby(keys.batch_jobs(batch_id), f"{number}:runs", 1)
-            if runs >= MAX_RUNS:
-                await _give_up(records, batch, number, f"chunk {number} ran {runs} times: {why}")
-                continue
-            log.warning("batch %s chunk %d: %s; queueing it again", batch_id, number, why)
-            await asyncio.to_thread(service.enqueue, batch_id, [number])
-            requeued.append((batch_id, number))
+        runs = await records.redis.hincrby(keys.batch_jobs(batch_id), f"{number}:runs", 1)
+        if runs >= MAX_RUNS:
+            await _give_up(records, batch, number, f"chunk {number} ran {runs} times: {why}")
+            continue
+        log.warning("batch %s chunk %d: %s; queueing it again", batch_id, number, why)
+        await asyncio.to_thread(service.enqueue, batch_id, [number])
+        requeued.append((batch_id, number))
     return requeued
 
 
@@ -109,9 +139,11 @@ async def _give_up(records: Records, batch: dict[str, Any], number: int, why: st
     batch_id = str(batch["id"])
     rows = await records.chunk(batch_id, number, int(batch["chunk_size"]))
     settled = await records.settled(batch_id, [r["custom_id"] for r in rows])
-    for row in rows:
-        if row["custom_id"] not in settled:
-            line = error_line(row["custom_id"], "chunk_failed", why)
-            await records.record(batch_id, row["custom_id"], line, False)
+    lines = {
+        row["custom_id"]: error_line(row["custom_id"], "chunk_failed", why)
+        for row in rows
+        if row["custom_id"] not in settled
+    }
+    await records.record_many(batch_id, lines, ok=False)
     with contextlib.suppress(ControlPlaneUnavailable):
         await finish_chunk(records, batch_id, number)

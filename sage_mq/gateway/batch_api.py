@@ -1,15 +1,19 @@
 """OpenAI's Batch API on the gateway: files (``purpose=batch``) and batches.
 
-``POST /v1/files``, ``GET /v1/files/{id}``, ``GET /v1/files/{id}/content``, ``POST /v1/batches``,
-``GET /v1/batches``, ``GET /v1/batches/{id}``, ``POST /v1/batches/{id}/cancel``. Errors are in
-OpenAI's shape. The work itself is done by rq workers (``sage llm worker run``).
+``POST /v1/files``, ``GET /v1/files``, ``GET /v1/files/{id}``, ``GET /v1/files/{id}/content``,
+``POST /v1/batches``, ``GET /v1/batches``, ``GET /v1/batches/{id}``,
+``POST /v1/batches/{id}/cancel``; and one of ours, ``GET /v1/batches/{id}/results?after=N``:
+output and error lines in the order they finished, for callers who want results before the
+batch ends. Errors are in OpenAI's shape. The work itself is done by rq workers
+(``sage llm worker run``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Annotated, Any
 
-from fastapi import APIRouter, File, Form, UploadFile
+from fastapi import APIRouter, File, Form, Query, UploadFile
 from pydantic import BaseModel, ConfigDict
 from starlette.responses import JSONResponse, Response
 
@@ -37,6 +41,12 @@ def batch_router(parts: dict[str, Any]) -> APIRouter:
         batches: BatchService = parts["batches"]
         return batches
 
+    _file_routes(router, service)
+    _batch_routes(router, service)
+    return router
+
+
+def _file_routes(router: APIRouter, service: Callable[[], BatchService]) -> None:
     @router.post("/files")
     async def upload(
         file: Annotated[UploadFile, File()], purpose: Annotated[str, Form()]
@@ -49,6 +59,14 @@ def batch_router(parts: dict[str, Any]) -> APIRouter:
         return await _answer(
             service().records.create_file(data, file.filename or "upload", purpose)
         )
+
+    @router.get("/files")
+    async def files(
+        after: str | None = None,
+        limit: Annotated[int, Query(ge=1, le=10000)] = 10000,
+        purpose: str | None = None,
+    ) -> Response:
+        return await _answer(service().list_files(after, limit, purpose))
 
     @router.get("/files/{file_id}")
     async def file_info(file_id: str) -> Response:
@@ -64,6 +82,8 @@ def batch_router(parts: dict[str, Any]) -> APIRouter:
             return openai_error(404, f"no file {file_id!r}", "invalid_request_error", "not_found")
         return Response(content, media_type="application/jsonl")
 
+
+def _batch_routes(router: APIRouter, service: Callable[[], BatchService]) -> None:
     @router.post("/batches")
     async def create(body: BatchCreate) -> Response:
         if body.endpoint not in ENDPOINTS:
@@ -76,6 +96,20 @@ def batch_router(parts: dict[str, Any]) -> APIRouter:
             )
         )
 
+    @router.get("/batches")
+    async def batches(
+        after: str | None = None, limit: Annotated[int, Query(ge=1, le=100)] = 20
+    ) -> Response:
+        return await _answer(service().list(after, limit))
+
+    @router.get("/batches/{batch_id}/results")
+    async def results(
+        batch_id: str,
+        after: Annotated[int, Query(ge=0)] = 0,
+        limit: Annotated[int, Query(ge=1, le=10000)] = 1000,
+    ) -> Response:
+        return await _answer(service().finished(batch_id, after, limit))
+
     @router.get("/batches/{batch_id}")
     async def get(batch_id: str) -> Response:
         return await _answer(service().get(batch_id))
@@ -83,8 +117,6 @@ def batch_router(parts: dict[str, Any]) -> APIRouter:
     @router.post("/batches/{batch_id}/cancel")
     async def cancel(batch_id: str) -> Response:
         return await _answer(service().cancel(batch_id))
-
-    return router
 
 
 async def _must(pending: Any, missing: str) -> Any:
