@@ -11,6 +11,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoPermissionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from sage_mq.errors import ConfigError, ControlPlaneUnavailable
@@ -56,12 +57,19 @@ def redact_url(url: str) -> str:
 
 @contextmanager
 def redis_errors(what: str) -> Iterator[None]:
-    """Raise :class:`ControlPlaneUnavailable` for a Redis that cannot be reached."""
+    """Raise :class:`ControlPlaneUnavailable` for a Redis that cannot be reached, or that
+    refuses our ACL user what it needs (callers retry both: an operator can mend the ACL
+    while the fleet waits)."""
     try:
         yield
     except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
         raise_if_cancelled()
         raise ControlPlaneUnavailable(f"Redis unreachable while {what}: {exc}") from exc
+    except NoPermissionError as exc:
+        raise ControlPlaneUnavailable(
+            f"Redis refused {what}: {exc}; the ACL user needs the fleet's keys "
+            "(~<namespace>:*), rq's (~rq:*) and channels (&*): see the README's Security section"
+        ) from exc
 
 
 def raise_if_cancelled() -> None:

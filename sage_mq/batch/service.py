@@ -12,7 +12,7 @@ from sage_mq.batch.ending import expire_if_due, release_idle_chunks
 from sage_mq.batch.records import FINAL, WINDOW_S, Records
 from sage_mq.batch.validate import check_lines
 from sage_mq.batch.worker import batch_queue
-from sage_mq.connection import Redis
+from sage_mq.connection import Redis, redis_errors
 from sage_mq.errors import InvalidRequest
 from sage_mq.keys import Keys
 from sage_mq.settings import Settings
@@ -62,7 +62,8 @@ class BatchService:
         batch, chunks = await self.records.create_batch(
             input_file_id, endpoint, completion_window, metadata, requests, CHUNK_SIZE
         )
-        await run_in_threadpool(self.enqueue, batch["id"], range(chunks))
+        with redis_errors("queueing a batch's chunks"):
+            await run_in_threadpool(self.enqueue, batch["id"], range(chunks))
         return batch
 
     def enqueue(self, batch_id: str, chunks: range | list[int]) -> None:

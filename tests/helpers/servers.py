@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 import redis
 
+from tests.helpers.tls import TlsFiles
+
 ROOT = Path(__file__).resolve().parent.parent.parent
 
 
@@ -35,11 +37,17 @@ class RedisServer:
     proc: subprocess.Popen[bytes] | None = None
     extra: list[str] = field(default_factory=list)
     password: str | None = None
+    username: str | None = None
+    """An ACL user of ``extra``'s to connect as (with ``password``), instead of ``default``."""
+    tls: TlsFiles | None = None
+    """Serve TLS only (``rediss://``), with these certificates."""
 
     @property
     def url(self) -> str:
-        auth = f":{self.password}@" if self.password else ""
-        return f"redis://{auth}127.0.0.1:{self.port}/0"
+        auth = f"{self.username or ''}:{self.password}@" if self.password else ""
+        if self.tls is None:
+            return f"redis://{auth}127.0.0.1:{self.port}/0"
+        return f"rediss://{auth}127.0.0.1:{self.port}/0?ssl_ca_certs={self.tls.ca}"
 
     def start(self) -> None:
         exe = shutil.which("redis-server")
@@ -59,10 +67,15 @@ class RedisServer:
             str(self.workdir),
             *self.extra,
         ]
-        if self.password:
+        if self.password and not self.username:
             argv += ["--requirepass", self.password]
+        if self.tls is not None:
+            argv[argv.index("--port") + 1] = "0"
+            argv += ["--tls-port", str(self.port), "--tls-auth-clients", "no"]
+            argv += ["--tls-cert-file", str(self.tls.cert), "--tls-key-file", str(self.tls.key)]
+            argv += ["--tls-ca-cert-file", str(self.tls.ca)]
         self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        client = redis.Redis(port=self.port, password=self.password, socket_timeout=0.5)
+        client = redis.Redis.from_url(self.url, socket_timeout=0.5)
         deadline = time.monotonic() + 10
         while True:
             try:

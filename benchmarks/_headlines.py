@@ -1,0 +1,110 @@
+"""The figures of each benchmark's JSON that go in BENCHMARKS.md, each beside what it is measured
+against: the floor (the same work without us, in the same run), a peer's documented figure, or
+the target the issues set."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Row:
+    figure: str
+    ours: float
+    unit: str
+    against: float | None = None
+    against_is: str = "—"
+    """What ``against`` is: "floor: …" (measured in the same run), "anchor: …" (a peer's
+    documented figure) or "target" (what the issues asked for)."""
+    target: str = "—"
+    met: bool | None = None
+
+    @property
+    def ratio(self) -> float | None:
+        if not self.against:
+            return None
+        return self.ours / self.against
+
+
+def bus_roundtrip(r: dict[str, Any]) -> list[Row]:
+    floor, ours = r["floor"], r["ours"]
+    raw = "floor: raw redis-py XADD, XREADGROUP, XACK"
+    return [
+        Row("command round trip, p50", ours["p50_ms"], "ms", floor["p50_ms"], raw,
+            target="≤ 2x floor", met=r["ratio_p50"] <= 2),
+        Row("command round trip, p99", ours["p99_ms"], "ms", floor["p99_ms"], raw,
+            target="≤ 3x floor", met=r["ratio_p99"] <= 3),
+        Row("commands/s in batches of 64", ours["commands_per_s_batched_64"], "/s",
+            floor["commands_per_s_batched_64"], raw),
+    ]  # fmt: skip
+
+
+def recovery(r: dict[str, Any]) -> list[Row]:
+    exited, relaunch = r["kill9_to_exited_ms"], r["relaunch_minus_backoff_ms"]
+    hang, failover = r["hang_to_restart_decision_s"], r["scheduler_failover_s"]
+    return [
+        Row("kill -9 → engine.exited, p50", exited["p50"], "ms", 200, "target",
+            target="≤ 200 ms", met=exited["p50"] <= 200),
+        Row("relaunch minus its backoff delay, p99", relaunch["p99"], "ms", 100, "target",
+            target="± 100 ms", met=abs(relaunch["p99"]) <= 100),
+        Row("hang (SIGSTOP) → restart decision, p99", hang["p99"], "s", 20,
+            "anchor: original control plane, 10 s probes x 2 failures",
+            target="≤ 6 s", met=hang["p99"] <= 6),
+        Row("leader kill -9 → a standby leads, p99", failover["p99"], "s", 6, "target",
+            target="≤ lease 5 s + 1 s", met=failover["p99"] <= 6),
+    ]  # fmt: skip
+
+
+def scale(r: dict[str, Any]) -> list[Row]:
+    placement, lag = r["placement_latency_ms"], r["event_lag_s"]
+    cpu = r["scheduler_cpu_share_of_a_core"]
+    per_node = r["redis_bytes_per_node"]["with_engines_and_streams"] / 1024
+    fleet = f"{r['nodes']} nodes x {r['gpus_per_node']} GPUs, {r['placed']} placed"
+    return [
+        Row(f"placement latency, p99 ({fleet})", placement["p99"], "ms", 10, "target",
+            target="p99 ≤ 10 ms", met=placement["p99"] <= 10),
+        Row("event lag while placing, p99", lag["placing"]["p99"], "s", 1, "target",
+            target="< 1 s", met=lag["placing"]["p99"] < 1),
+        Row("scheduler CPU in the steady state", cpu["steady"], "of a core", 0.5, "target",
+            target="≤ 0.5 of a core", met=cpu["steady"] <= 0.5),
+        Row("Redis memory per node", round(per_node, 1), "KiB"),
+    ]  # fmt: skip
+
+
+def gateway_overhead(r: dict[str, Any]) -> list[Row]:
+    load, single, client = r["under_load"], r["one_at_a_time"], r["client_redis_mode"]
+    return [
+        Row(f"throughput through the gateway, {r['concurrency']} clients",
+            load["gateway"]["rps"], "req/s", load["direct"]["rps"],
+            "floor: the same requests straight to the engine",
+            target="≥ 0.8x floor", met=load["throughput_ratio"] >= 0.8),
+        Row("latency the gateway adds, p50", single["added_p50_ms"], "ms", 2.0,
+            "anchor: LiteLLM proxy, 2-12 ms p50 (its docs)",
+            target="≤ 1 ms", met=single["added_p50_ms"] <= 1),
+        Row("latency the gateway adds, p99", single["added_p99_ms"], "ms", 5.0, "target",
+            target="≤ 5 ms", met=single["added_p99_ms"] <= 5),
+        Row("client in Redis mode, p50", client["client"]["p50"], "ms", client["direct"]["p50"],
+            "floor: httpx straight to the engine",
+            target="≤ 1.05x floor", met=client["overhead_pct_p50"] <= 5),
+    ]  # fmt: skip
+
+
+def batch_throughput(r: dict[str, Any]) -> list[Row]:
+    direct, queued = r["direct"], r["queued"]
+    return [
+        Row(f"batch throughput, {r['requests']} requests, 2 workers", queued["rps"], "req/s",
+            direct["rps"], f"floor: an async client, {r['concurrency']} in flight",
+            target="≥ 0.5x floor", met=r["throughput_ratio"] >= 0.5),
+        Row("time to the first batch result", queued["first_s"], "s", direct["first_s"],
+            "floor: the first direct answer"),
+    ]  # fmt: skip
+
+
+HEADLINES = {
+    "bus_roundtrip": bus_roundtrip,
+    "recovery": recovery,
+    "scale": scale,
+    "gateway_overhead": gateway_overhead,
+    "batch_throughput": batch_throughput,
+}

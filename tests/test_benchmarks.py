@@ -1,0 +1,33 @@
+"""The benchmark chain works: every benchmark runs (small loads) and BENCHMARKS.md gets each
+one's headline figures. The figures of a quick run are not checked: speed is measured in
+benchmarks, not in tests."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks._headlines import HEADLINES
+from tests.helpers.servers import ROOT
+
+pytestmark = pytest.mark.fleet
+
+
+@pytest.mark.timeout(600)
+def test_run_all_runs_every_benchmark_and_writes_the_report(tmp_path: Path) -> None:
+    report = tmp_path / "BENCHMARKS.md"
+    done = subprocess.run(
+        [sys.executable, "benchmarks/run_all.py", "--quick", "--out", str(report),
+         "--results", str(tmp_path / "results")],
+        cwd=ROOT, capture_output=True, text=True, timeout=590, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    text = report.read_text()
+    rows = [line for line in text.splitlines() if line.startswith("| ") and "---" not in line]
+    assert {row.split(" | ")[0].removeprefix("| ") for row in rows[1:]} == set(HEADLINES)
+    assert "failed" not in text and "--quick" in text
+    for name in HEADLINES:
+        assert (tmp_path / "results" / f"{name}.json").is_file()

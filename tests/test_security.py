@@ -1,0 +1,156 @@
+"""Security end to end: every actor on a TLS-only Redis as an ACL user confined to the fleet's
+keys; engines bound to the advertise address; no secret in any log, event or record."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import psutil
+import pytest
+import redis
+from starlette.testclient import TestClient
+
+from sage_mq.gateway import create_app
+from sage_mq.gateway.inference import PATHS
+from sage_mq.settings import Settings
+from tests.helpers.fleetprocs import FleetProcs
+from tests.helpers.servers import Processes, RedisServer, free_port
+from tests.helpers.tls import make_certs
+from tests.test_batch import jsonl, wait_batch
+from tests.test_gateway import start, wait_for
+
+pytestmark = pytest.mark.fleet
+
+ADMIN_PW = "redis-admin-pw-0451"
+FLEET_PW = "redis-fleet-pw-7719"
+API_KEY = "api-key-3322"
+ADMIN_KEY = "admin-key-9087"
+SECRETS = (ADMIN_PW, FLEET_PW, API_KEY, ADMIN_KEY)
+
+
+@pytest.fixture
+def tls_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A redis-server that speaks TLS only, its ``default`` user behind ADMIN_PW."""
+    server = RedisServer(free_port(), tmp_path, password=ADMIN_PW, tls=make_certs(tmp_path / "tls"))
+    server.start()
+    yield server
+    server.kill()
+
+
+def test_the_fleet_runs_on_tls_redis_as_an_acl_user_and_shows_no_secret(
+    processes: Processes, tls_redis: RedisServer, tmp_path: Path
+) -> None:
+    fleet = FleetProcs(processes, tls_redis, tmp_path / "state")
+    namespace = fleet.env["SAGE_MQ_NAMESPACE"]
+    admin = redis.Redis.from_url(tls_redis.url, decode_responses=True)
+    # The fleet's user reaches its own keys and rq's, nothing else, and no admin commands.
+    rules = ["on", f">{FLEET_PW}", f"~{namespace}:*", "~rq:*", "&*", "+@all", "-@admin"]
+    admin.execute_command("ACL", "SETUSER", "fleet", *rules)
+    fleet.env["SAGE_MQ_REDIS_URL"] = tls_redis.url.replace(f":{ADMIN_PW}@", f"fleet:{FLEET_PW}@")
+    fleet.env |= {"SAGE_MQ_API_KEY": API_KEY, "SAGE_MQ_ADMIN_KEY": ADMIN_KEY}
+
+    fleet.start_scheduler()
+    fleet.start_agent()
+    fleet.wait_node()
+    port = free_port()
+    processes.sage("gateway", ["llm", "gateway", "run", "--port", str(port)], fleet.env)
+    processes.sage("worker", ["llm", "worker", "run"], fleet.env)
+    chat = start(fleet, "demo")
+    start(fleet, "mini-embed", "--engine-kind", "embedding")
+    url = f"http://127.0.0.1:{port}"
+    keyed = {"authorization": f"Bearer {API_KEY}"}
+    wait_for(lambda: httpx.get(f"{url}/health", timeout=2).status_code == 200, 30)
+    wait_for(lambda: set(models_with_key(url, keyed)) == {"demo", "mini-embed"})
+
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key=API_KEY, max_retries=0)
+    answer = client.chat.completions.create(
+        model="demo", messages=[{"role": "user", "content": "hi"}]
+    )
+    assert answer.choices[0].message.content == "[demo] You said: hi"
+    assert len(client.embeddings.create(model="mini-embed", input="x").data[0].embedding) == 384
+    uploaded = client.files.create(file=("in.jsonl", io.BytesIO(jsonl(20))), purpose="batch")
+    batch = client.batches.create(
+        input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
+    done = wait_batch(client, batch.id, {"completed", "failed"})
+    assert (done.status, done.request_counts.completed) == ("completed", 20)
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{url}/v1", api_key="wrong", max_retries=0).models.list()
+
+    # The engine listens on the node's advertise address only, not on every interface.
+    listening = [
+        c.laddr.ip
+        for c in psutil.Process(int(chat["pid"])).net_connections("tcp")
+        if c.status == psutil.CONN_LISTEN
+    ]
+    assert listening == ["127.0.0.1"]
+    # Nobody was refused a key or a command: the fleet keeps to its namespace and rq's keys.
+    assert admin.execute_command("ACL", "LOG") == []
+    # Plain TCP is not served at all.
+    with pytest.raises(redis.ConnectionError):
+        redis.Redis(port=tls_redis.port, socket_timeout=2).ping()
+
+    # An ACL that keeps the fleet from rq's keys: a clear answer, not a traceback.
+    admin.execute_command("ACL", "SETUSER", "fleet", "resetkeys", f"~{namespace}:*")
+    with pytest.raises(openai.APIStatusError) as refused:
+        client.batches.create(
+            input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
+        )
+    assert refused.value.status_code == 503 and "~rq:*" in refused.value.message
+
+    seen = _everything_written(tmp_path, admin, namespace)
+    for secret in SECRETS:
+        assert secret not in seen, f"{secret!r} leaked"
+    admin.close()
+
+
+def models_with_key(url: str, headers: dict[str, str]) -> list[str]:
+    reply = httpx.get(f"{url}/v1/models", headers=headers, timeout=5)
+    return [m["id"] for m in reply.json()["data"]] if reply.status_code == 200 else []
+
+
+def _everything_written(tmp_path: Path, admin: redis.Redis, namespace: str) -> str:
+    """Every log file of the test's processes and engines, and every value in the fleet's keys."""
+    texts = [p.read_text(errors="replace") for p in tmp_path.rglob("*.log")]
+    assert len(texts) >= 6  # scheduler, agent, gateway, worker, two engines
+    for key in admin.scan_iter(f"{namespace}:*"):
+        kind = admin.type(key)
+        if kind == "hash":
+            texts.append(json.dumps(admin.hgetall(key)))
+        elif kind == "stream":
+            texts.append(json.dumps(admin.xrange(key)))
+        elif kind == "list":
+            texts.append(json.dumps(admin.lrange(key, 0, -1)))
+        elif kind == "string":
+            texts.append(str(admin.get(key)))
+    return "\n".join(texts)
+
+
+def test_every_route_but_health_and_metrics_wants_its_key(settings: Settings) -> None:
+    app = create_app(settings, api_key=API_KEY, admin_key=ADMIN_KEY)
+    routes = {(path, "POST") for path in PATHS}  # served ahead of FastAPI: not in its document
+    for path, operations in app.openapi()["paths"].items():
+        routes |= {(re.sub(r"\{[^}]+\}", "x", path), method.upper()) for method in operations}
+    assert len(routes) >= 24  # inference, batch, management, health, metrics
+    client = TestClient(app, raise_server_exceptions=False)  # no lifespan: only the gate runs
+
+    def refused(path: str, method: str, key: str | None) -> bool:
+        headers = {"authorization": f"Bearer {key}"} if key else {}
+        return client.request(method, path, headers=headers).status_code == 401
+
+    for path, method in sorted(routes):
+        if path in ("/health", "/metrics"):
+            assert not refused(path, method, None), path
+        elif path.startswith("/v1/management"):
+            assert refused(path, method, None) and refused(path, method, API_KEY), path
+            assert not refused(path, method, ADMIN_KEY), path
+        else:
+            assert refused(path, method, None) and refused(path, method, "wrong"), path
+            assert not refused(path, method, API_KEY), path
+            assert not refused(path, method, ADMIN_KEY), path
