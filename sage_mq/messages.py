@@ -214,7 +214,8 @@ class EngineLaunchFailed(Message):
 
 
 class EngineAdopted(Message):
-    """A restarted agent found the engine's process still running and took it back."""
+    """An agent runs the engine's process: found still running after the agent restarted,
+    or reported again when the agent reaches Redis after being cut off."""
 
     TYPE: ClassVar[str] = "engine.adopted"
     engine_id: str

@@ -1,7 +1,8 @@
 """Choosing a replica of a model for one request: pure policy, shared by the gateway and client.
 
-A :class:`Router` keeps, per engine, the requests in flight and a moving average of latency (in
-memory, no I/O) and picks among the RUNNING replicas it is given:
+A :class:`Router` keeps, per engine at its address, the requests in flight and a moving average
+of latency (in memory, no I/O), and picks among the RUNNING replicas it is given. An engine
+moved to another host (a new URL) is a new process on a new machine: it is measured afresh.
 
 - ``adaptive`` (default): power of two choices. Two replicas at random; the one whose
   ``(in flight + 1) * average latency`` is lower wins. Nearly as good as asking every replica,
@@ -56,7 +57,7 @@ class Router:
             raise ValueError(f"scheduling policy {policy!r} is not one of {', '.join(POLICIES)}")
         self.policy = policy
         self.rng = rng or random.Random()
-        self._load: dict[str, _Load] = {}
+        self._load: dict[tuple[str, str], _Load] = {}
         self._turn: dict[str, int] = {}
 
     def choose(self, replicas: Sequence[Replica], exclude: Collection[str] = ()) -> Replica:
@@ -82,11 +83,11 @@ class Router:
 
     def started(self, replica: Replica) -> None:
         """A request went to ``replica``."""
-        self._load.setdefault(replica.engine_id, _Load()).in_flight += 1
+        self._load.setdefault(_key(replica), _Load()).in_flight += 1
 
     def finished(self, replica: Replica, latency_s: float | None) -> None:
         """The request ended; ``latency_s`` None if it failed (not counted in the average)."""
-        load = self._load.setdefault(replica.engine_id, _Load())
+        load = self._load.setdefault(_key(replica), _Load())
         load.in_flight = max(0, load.in_flight - 1)
         if latency_s is not None:
             old = load.latency_s
@@ -95,19 +96,24 @@ class Router:
 
     def forget(self, engine_id: str) -> None:
         """An engine left rotation (stopped, failed): drop what was learned about it."""
-        self._load.pop(engine_id, None)
+        for key in [k for k in self._load if k[0] == engine_id]:
+            del self._load[key]
 
     def in_flight(self, engine_id: str) -> int:
         """Requests in flight to an engine through this router."""
-        load = self._load.get(engine_id)
-        return load.in_flight if load else 0
+        return sum(load.in_flight for key, load in self._load.items() if key[0] == engine_id)
 
     def _in_flight(self, replica: Replica) -> int:
-        return self.in_flight(replica.engine_id)
+        load = self._load.get(_key(replica))
+        return load.in_flight if load else 0
 
     def _latency(self, replica: Replica) -> float:
-        load = self._load.get(replica.engine_id)
+        load = self._load.get(_key(replica))
         return _UNMEASURED_S if load is None or load.latency_s is None else load.latency_s
 
     def _cost(self, replica: Replica) -> float:
         return (self._in_flight(replica) + 1) * self._latency(replica)
+
+
+def _key(replica: Replica) -> tuple[str, str]:
+    return replica.engine_id, replica.url

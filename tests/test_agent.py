@@ -34,7 +34,7 @@ from sage_mq.settings import AgentSettings, Settings
 from sage_mq.store import Store
 from tests.helpers.engines import engine_processes, fake_launch, marked_env
 from tests.helpers.events import Events
-from tests.helpers.servers import RedisServer
+from tests.helpers.servers import RedisServer, free_port
 
 
 class RunningAgent:
@@ -241,6 +241,31 @@ async def test_events_wait_in_the_outbox_while_redis_is_away(
             await events.wait("node.joined", timeout=15)
         assert exited.payload.model_dump()["returncode"] == -9
     finally:
+        for proc in engine_processes(tmp_path):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+
+
+async def test_an_agent_cut_off_from_redis_reports_its_engines_when_back(
+    tmp_path: Path,
+) -> None:
+    private_redis = RedisServer(free_port(), tmp_path, extra=["--appendonly", "yes"])
+    private_redis.start()
+    settings = Settings(redis_url=private_redis.url, namespace="o")
+    try:
+        async with RunningAgent(settings, tmp_path) as agent:
+            events = Events(agent.redis, "o")
+            await command(agent.redis, settings, fake_launch())
+            starting = await events.wait("engine.starting", "e1")
+            await events.wait("engine.ready", "e1")
+            private_redis.kill()  # cut off: heartbeats fail, the engine keeps running
+            await asyncio.sleep(agent.agent.liveness_ttl_s)
+            private_redis.start()  # back, with its data (append-only file)
+            adopted = await events.wait("engine.adopted", "e1", timeout=15)
+        assert adopted.payload.model_dump()["pid"] == starting.payload.model_dump()["pid"]
+        assert adopted.payload.model_dump()["node"] == agent.node_id
+    finally:
+        private_redis.kill()
         for proc in engine_processes(tmp_path):
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from sage_mq.agent.outbox import Outbox
 from sage_mq.bus import Bus
 from sage_mq.connection import Redis, connect
 from sage_mq.errors import ConfigError, ControlPlaneUnavailable
@@ -367,3 +368,22 @@ async def test_periodic_messages_leave_no_idempotency_marker(
     assert seen == ["node.health", "engine.stop", "node.health"]
     markers = [k async for k in aredis.scan_iter(match=f"{settings.namespace}:done:*")]
     assert markers == [Keys(settings.namespace).processed("g", stop.id)]
+
+
+async def test_concurrent_flushes_of_an_outbox_send_each_event_once_in_order(
+    aredis: Redis, settings: Settings
+) -> None:
+    """The heartbeat flushes while a handler sends: both used to publish the first event and
+    both pop, losing the next event or raising IndexError (which ended the heartbeat task)."""
+    bus = make_bus(aredis, settings)
+    outbox = Outbox(bus, f"{settings.namespace}:out")
+    for i in range(3):
+        outbox.pending.append(envelope(StopEngine(engine_id=f"queued-{i}")))
+    sends = [outbox.send(StopEngine(engine_id=f"sent-{i}")) for i in range(20)]
+    await asyncio.gather(outbox.flush(), outbox.flush(), *sends)
+    published = [decode(f).payload for _id, f in await aredis.xrange(outbox.stream)]
+    assert [p.engine_id for p in published if isinstance(p, StopEngine)] == [
+        *(f"queued-{i}" for i in range(3)),
+        *(f"sent-{i}" for i in range(20)),
+    ]
+    assert not outbox.pending

@@ -79,3 +79,14 @@ def test_failures_do_not_count_as_latency_and_in_flight_never_goes_negative() ->
 def test_an_unknown_policy_is_refused_with_the_choices() -> None:
     with pytest.raises(ValueError, match="adaptive, round_robin, least_loaded, random"):
         Router("fastest")
+
+
+def test_an_engine_moved_to_another_host_is_measured_afresh() -> None:
+    router = Router("adaptive", rng=random.Random(0))
+    fast, slow = Replica("a", "m", "http://h1:1", "llm"), Replica("b", "m", "http://h1:2", "llm")
+    for replica, latency in ((fast, 0.01), (slow, 0.5)):
+        router.started(replica)
+        router.finished(replica, latency)
+    assert {router.choose([fast, slow]).engine_id for _ in range(20)} == {"a"}
+    moved = Replica("b", "m", "http://h2:7", "llm")  # same engine, new host: not slow any more
+    assert router.choose([fast, moved]) == moved  # unmeasured: tried first

@@ -144,14 +144,24 @@ class NodeAgent:
 
     # -- registration, liveness, recovery ------------------------------------------------
     async def _heartbeat(self) -> None:
+        cut_off_since: float | None = None
         while True:
             await asyncio.sleep(self.agent.liveness_ttl_s / 3)
             try:
-                await self.presence.beat()
+                rejoined = await self.presence.beat()
             except ControlPlaneUnavailable as exc:
+                cut_off_since = cut_off_since or time.monotonic()
                 log.warning(
                     "node %s heartbeat failed (engines keep running): %s", self.node_id, exc
                 )
+            except Exception:  # a heartbeat must never end: the node would be declared lost
+                log.exception("node %s heartbeat failed unexpectedly; beating on", self.node_id)
+            else:
+                if cut_off_since is not None and not rejoined:
+                    await self._report_engines(time.monotonic() - cut_off_since)
+                # (rejoined: Redis lost this node's records; reported engines would have no
+                # record, and the scheduler stops what it has no record of)
+                cut_off_since = None
             for engine_id in list(self.lifecycle.engines):
                 logs.truncate_if_large(
                     self.lifecycle.log_dir / f"{engine_id}.log",
@@ -159,18 +169,35 @@ class NodeAgent:
                     self.agent.log_backups,
                 )
 
+    async def _report_engines(self, away_s: float) -> None:
+        """Back in touch after a cut (a network partition, Redis away for a while): say which
+        engines this node still runs. The scheduler may have moved some elsewhere meanwhile; it
+        answers a stale copy with a terminate, as for engines adopted after an agent restart
+        (the terminate it queued when moving the engine may be gone with a trimmed stream)."""
+        running = [e for e in self.lifecycle.engines.values() if e.alive]
+        log.warning(
+            "node %s reached Redis again after %.1f s cut off; reporting its %d engine(s)",
+            self.node_id,
+            away_s,
+            len(running),
+        )
+        for engine in running:
+            await self._send_adopted(engine)
+
+    async def _send_adopted(self, engine: ManagedEngine) -> None:
+        adopted = EngineAdopted(
+            engine_id=engine.engine_id,
+            node=self.node_id,
+            generation=engine.generation,
+            pid=engine.pid,
+        )
+        await self.outbox.send(adopted)
+
     async def _recover(self) -> None:
         adopted, gone = self.lifecycle.recover()
         for engine in adopted:
             log.info("adopted %s (pid %d) from a previous agent run", engine.engine_id, engine.pid)
-            await self.outbox.send(
-                EngineAdopted(
-                    engine_id=engine.engine_id,
-                    node=self.node_id,
-                    generation=engine.generation,
-                    pid=engine.pid,
-                )
-            )
+            await self._send_adopted(engine)
             log_path = Path(engine.log_path)
             self.logship.start(engine.engine_id, log_path, engine.generation, resume=True)
             self._spawn(self._await_ready(engine))
