@@ -21,6 +21,8 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Literal, get_args
 
+from sage_mq.store import EngineRecord, EngineState
+
 Policy = Literal["adaptive", "round_robin", "least_loaded", "random"]
 POLICIES: tuple[str, ...] = get_args(Policy)
 _EWMA_WEIGHT = 0.2
@@ -43,6 +45,13 @@ class Replica:
 class _Load:
     in_flight: int = 0
     latency_s: float | None = None
+
+
+def running_replica(record: EngineRecord) -> Replica | None:
+    """The replica an engine record stands for, if the engine is RUNNING at a known URL."""
+    if record.state == EngineState.RUNNING and record.url:
+        return Replica(record.engine_id, record.model, record.url, record.kind)
+    return None
 
 
 class NoReplica(LookupError):

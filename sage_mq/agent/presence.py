@@ -79,14 +79,13 @@ class Presence:
         """One heartbeat; re-registers if Redis lost the node (e.g. restarted empty), and
         says so (True)."""
         self.beats += 1
-        if await self.store.get_node(self.node_id) is None:
+        rejoined = await self.store.get_node(self.node_id) is None
+        if rejoined:
             log.warning("node %s vanished from Redis; registering again", self.node_id)
             await self.announce()
-            await self.outbox.flush()
-            return True
-        if self.beats % _REWRITE_EVERY == 0:
+        elif self.beats % _REWRITE_EVERY == 0:
             await self.write_record()
         else:
             await self.store.touch_node(self.node_id, self.epoch, self.agent.liveness_ttl_s)
         await self.outbox.flush()
-        return False
+        return rejoined

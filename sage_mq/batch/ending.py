@@ -20,15 +20,6 @@ STUCK_FINALIZING_S = 60
 """A batch still finalizing this long after it began was left half-done by a process that
 died; the sweeper finishes it."""
 
-# in_progress -> finalizing (ending expired), only from in_progress and only once due.
-_EXPIRE = """
-if redis.call('HGET', KEYS[1], 'status') ~= 'in_progress' then return 0 end
-local expires = tonumber(redis.call('HGET', KEYS[1], 'expires_at') or '')
-if not expires or expires > tonumber(ARGV[1]) then return 0 end
-redis.call('HSET', KEYS[1], 'status', 'finalizing', 'finalizing_at', ARGV[1], 'ending', 'expired')
-return 1
-"""
-
 
 async def finish_chunk(records: Records, batch_id: str, number: int) -> None:
     """Mark a chunk done; the last one to finish finalizes the batch."""
@@ -66,8 +57,7 @@ async def finalize(records: Records, batch_id: str, *, again: bool = False) -> N
 
 async def expire_if_due(records: Records, batch_id: str, now: float | None = None) -> bool:
     """Begin expiring an in-progress batch whose window has run out; True if this call did."""
-    script = records.redis.register_script(_EXPIRE)
-    due = await script(keys=[records.keys.batch(batch_id)], args=[int(now or time.time())])
+    due = await records.begin_expiry(batch_id, int(now or time.time()))
     if due:
         await release_idle_chunks(records, batch_id)
     return bool(due)
@@ -96,13 +86,11 @@ async def _expire_the_rest(records: Records, batch_id: str) -> None:
     rows = await records.all_requests(batch_id)
     settled = await records.settled(batch_id, [row["custom_id"] for row in rows])
     message = "the batch expired (its completion window ran out) before this request ran"
-    lines = {
-        row["custom_id"]: error_line(row["custom_id"], "batch_expired", message)
-        for row in rows
-        if row["custom_id"] not in settled
-    }
-    for start in range(0, len(lines), 1000):
-        part = dict(list(lines.items())[start : start + 1000])
+    todo = [row["custom_id"] for row in rows if row["custom_id"] not in settled]
+    for start in range(0, len(todo), 1000):
+        part = {
+            cid: error_line(cid, "batch_expired", message) for cid in todo[start : start + 1000]
+        }
         await records.record_many(batch_id, part, ok=False)
 
 

@@ -45,6 +45,15 @@ end
 return 0
 """
 
+# in_progress -> finalizing (ending expired), only from in_progress and only once due.
+_EXPIRE = """
+if redis.call('HGET', KEYS[1], 'status') ~= 'in_progress' then return 0 end
+local expires = tonumber(redis.call('HGET', KEYS[1], 'expires_at') or '')
+if not expires or expires > tonumber(ARGV[1]) then return 0 end
+redis.call('HSET', KEYS[1], 'status', 'finalizing', 'finalizing_at', ARGV[1], 'ending', 'expired')
+return 1
+"""
+
 
 def new_id(prefix: str) -> str:
     """``file-…`` / ``batch_…`` ids, as OpenAI spells them."""
@@ -58,6 +67,7 @@ class Records:
         self.redis: Any = redis  # str replies (decode_responses), which redis-py's types miss
         self.keys = keys
         self._record = redis.register_script(_RECORD)
+        self._expire = redis.register_script(_EXPIRE)
 
     # -- files -----------------------------------------------------------------------------
     async def create_file(self, data: bytes, filename: str, purpose: str) -> dict[str, Any]:
@@ -98,6 +108,19 @@ class Records:
         with redis_errors("reading a file"):
             raw = await self.redis.hgetall(self.keys.file(file_id))
         return _file_object(_unflat(raw)) if raw else None
+
+    async def get_files(self, file_ids: list[str]) -> list[dict[str, Any]]:
+        """These files (those that exist), in one round trip."""
+        raws = await self._hgetall_many("reading files", [self.keys.file(f) for f in file_ids])
+        return [_file_object(_unflat(raw)) for raw in raws if raw]
+
+    async def _hgetall_many(self, what: str, keys: list[str]) -> list[dict[str, str]]:
+        with redis_errors(what):
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for key in keys:
+                    pipe.hgetall(key)
+                rows: list[dict[str, str]] = await pipe.execute()
+        return rows
 
     async def file_lines(self, file_id: str) -> list[str]:
         with redis_errors("reading a file"):
@@ -222,6 +245,16 @@ class Records:
         raw = await self.raw_batch(batch_id)
         return batch_object(raw) if raw else None
 
+    async def get_batches(self, batch_ids: list[str]) -> list[dict[str, Any]]:
+        """These batches (those that exist) as OpenAI shows them, in one round trip."""
+        raws = await self._hgetall_many("reading batches", [self.keys.batch(b) for b in batch_ids])
+        return [batch_object(_unflat(raw)) for raw in raws if raw]
+
+    async def begin_expiry(self, batch_id: str, now: int) -> bool:
+        """in_progress -> finalizing with ``ending=expired``, if its window ran out by ``now``."""
+        with redis_errors("expiring a batch"):
+            return bool(await self._expire(keys=[self.keys.batch(batch_id)], args=[now]))
+
     async def raw_batch(self, batch_id: str) -> dict[str, Any]:
         with redis_errors("reading a batch"):
             raw = await self.redis.hgetall(self.keys.batch(batch_id))
@@ -271,8 +304,12 @@ class Records:
         self, batch_id: str, custom_id: str, line: dict[str, Any], ok: bool
     ) -> tuple[list[str], list[str]]:
         mine, other = (self.keys.batch_results, self.keys.batch_errors)[:: 1 if ok else -1]
-        keys = [mine(batch_id), other(batch_id), self.keys.batch(batch_id)]
-        keys.append(self.keys.batch_done(batch_id))
+        keys = [
+            mine(batch_id),
+            other(batch_id),
+            self.keys.batch(batch_id),
+            self.keys.batch_done(batch_id),
+        ]
         return keys, [custom_id, json.dumps(line), "completed" if ok else "failed"]
 
     async def finished(self, batch_id: str, start: int, limit: int) -> list[dict[str, Any]]:

@@ -22,7 +22,7 @@ from sage_mq.batch.records import Records
 from sage_mq.connection import connect, redis_errors
 from sage_mq.errors import ControlPlaneUnavailable
 from sage_mq.keys import Keys
-from sage_mq.routing import NoReplica, Replica, Router
+from sage_mq.routing import NoReplica, Replica, Router, running_replica
 from sage_mq.settings import Settings
 from sage_mq.store import EngineState, Store
 from sage_mq.upstream import Upstream, UpstreamError
@@ -168,10 +168,8 @@ class _Sender:
                 for r in records:
                     if r.state not in (EngineState.STOPPED, EngineState.FAILED):
                         self._known.add(r.model)
-                    if r.state == EngineState.RUNNING and r.url:
-                        by_model.setdefault(r.model, []).append(
-                            Replica(r.engine_id, r.model, r.url, r.kind)
-                        )
+                    if (replica := running_replica(r)) is not None:
+                        by_model.setdefault(r.model, []).append(replica)
                 self._replicas = {m: tuple(found) for m, found in by_model.items()}
                 self._read_at = time.monotonic()
         return self._replicas.get(model, ())

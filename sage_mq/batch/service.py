@@ -92,9 +92,12 @@ class BatchService:
         batch = await self.records.get_batch(batch_id)
         if batch is None:
             raise BatchNotFound(f"no batch {batch_id!r}")
+        return await self._expired_if_due(batch)
+
+    async def _expired_if_due(self, batch: dict[str, Any]) -> dict[str, Any]:
         if batch["status"] == "in_progress" and batch["expires_at"] <= _now():
-            await expire_if_due(self.records, batch_id)
-            return await self.get(batch_id)
+            await expire_if_due(self.records, batch["id"])
+            return await self.get(batch["id"])
         return batch
 
     async def finished(self, batch_id: str, after: int, limit: int) -> dict[str, Any]:
@@ -113,7 +116,7 @@ class BatchService:
     async def list(self, after: str | None = None, limit: int = 20) -> dict[str, Any]:
         """Batches, newest first, in OpenAI's list shape (``after``: the last id seen)."""
         ids, more = await self.records.newest("batches", after, limit)
-        data = [await self.get(batch_id) for batch_id in ids]
+        data = [await self._expired_if_due(b) for b in await self.records.get_batches(ids)]
         return _page(data, more)
 
     async def list_files(
@@ -124,10 +127,8 @@ class BatchService:
         more = True
         while more and len(data) < limit:
             ids, more = await self.records.newest("files", after, limit)
-            for file_id in ids:
-                file = await self.records.get_file(file_id)
-                if file is not None and purpose in (None, file["purpose"]):
-                    data.append(file)
+            files = await self.records.get_files(ids)
+            data += [file for file in files if purpose in (None, file["purpose"])]
             after = ids[-1] if ids else None
         return _page(data[:limit], more or len(data) > limit)
 

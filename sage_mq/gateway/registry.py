@@ -16,8 +16,8 @@ import time
 
 from sage_mq.bus import Bus
 from sage_mq.errors import ControlPlaneUnavailable
-from sage_mq.routing import Replica
-from sage_mq.store import EngineRecord, EngineState, Store
+from sage_mq.routing import Replica, running_replica
+from sage_mq.store import EngineRecord, Store
 
 log = logging.getLogger(__name__)
 RELOAD_S = 30.0
@@ -77,10 +77,9 @@ class Registry:
 
     def _apply(self, record: EngineRecord) -> None:
         self._models[record.engine_id] = record.model
-        if record.state == EngineState.RUNNING and record.url:
-            self._replicas[record.engine_id] = Replica(
-                record.engine_id, record.model, record.url, record.kind
-            )
+        replica = running_replica(record)
+        if replica is not None:
+            self._replicas[record.engine_id] = replica
         else:
             self._replicas.pop(record.engine_id, None)
 
