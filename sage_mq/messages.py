@@ -110,6 +110,10 @@ class LaunchEngine(Message):
     extra_args: tuple[str, ...] = ()
     gpu_memory_utilization: float | None = None
     startup_timeout_s: float | None = Field(None, gt=0)
+    record: dict[str, Any] | None = None
+    """The engine record this launch carries out, as the scheduler wrote it. The agent keeps it
+    beside the process and hands it back in ``engine.adopted``, so a scheduler that finds no
+    record (Redis came back empty) can rebuild it instead of stopping a healthy engine."""
 
 
 class TerminateEngine(Message):
@@ -222,6 +226,8 @@ class EngineAdopted(Message):
     node: str
     generation: int
     pid: int
+    record: dict[str, Any] | None = None
+    """The record the engine was launched with (``engine.launch``'s), to rebuild a lost one."""
 
 
 class EngineUnhealthy(Message):

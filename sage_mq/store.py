@@ -242,6 +242,12 @@ class Store:
         with redis_errors("taking an agent epoch"):
             return int(await self.redis.hincrby(self.keys.node(node_id), "epoch", 1))
 
+    async def leader_epoch(self) -> int | None:
+        """The newest scheduler leader epoch (None: no leader since Redis started empty)."""
+        with redis_errors("reading the leader epoch"):
+            value = await self.redis.get(self.keys.scheduler_epoch)
+        return None if value is None else int(value)
+
     async def is_alive(self, node_id: str) -> bool:
         """Whether the node's liveness key exists now."""
         with redis_errors("reading node liveness"):

@@ -80,7 +80,11 @@ async def test_an_exited_engine_comes_back_as_itself(fleet: Fleet) -> None:
         first.port,
         first.gpus,
     )
-    assert relaunched == original.model_copy(update={"generation": 2})  # same argv, args, GPUs
+    # Same argv, args and GPUs (the record it carries has moved on: generation, state, times).
+    assert relaunched.model_copy(update={"record": None}) == original.model_copy(
+        update={"generation": 2, "record": None}
+    )
+    assert relaunched.record is not None and relaunched.record["generation"] == 2
     await fleet.event(EngineReady(engine_id="e", node="n1", generation=2, url="u"))
     assert (await fleet.record("e")).state == EngineState.RUNNING
 

@@ -74,5 +74,5 @@ async def test_an_agent_ignores_commands_of_a_stale_leader(
         for e in await Events(aredis, settings.namespace).all()
         if e.type == "engine.stopped"
     ]
-    assert stopped == ["x", "z"] and agent.leader_epoch == 5
+    assert stopped == ["x", "z"] and agent.fence.seen == 5
     await agent.close()

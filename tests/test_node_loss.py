@@ -93,3 +93,50 @@ async def test_an_adopted_copy_that_lives_elsewhere_now_is_stopped(fleet: Fleet)
     await fleet.event(EngineAdopted(engine_id="e", node="n1", generation=1, pid=1))
     assert (await fleet.commands("n1"))[-1] == TerminateEngine(engine_id="e", generation=1)
     assert (await fleet.record("e")).node == "n2"
+
+
+async def two_copies_reported_after_redis_lost_the_record(fleet: Fleet, newest_first: bool) -> None:
+    """``e`` ran on n1 (generation 1), moved to n2 (generation 2) while n1 was cut off; then
+    Redis lost everything, and both agents report what they run."""
+    await fleet.node("n1", "1x24GiB")
+    await fleet.node("n2", "1x24GiB", address="127.0.0.2")
+    await fleet.request(StartEngine(engine_id="e", model="demo", backend="fake", use_gpu=True))
+    launched = await fleet.record("e")
+    assert launched.node in ("n1", "n2")
+    url = f"http://127.0.0.2:{launched.port}"
+    old = launched.model_copy(update={"node": "n1", "host": "127.0.0.1", "generation": 1})
+    new = launched.model_copy(
+        update={"node": "n2", "host": "127.0.0.2", "url": url, "generation": 2}
+    )
+    await fleet.redis.delete(fleet.keys.engine("e"), *await fleet.redis.keys("*:ports"))
+    await fleet.redis.delete(*await fleet.redis.keys("*:reservations"))
+    reports = [
+        EngineAdopted(engine_id="e", node="n1", generation=1, pid=11, record=old.public()),
+        EngineAdopted(engine_id="e", node="n2", generation=2, pid=22, record=new.public()),
+    ]
+    for report in reversed(reports) if newest_first else reports:
+        await fleet.event(report)
+
+
+async def test_after_redis_lost_a_record_the_newest_reported_copy_is_kept_either_order(
+    fleet: Fleet,
+) -> None:
+    for newest_first in (False, True):
+        await fleet.redis.flushdb()
+        await two_copies_reported_after_redis_lost_the_record(fleet, newest_first)
+        kept = await fleet.record("e")
+        assert (kept.node, kept.generation, kept.pid, kept.state) == (
+            "n2",
+            2,
+            22,
+            EngineState.STARTING,
+        )
+        assert kept.gpus == [0] and kept.url == f"http://127.0.0.2:{kept.port}"
+        assert await fleet.store.ports_in_use("n2") == {kept.port: "e"}
+        assert await fleet.store.ports_in_use("n1") == {}
+        assert list(await fleet.store.reservations("n2")) == ["e"]
+        assert await fleet.store.reservations("n1") == {}
+        stale = (await fleet.commands("n1"))[-1]
+        assert stale == TerminateEngine(engine_id="e", generation=1, epoch=0)
+        await fleet.event(EngineReady(engine_id="e", node="n2", generation=2, url=kept.url))
+        assert (await fleet.record("e")).state == EngineState.RUNNING

@@ -42,6 +42,8 @@ class ManagedEngine:
     port: int
     log_path: str
     started_at: float = field(default_factory=time.time)
+    record: dict[str, Any] = field(default_factory=dict)
+    """The scheduler's record for this launch, handed back when the engine is adopted."""
     stopping: bool = field(default=False, compare=False)
     adopted: bool = field(default=False, compare=False)
     exited: asyncio.Future[int | None] | None = field(default=None, compare=False, repr=False)
@@ -76,6 +78,7 @@ _PERSISTED = (
     "port",
     "log_path",
     "started_at",
+    "record",
 )
 
 ExitHandler = Callable[[ManagedEngine, int | None], Coroutine[Any, Any, None]]
@@ -121,6 +124,7 @@ class EngineLifecycleManager:
             host=cmd.host,
             port=cmd.port,
             log_path=str(log_path),
+            record=dict(cmd.record or {}),
             child=True,
         )
         self._track(engine)

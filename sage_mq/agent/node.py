@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from sage_mq.agent import logs
+from sage_mq.agent.fencing import LeaderFence
 from sage_mq.agent.lifecycle import EngineLifecycleManager, ManagedEngine
 from sage_mq.agent.logship import LogShipper
 from sage_mq.agent.outbox import Outbox
@@ -88,7 +89,7 @@ class NodeAgent:
         self._stopping = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
         self._probing: set[asyncio.Task[None]] = set()
-        self.leader_epoch = 0
+        self.fence = LeaderFence(self.store, self.node_id)
         self._consumer = self.bus.consumer(
             [self.keys.node_commands(self.node_id)],
             AGENT_GROUP,
@@ -157,10 +158,11 @@ class NodeAgent:
             except Exception:  # a heartbeat must never end: the node would be declared lost
                 log.exception("node %s heartbeat failed unexpectedly; beating on", self.node_id)
             else:
-                if cut_off_since is not None and not rejoined:
-                    await self._report_engines(time.monotonic() - cut_off_since)
-                # (rejoined: Redis lost this node's records; reported engines would have no
-                # record, and the scheduler stops what it has no record of)
+                if rejoined:
+                    await self._report_engines("Redis had lost this node's records")
+                elif cut_off_since is not None:
+                    away = time.monotonic() - cut_off_since
+                    await self._report_engines(f"after {away:.1f} s cut off")
                 cut_off_since = None
             for engine_id in list(self.lifecycle.engines):
                 logs.truncate_if_large(
@@ -169,20 +171,23 @@ class NodeAgent:
                     self.agent.log_backups,
                 )
 
-    async def _report_engines(self, away_s: float) -> None:
-        """Back in touch after a cut (a network partition, Redis away for a while): say which
-        engines this node still runs. The scheduler may have moved some elsewhere meanwhile; it
-        answers a stale copy with a terminate, as for engines adopted after an agent restart
-        (the terminate it queued when moving the engine may be gone with a trimmed stream)."""
+    async def _report_engines(self, why: str) -> None:
+        """Back in touch (after a network partition, or with a Redis that came back empty):
+        say which engines this node still runs, with the records they were launched with.
+
+        The scheduler rebuilds a record Redis lost, and answers a copy it has moved elsewhere
+        meanwhile with a terminate (the one it queued when moving it may be gone with a
+        trimmed or lost stream). Readiness follows, as after an agent restart."""
         running = [e for e in self.lifecycle.engines.values() if e.alive]
         log.warning(
-            "node %s reached Redis again after %.1f s cut off; reporting its %d engine(s)",
+            "node %s reached Redis again (%s); reporting its %d engine(s)",
             self.node_id,
-            away_s,
+            why,
             len(running),
         )
         for engine in running:
             await self._send_adopted(engine)
+            self._spawn(self._await_ready(engine))
 
     async def _send_adopted(self, engine: ManagedEngine) -> None:
         adopted = EngineAdopted(
@@ -190,6 +195,7 @@ class NodeAgent:
             node=self.node_id,
             generation=engine.generation,
             pid=engine.pid,
+            record=engine.record or None,
         )
         await self.outbox.send(adopted)
 
@@ -225,17 +231,8 @@ class NodeAgent:
     async def handle(self, env: Envelope) -> None:
         """Carry out one command from this node's stream (not a stale leader's)."""
         payload = env.payload
-        epoch = getattr(payload, "epoch", 0)
-        if epoch and epoch < self.leader_epoch:
-            log.warning(
-                "node %s ignores %s from a stale leader (epoch %d < %d)",
-                self.node_id,
-                env.type,
-                epoch,
-                self.leader_epoch,
-            )
+        if not await self.fence.admits(getattr(payload, "epoch", 0), env.type):
             return
-        self.leader_epoch = max(self.leader_epoch, epoch)
         if isinstance(payload, LaunchEngine):
             await self._launch(payload)
         elif isinstance(payload, TerminateEngine):

@@ -281,6 +281,7 @@ def launch_command(record: EngineRecord) -> LaunchEngine:
         extra_args=tuple(record.extra_args),
         gpu_memory_utilization=record.gpu_memory_utilization,
         startup_timeout_s=record.startup_timeout_s,
+        record=record.public(),
     )
 
 

@@ -6,17 +6,20 @@ import logging
 import time
 from typing import Any
 
+from pydantic import ValidationError
+
 from sage_mq.messages import (
     EngineAdopted,
     EngineReady,
     EngineStarting,
     EngineStopped,
     Envelope,
+    Message,
     ReleaseGpus,
     TerminateEngine,
 )
 from sage_mq.scheduler.context import Context
-from sage_mq.store import EngineRecord, EngineState
+from sage_mq.store import EngineRecord, EngineState, Reservation
 
 log = logging.getLogger(__name__)
 S = EngineState
@@ -40,10 +43,18 @@ class Tracking:
             )
 
     async def on_adopted(self, env: Envelope) -> None:
-        """A restarted agent still runs the process: keep it, or stop it if it is stale."""
+        """An agent runs the process (it restarted, or reached Redis again): keep it, rebuild
+        its record if Redis lost it, or stop it if it is a stale copy."""
         ev = env.payload
         assert isinstance(ev, EngineAdopted)
         record = await self.ctx.store.get_engine(ev.engine_id)
+        if record is None or ev.generation > record.generation:
+            # No record, or one older than what runs: Redis lost it (it came back empty) and
+            # it may have been rebuilt from an older copy. What runs is the engine.
+            rebuilt = launched_record(ev)
+            if rebuilt is not None:
+                await self._rebuild(rebuilt, record)
+                return
         current = (
             record is not None and record.node == ev.node and record.generation == ev.generation
         )
@@ -59,6 +70,46 @@ class Tracking:
             await self.ctx.command(
                 ev.node, TerminateEngine(engine_id=ev.engine_id, generation=ev.generation)
             )
+
+    async def _rebuild(self, rebuilt: EngineRecord, older: EngineRecord | None) -> None:
+        """Make ``rebuilt`` the record again, with its port and GPUs reserved; an older copy
+        that a previous report rebuilt is stopped."""
+        if older is not None and older.node is not None:
+            log.warning(
+                "%s generation %d on %s is older than generation %d on %s: stopping it",
+                older.engine_id,
+                older.generation,
+                older.node,
+                rebuilt.generation,
+                rebuilt.node,
+            )
+            await self.ctx.fleet.release(older.node, older.engine_id, older.port)
+            stale: list[Message] = [ReleaseGpus(engine_id=older.engine_id)] if older.gpus else []
+            stale.append(TerminateEngine(engine_id=older.engine_id, generation=older.generation))
+            await self.ctx.command(older.node, *stale)
+        node, port = rebuilt.node, rebuilt.port
+        assert node is not None and port is not None
+        if not await self.ctx.fleet.assign_port(node, port, rebuilt.engine_id):
+            log.error(
+                "%s runs on port %d of %s, which is assigned to another engine meanwhile; "
+                "that one's launch will find the port taken and move",
+                rebuilt.engine_id,
+                port,
+                node,
+            )
+        if rebuilt.gpus:
+            per_gpu = rebuilt.memory_gb / len(rebuilt.gpus)
+            reservation = Reservation(gpus=list(rebuilt.gpus), memory_gb=per_gpu)
+            await self.ctx.fleet.reserve_gpus(node, rebuilt.engine_id, reservation)
+        await self.ctx.store.put_engine(rebuilt)
+        log.warning(
+            "%s had no record (Redis lost it): rebuilt from what %s reports, generation %d "
+            "pid %s; it is adopted, not restarted",
+            rebuilt.engine_id,
+            node,
+            rebuilt.generation,
+            rebuilt.pid,
+        )
 
     async def on_ready(self, env: Envelope) -> None:
         """Healthy: RUNNING, and the stability window starts."""
@@ -100,3 +151,29 @@ class Tracking:
         if error is not None:
             changes["last_error"] = error
         await self.ctx.store.update_engine(record.engine_id, **changes)
+
+
+def launched_record(ev: EngineAdopted) -> EngineRecord | None:
+    """The record an adopted engine was launched with, made current: STARTING (its readiness
+    report follows) on the reporting node with its pid; None if the report carries none."""
+    if ev.record is None:
+        return None
+    try:
+        launched = EngineRecord.model_validate(ev.record)
+    except ValidationError as exc:
+        log.error("%s: the record its agent reports is unreadable: %s", ev.engine_id, exc)
+        return None
+    if launched.engine_id != ev.engine_id or launched.port is None:
+        log.error("%s: its agent reports a record of %r", ev.engine_id, launched.engine_id)
+        return None
+    return launched.model_copy(
+        update={
+            "state": S.STARTING,
+            "node": ev.node,
+            "pid": ev.pid,
+            "generation": ev.generation,
+            "running_since": None,
+            "probe_failures": 0,
+            "updated_at": time.time(),
+        }
+    )
