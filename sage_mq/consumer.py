@@ -208,14 +208,26 @@ class Consumer:
         ids = [env.id for _d, env in decoded if isinstance(env, Envelope) and _marked(env)]
         done = await self._already_done(ids)
         settled: list[tuple[Delivery, Envelope]] = []
-        for delivery, env in decoded:
+        for i, (delivery, env) in enumerate(decoded):
             if self._stopping.is_set():
-                break  # the rest stays pending and is read again on restart
+                await self._hand_back([d for d, _env in decoded[i:]])
+                break
             await self._settle(delivery, env, done, settled)
         if settled:
             await self._ack(settled, ())
         if self._trim and deliveries:
             await self._trim_settled(deliveries)
+
+    async def _hand_back(self, deliveries: list[Delivery]) -> None:
+        """Stopped with entries read but not handled (a deposed leader whose read returned as
+        it stopped): they stay pending, but marked idle for long, so whoever consumes the group
+        next claims them at its next look instead of after ``claim_min_idle_ms``."""
+        idle = 100 * self.bus.settings.claim_min_idle_ms
+        for stream in {d.stream for d in deliveries}:
+            ids = [d.entry_id for d in deliveries if d.stream == stream]
+            await self.bus.redis.xclaim(
+                stream, self.group, self.name, 0, ids, idle=idle, justid=True
+            )
 
     async def _trim_settled(self, deliveries: list[Delivery]) -> None:
         """Delete every entry before the oldest still pending, or all that were delivered."""

@@ -228,6 +228,20 @@ class EngineAdopted(Message):
     pid: int
     record: dict[str, Any] | None = None
     """The record the engine was launched with (``engine.launch``'s), to rebuild a lost one."""
+    ready: bool = False
+    """It answered its health endpoint as the agent reported it (``engine.ready`` follows
+    either way; a rebuilt record is RUNNING at once, whichever event is read first)."""
+
+
+class EngineRestored(Message):
+    """The scheduler rebuilt a record Redis had lost (it came back empty) from an agent's
+    ``engine.adopted``: whoever keeps a picture of the fleet reads the record again."""
+
+    TYPE: ClassVar[str] = "engine.restored"
+    engine_id: str
+    node: str
+    generation: int
+    state: str
 
 
 class EngineUnhealthy(Message):

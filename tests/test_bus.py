@@ -195,6 +195,28 @@ async def test_entries_of_a_dead_consumer_are_claimed_by_another_after_min_idle(
     assert detail == []  # acked by the survivor
 
 
+async def test_a_consumer_stopped_mid_batch_hands_the_rest_to_the_next_at_once(
+    aredis: Redis, settings: Settings
+) -> None:
+    slow = Settings(redis_url=settings.redis_url, namespace=settings.namespace,
+                    bus=BusSettings(block_ms=100, claim_min_idle_ms=60_000))  # fmt: skip
+    bus = make_bus(aredis, slow)
+    stream = f"{settings.namespace}:s"
+    await bus.publish_many(stream, [StopEngine(engine_id=f"e{i}") for i in range(4)])
+    seen, record = recorder()
+
+    async def deposed(env: Envelope) -> None:  # a leader that learns it was deposed
+        await record(env)
+        first.stop()
+
+    first = bus.consumer([stream], "g", "old-leader", deposed)
+    await first.run()
+    assert seen == ["e0"] and await pending_count(aredis, stream) == 3
+    successor = bus.consumer([stream], "g", "new-leader", record)  # no takeover: min idle 60 s
+    await successor.run(until_idle=True)
+    assert seen == ["e0", "e1", "e2", "e3"] and await pending_count(aredis, stream) == 0
+
+
 async def test_block_time_must_stay_below_the_socket_timeout(settings: Settings) -> None:
     slow = Settings(redis_url=settings.redis_url, bus=BusSettings(block_ms=6000))
     redis = connect(slow)

@@ -86,7 +86,8 @@ def test_engines_that_run_when_redis_comes_back_empty_are_adopted_not_restarted(
     assert set(held) == {llm["engine_id"]}  # the LLM holds GPU 0; the embedding engine none
     assert json.loads(held[llm["engine_id"]]) == {"gpus": [0], "memory_gb": 3.0}
     types = [e.type for e in fleet.events(llm["engine_id"])]
-    assert "engine.adopted" in types and "engine.starting" not in types  # nothing relaunched
+    assert "engine.starting" not in types  # nothing relaunched
+    assert "engine.adopted" in types and "engine.restored" in types
     reply = httpx.post(
         f"{llm['url']}/v1/chat/completions",
         json={"model": "demo", "messages": [{"role": "user", "content": "still there?"}]},

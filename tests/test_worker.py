@@ -87,3 +87,54 @@ def test_worker_errors_are_one_clear_line() -> None:
     assert done.returncode == 1
     lines = done.stderr.strip().splitlines()
     assert "Redis unreachable" in lines[-1] and "secret" not in done.stderr
+
+
+def test_a_named_worker_killed_and_started_again_takes_its_name_a_live_ones_is_refused(
+    settings: Settings, processes: Processes
+) -> None:
+    args = ["llm", "worker", "run", "--name", "w-7"]
+    first = processes.sage("first", args, _env(settings))
+    conn = rq_connection(settings)
+    deadline = time.monotonic() + 30
+    while not conn.exists("rq:worker:w-7"):
+        assert time.monotonic() < deadline, processes.log("first")
+        time.sleep(0.05)
+    refused = subprocess.run(
+        [sys.executable, "-m", "sage_mq", *args, "--burst"],
+        env=_env(settings),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr
+    assert refused.stderr.strip().splitlines()[-1] == (
+        f"error: a live worker named 'w-7' is registered (host {os.uname().nodename}, "
+        f"pid {first.pid}); give this one another --name"
+    )
+    os.kill(first.pid, signal.SIGKILL)  # its registration stays behind, no death recorded
+    first.wait(10)
+    again = processes.sage("again", args, _env(settings))
+    job = _queue(settings).enqueue("operator.add", 1, 1)
+    while job.get_status(refresh=True) != JobStatus.FINISHED:
+        assert again.poll() is None, processes.log("again")
+        assert time.monotonic() < deadline + 30, processes.log("again")
+        time.sleep(0.05)
+    assert "its previous run (pid" in processes.log("again")
+
+
+def test_a_name_left_half_registered_by_a_redis_that_came_back_empty_is_taken(
+    settings: Settings,
+) -> None:
+    conn = rq_connection(settings)
+    conn.hset("rq:worker:w-8", "last_heartbeat", "2026-11-25T03:00:00.000000Z")  # as rq beats
+    done = subprocess.run(
+        [sys.executable, "-m", "sage_mq", "llm", "worker", "run", "--name", "w-8", "--burst"],
+        env=_env(settings),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert (
+        "its previous run (its pid lost with Redis' data) is gone; taking its name" in done.stderr
+    )

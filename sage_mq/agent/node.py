@@ -190,12 +190,14 @@ class NodeAgent:
             self._spawn(self._await_ready(engine))
 
     async def _send_adopted(self, engine: ManagedEngine) -> None:
+        ready = await self.lifecycle.health_check(engine.engine_id, timeout=2.0)
         adopted = EngineAdopted(
             engine_id=engine.engine_id,
             node=self.node_id,
             generation=engine.generation,
             pid=engine.pid,
             record=engine.record or None,
+            ready=ready,
         )
         await self.outbox.send(adopted)
 

@@ -12,8 +12,11 @@ by rq's alarm as with a forking worker.
 
 from __future__ import annotations
 
+import logging
+import socket
 from collections.abc import Sequence
 
+import psutil
 import redis
 from rq import Queue, SimpleWorker
 from rq.serializers import JSONSerializer
@@ -22,6 +25,7 @@ from sage_mq.connection import redact_url
 from sage_mq.errors import ConfigError
 from sage_mq.settings import Settings
 
+log = logging.getLogger(__name__)
 DEFAULT_QUEUES = ("batch",)
 DEFAULT_CONCURRENCY = 32
 """Requests a job has in flight at once (async HTTP inside the job)."""
@@ -79,4 +83,32 @@ def make_worker(
     rq_queues = [
         Queue(queue_name(settings, q), connection=conn, serializer=JSONSerializer) for q in names
     ]
-    return SimpleWorker(rq_queues, name=name, connection=conn, serializer=JSONSerializer)
+    worker = SimpleWorker(rq_queues, name=name, connection=conn, serializer=JSONSerializer)
+    if name is not None:
+        take_name_of_dead_worker(worker)
+    return worker
+
+
+def take_name_of_dead_worker(worker: SimpleWorker) -> None:
+    """A worker started again under its old name (systemd's ``--name %H-%i`` after a kill -9)
+    finds its previous run still registered; rq would refuse the name for up to 7 minutes. A
+    registration of this host whose process is gone is marked dead (the sweeper runs its chunk
+    again); one of a live process, or of another host, is refused, saying so. A registration
+    with no host (Redis came back empty, and rq's heartbeats wrote only ``last_heartbeat``)
+    names no process to ask: it is taken."""
+    found = worker.connection.hmget(worker.key, ["hostname", "pid", "death", "last_heartbeat"])
+    hostname, pid, death, beat = (v.decode() if isinstance(v, bytes) else v for v in found)
+    if death is not None or (hostname is None and beat is None):
+        return  # none, or dead already
+    if hostname is not None and (
+        hostname != socket.gethostname() or (pid and psutil.pid_exists(int(pid)))
+    ):
+        raise ConfigError(
+            f"a live worker named {worker.name!r} is registered (host {hostname}, pid {pid}); "
+            "give this one another --name"
+        )
+    stale = SimpleWorker.find_by_key(worker.key, connection=worker.connection)
+    if stale is not None:
+        stale.register_death()  # type: ignore[no-untyped-call]
+    was = f"pid {pid}" if pid else "its pid lost with Redis' data"
+    log.warning("worker %s: its previous run (%s) is gone; taking its name", worker.name, was)

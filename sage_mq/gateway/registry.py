@@ -30,6 +30,9 @@ _LEAVING = {
     "engine.launch_failed",
 }
 """Events after which an engine must not get requests, before any record is read."""
+_REPORTED = {"engine.adopted", "engine.ready"}
+"""Agent reports that may come before the scheduler rebuilt a record Redis lost: without the
+record, they change nothing (``engine.restored`` follows the rebuild, or ``engine.stopped``)."""
 
 
 class Registry:
@@ -119,6 +122,8 @@ class Registry:
             self._replicas.pop(engine_id, None)
             return
         record = await self.store.get_engine(engine_id)
+        if record is None and kind in _REPORTED:
+            return  # Redis lost the record; it is being rebuilt (engine.restored follows)
         if record is None:
             self._replicas.pop(engine_id, None)
             self._models.pop(engine_id, None)

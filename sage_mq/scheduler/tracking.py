@@ -11,6 +11,7 @@ from pydantic import ValidationError
 from sage_mq.messages import (
     EngineAdopted,
     EngineReady,
+    EngineRestored,
     EngineStarting,
     EngineStopped,
     Envelope,
@@ -102,6 +103,16 @@ class Tracking:
             reservation = Reservation(gpus=list(rebuilt.gpus), memory_gb=per_gpu)
             await self.ctx.fleet.reserve_gpus(node, rebuilt.engine_id, reservation)
         await self.ctx.store.put_engine(rebuilt)
+        await self.ctx.emit(
+            EngineRestored(
+                engine_id=rebuilt.engine_id,
+                node=node,
+                generation=rebuilt.generation,
+                state=rebuilt.state.value,
+            )
+        )
+        if rebuilt.state == S.RUNNING:
+            self.ctx.steady.remember(node, rebuilt.engine_id, time.monotonic())
         log.warning(
             "%s had no record (Redis lost it): rebuilt from what %s reports, generation %d "
             "pid %s; it is adopted, not restarted",
@@ -154,8 +165,9 @@ class Tracking:
 
 
 def launched_record(ev: EngineAdopted) -> EngineRecord | None:
-    """The record an adopted engine was launched with, made current: STARTING (its readiness
-    report follows) on the reporting node with its pid; None if the report carries none."""
+    """The record an adopted engine was launched with, made current: on the reporting node with
+    its pid, RUNNING if it answered its agent's probe (else STARTING: its readiness report
+    follows); None if the report carries none."""
     if ev.record is None:
         return None
     try:
@@ -168,11 +180,11 @@ def launched_record(ev: EngineAdopted) -> EngineRecord | None:
         return None
     return launched.model_copy(
         update={
-            "state": S.STARTING,
+            "state": S.RUNNING if ev.ready else S.STARTING,
             "node": ev.node,
             "pid": ev.pid,
             "generation": ev.generation,
-            "running_since": None,
+            "running_since": time.time() if ev.ready else None,
             "probe_failures": 0,
             "updated_at": time.time(),
         }
