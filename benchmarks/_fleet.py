@@ -16,7 +16,7 @@ from typing import Any
 import psutil
 import redis
 
-from sage_mq.messages import Envelope, decode
+from sage_mq.wire import Envelope, decode
 
 
 class Fleet:

@@ -33,12 +33,10 @@ from sage_mq.messages import (
     NodeHealth,
     NodeJoined,
     TerminateEngine,
-    decode,
-    encode,
-    envelope,
 )
 from sage_mq.settings import BusSettings
 from sage_mq.store import NodeRecord, Store
+from sage_mq.wire import decode, encode, envelope
 
 _READ_BATCH = 512
 _MAXLEN = BusSettings().stream_maxlen

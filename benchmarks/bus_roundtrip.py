@@ -31,8 +31,9 @@ from sage_mq.bus import Bus
 from sage_mq.connection import connect
 from sage_mq.consumer import Outgoing
 from sage_mq.keys import Keys
-from sage_mq.messages import EngineStopped, Envelope, TerminateEngine, decode
+from sage_mq.messages import EngineStopped, TerminateEngine
 from sage_mq.settings import BusSettings, Settings
+from sage_mq.wire import Envelope, decode
 
 
 class Side:

@@ -18,7 +18,6 @@ from sage_mq.messages import (
     EngineStarting,
     EngineStopped,
     EngineUnhealthy,
-    Envelope,
     GpusAllocated,
     GpusReleased,
     HealthTick,
@@ -36,6 +35,7 @@ from sage_mq.messages import (
 from sage_mq.scheduler import Scheduler
 from sage_mq.settings import AgentSettings, BusSettings, Settings
 from sage_mq.store import EngineRecord, EngineState, NodeRecord
+from sage_mq.wire import Envelope
 
 __version__ = "0.1.0"
 __all__ = [

@@ -23,8 +23,9 @@ from sage_mq.connection import Redis, redis_errors
 from sage_mq.consumer import Consumer, Delivery, Handler
 from sage_mq.errors import ConfigError
 from sage_mq.keys import Keys
-from sage_mq.messages import Envelope, Message, encode, envelope
+from sage_mq.messages import Message
 from sage_mq.settings import BusSettings
+from sage_mq.wire import Envelope, encode, envelope
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,8 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from sage_mq.connection import raise_if_cancelled
 from sage_mq.errors import ControlPlaneUnavailable, DecodeError
-from sage_mq.messages import Envelope, Message, decode, encode, envelope
+from sage_mq.messages import Message
+from sage_mq.wire import Envelope, decode, encode, envelope
 
 if TYPE_CHECKING:
     from sage_mq.bus import Bus

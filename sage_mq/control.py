@@ -28,11 +28,12 @@ from sage_mq.errors import (
 )
 from sage_mq.gpu import GIB
 from sage_mq.keys import Keys
-from sage_mq.messages import Envelope, RestartEngine, StartEngine, StopEngine, decode, envelope
+from sage_mq.messages import RestartEngine, StartEngine, StopEngine
 from sage_mq.presets import Preset, apply
 from sage_mq.scheduler.placement import check_request
 from sage_mq.settings import Settings
 from sage_mq.store import EngineRecord, EngineState, NodeRecord, Store
+from sage_mq.wire import Envelope, decode, envelope
 
 log = logging.getLogger(__name__)
 EventCallback = Callable[[Envelope], None]

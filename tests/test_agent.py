@@ -28,10 +28,10 @@ from sage_mq.messages import (
     Message,
     NodeHealth,
     TerminateEngine,
-    envelope,
 )
 from sage_mq.settings import AgentSettings, Settings
 from sage_mq.store import Store
+from sage_mq.wire import envelope
 from tests.helpers.engines import engine_processes, fake_launch, marked_env
 from tests.helpers.events import Events
 from tests.helpers.servers import RedisServer, free_port

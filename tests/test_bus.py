@@ -17,8 +17,9 @@ from sage_mq.bus import Bus
 from sage_mq.connection import Redis, connect
 from sage_mq.errors import ConfigError, ControlPlaneUnavailable
 from sage_mq.keys import Keys
-from sage_mq.messages import Envelope, NodeHealth, StopEngine, decode, envelope
+from sage_mq.messages import NodeHealth, StopEngine
 from sage_mq.settings import BusSettings, Settings
+from sage_mq.wire import Envelope, decode, envelope
 from tests.helpers.servers import Processes, RedisServer
 
 
@@ -274,7 +275,8 @@ async def test_a_consumer_survives_a_redis_restart_that_lost_its_group(
 async def test_messages_a_handler_returns_are_published_with_its_ack_exactly_once(
     aredis: Redis, settings: Settings
 ) -> None:
-    from sage_mq.messages import NodeLost, decode
+    from sage_mq.messages import NodeLost
+    from sage_mq.wire import decode
 
     bus = make_bus(aredis, settings)
     stream, out = f"{settings.namespace}:s", f"{settings.namespace}:out"

@@ -32,9 +32,10 @@ from sage_mq.errors import DecodeError
 from sage_mq.gateway import create_app
 from sage_mq.gateway.inference import PATHS
 from sage_mq.keys import Keys
-from sage_mq.messages import MESSAGE_TYPES, Envelope, StopEngine, decode
+from sage_mq.messages import MESSAGE_TYPES, StopEngine
 from sage_mq.presets import Preset, PresetError, load_preset, parse_preset
 from sage_mq.settings import Settings
+from sage_mq.wire import Envelope, decode
 
 CASES = 300
 """Examples per property (recorded in the README)."""

@@ -9,10 +9,11 @@ from sage_mq.agent.node import NodeAgent
 from sage_mq.connection import Redis
 from sage_mq.gpu import FakeGpus, GPUResourceManager
 from sage_mq.keys import Keys
-from sage_mq.messages import TerminateEngine, envelope
+from sage_mq.messages import TerminateEngine
 from sage_mq.scheduler import Scheduler
 from sage_mq.scheduler.lease import Lease
 from sage_mq.settings import AgentSettings, SchedulerSettings, Settings
+from sage_mq.wire import envelope
 from tests.helpers.engines import marked_env
 from tests.helpers.events import Events
 

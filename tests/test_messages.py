@@ -8,15 +8,8 @@ import pytest
 from pydantic import ValidationError
 
 from sage_mq.errors import DecodeError
-from sage_mq.messages import (
-    MESSAGE_TYPES,
-    EngineExited,
-    LaunchEngine,
-    StartEngine,
-    decode,
-    encode,
-    envelope,
-)
+from sage_mq.messages import MESSAGE_TYPES, EngineExited, LaunchEngine, StartEngine
+from sage_mq.wire import decode, encode, envelope
 
 SAMPLES = {
     "engine.start": {"engine_id": "e1", "model": "m", "use_gpu": True},
@@ -55,7 +48,14 @@ SAMPLES = {
         "reason": "r",
         "port_in_use": True,
     },
-    "engine.adopted": {"engine_id": "e1", "node": "n", "generation": 1, "pid": 5},
+    "engine.adopted": {
+        "engine_id": "e1",
+        "node": "n",
+        "generation": 1,
+        "pid": 5,
+        "record": {"engine_id": "e1", "model": "m", "state": "STARTING", "gpus": [0]},
+        "ready": True,
+    },
     "engine.unhealthy": {"engine_id": "e1", "node": "n", "reason": "r"},
     "engine.restarting": {"engine_id": "e1", "attempt": 1, "delay_s": 1.0},
     "engine.failed": {"engine_id": "e1", "reason": "r"},
@@ -66,6 +66,7 @@ SAMPLES = {
     "node.health": {"node_id": "n", "results": {"e1": True}},
     "gpu.allocated": {"node": "n", "engine_id": "e1", "gpus": [0]},
     "gpu.released": {"node": "n", "engine_id": "e1"},
+    "engine.restored": {"engine_id": "e1", "node": "n", "generation": 2, "state": "RUNNING"},
     "request.rejected": {"request_id": "r", "request_type": "engine.start", "reason": "no GPU"},
 }
 

@@ -207,7 +207,7 @@ async def test_a_redelivered_start_does_not_place_twice_and_a_reused_id_is_refus
 ) -> None:
     await fleet.node("n1")
     start = StartEngine(engine_id="e", model="m", use_gpu=False)
-    from sage_mq.messages import envelope
+    from sage_mq.wire import envelope
 
     env = envelope(start)
     await fleet.scheduler.handle(env)

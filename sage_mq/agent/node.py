@@ -37,7 +37,6 @@ from sage_mq.messages import (
     EngineStarting,
     EngineStopped,
     EngineUnhealthy,
-    Envelope,
     GpusAllocated,
     GpusReleased,
     HealthTick,
@@ -48,6 +47,7 @@ from sage_mq.messages import (
 )
 from sage_mq.settings import AgentSettings, Settings
 from sage_mq.store import Store
+from sage_mq.wire import Envelope
 
 log = logging.getLogger(__name__)
 AGENT_GROUP = "agent"

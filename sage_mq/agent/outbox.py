@@ -8,7 +8,8 @@ import logging
 
 from sage_mq.bus import Bus
 from sage_mq.errors import ControlPlaneUnavailable
-from sage_mq.messages import Envelope, Message, envelope
+from sage_mq.messages import Message
+from sage_mq.wire import Envelope, envelope
 
 log = logging.getLogger(__name__)
 

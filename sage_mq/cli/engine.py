@@ -19,8 +19,8 @@ from sage_mq.cli.common import (
     settings_for,
 )
 from sage_mq.control import ControlPlaneManager
-from sage_mq.messages import Envelope
 from sage_mq.store import EngineRecord
+from sage_mq.wire import Envelope
 
 engine_app = typer.Typer(help="Start, list, stop engines and read their logs.")
 

@@ -19,7 +19,7 @@ from sage_mq.cli.common import (
 )
 from sage_mq.control import ControlPlaneManager
 from sage_mq.errors import DecodeError
-from sage_mq.messages import decode, to_json
+from sage_mq.wire import decode, to_json
 
 
 def status(json_output: JsonFlag = False, redis_url: RedisUrl = DEFAULT_URL) -> None:

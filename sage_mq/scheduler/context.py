@@ -8,12 +8,13 @@ from collections.abc import Sequence
 from sage_mq.bus import Bus
 from sage_mq.connection import Redis
 from sage_mq.keys import Keys
-from sage_mq.messages import Envelope, Message, RequestRejected
+from sage_mq.messages import Message, RequestRejected
 from sage_mq.scheduler.fleet import FleetView
 from sage_mq.scheduler.steady import SteadyEngines
 from sage_mq.scheduler.timers import Timers
 from sage_mq.settings import SchedulerSettings, Settings
 from sage_mq.store import EngineRecord, Store
+from sage_mq.wire import Envelope
 
 log = logging.getLogger(__name__)
 

@@ -28,7 +28,6 @@ from sage_mq.messages import (
     EngineStarting,
     EngineStopped,
     EngineUnhealthy,
-    Envelope,
     EvacuateNode,
     HealthTick,
     Message,
@@ -47,6 +46,7 @@ from sage_mq.scheduler.nodes import NodeWatch
 from sage_mq.scheduler.placing import Placing
 from sage_mq.scheduler.tracking import Tracking
 from sage_mq.settings import SchedulerSettings, Settings
+from sage_mq.wire import Envelope
 
 log = logging.getLogger(__name__)
 SCHEDULER_GROUP = "scheduler"

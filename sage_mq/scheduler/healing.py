@@ -11,7 +11,6 @@ from sage_mq.messages import (
     EngineLaunchFailed,
     EngineRestarting,
     EngineUnhealthy,
-    Envelope,
     HealthTick,
     NodeHealth,
     RelaunchEngine,
@@ -23,6 +22,7 @@ from sage_mq.scheduler.placing import Placing
 from sage_mq.scheduler.policy import GiveUp, after_failure, after_probe
 from sage_mq.scheduler.tracking import LIVE, Tracking
 from sage_mq.store import EngineRecord, EngineState
+from sage_mq.wire import Envelope
 
 log = logging.getLogger(__name__)
 S = EngineState

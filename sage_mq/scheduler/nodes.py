@@ -6,11 +6,12 @@ import logging
 import time
 import uuid
 
-from sage_mq.messages import Envelope, EvacuateNode, NodeJoined, NodeLost
+from sage_mq.messages import EvacuateNode, NodeJoined, NodeLost
 from sage_mq.scheduler.context import Context
 from sage_mq.scheduler.placing import Placing
 from sage_mq.scheduler.tracking import Tracking
 from sage_mq.store import EngineState, NodeRecord, oldest_first
+from sage_mq.wire import Envelope
 
 log = logging.getLogger(__name__)
 S = EngineState

@@ -12,7 +12,6 @@ from sage_mq.messages import (
     EngineFailed,
     EnginePlaced,
     EngineStopped,
-    Envelope,
     LaunchEngine,
     Message,
     StartEngine,
@@ -31,6 +30,7 @@ from sage_mq.scheduler.placement import (
 from sage_mq.scheduler.placement import wants_gpu as resolve_use_gpu
 from sage_mq.scheduler.tracking import Tracking
 from sage_mq.store import EngineRecord, EngineState, Reservation
+from sage_mq.wire import Envelope
 
 log = logging.getLogger(__name__)
 S = EngineState

@@ -14,7 +14,8 @@ from typing import Any
 from sage_mq.bus import Bus
 from sage_mq.connection import Redis, redis_errors
 from sage_mq.keys import Keys
-from sage_mq.messages import Message, decode, encode, envelope
+from sage_mq.messages import Message
+from sage_mq.wire import decode, encode, envelope
 
 
 class Timers:

@@ -14,13 +14,13 @@ from sage_mq.messages import (
     EngineRestored,
     EngineStarting,
     EngineStopped,
-    Envelope,
     Message,
     ReleaseGpus,
     TerminateEngine,
 )
 from sage_mq.scheduler.context import Context
 from sage_mq.store import EngineRecord, EngineState, Reservation
+from sage_mq.wire import Envelope
 
 log = logging.getLogger(__name__)
 S = EngineState

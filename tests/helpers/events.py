@@ -8,7 +8,7 @@ from typing import Any
 
 from sage_mq.connection import Redis
 from sage_mq.keys import Keys
-from sage_mq.messages import Envelope, decode
+from sage_mq.wire import Envelope, decode
 
 
 class Events:

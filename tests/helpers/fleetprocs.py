@@ -14,7 +14,7 @@ from typing import Any
 import redis
 
 from sage_mq.keys import Keys
-from sage_mq.messages import Envelope, decode
+from sage_mq.wire import Envelope, decode
 from tests.helpers.servers import Processes, RedisServer, free_port
 
 

@@ -8,10 +8,11 @@ from sage_mq.bus import Bus
 from sage_mq.connection import Redis
 from sage_mq.gpu import FakeGpus
 from sage_mq.keys import Keys
-from sage_mq.messages import LaunchEngine, Message, decode
+from sage_mq.messages import LaunchEngine, Message
 from sage_mq.scheduler import Scheduler
 from sage_mq.settings import SchedulerSettings, Settings
 from sage_mq.store import EngineRecord, NodeRecord, Store
+from sage_mq.wire import decode
 from tests.helpers.events import Events
 
 

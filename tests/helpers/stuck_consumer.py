@@ -8,8 +8,8 @@ import sys
 from sage_mq.bus import Bus
 from sage_mq.connection import connect
 from sage_mq.keys import Keys
-from sage_mq.messages import Envelope
 from sage_mq.settings import BusSettings, Settings
+from sage_mq.wire import Envelope
 
 
 async def main(url: str, namespace: str, stream: str, name: str) -> None:
