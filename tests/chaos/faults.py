@@ -23,6 +23,8 @@ class Fault:
     """Redis loses its data: no batch runs across it, and records of stopped engines go."""
     recovery_includes_batch: bool = False
     """Recovered only once the round's batch has finished (the fault is in the batch path)."""
+    restarts: int = 0
+    """Engines it may leave with a new process (the one it hit); every other keeps its own."""
 
 
 def _running_engine(fleet: ChaosFleet, rng: random.Random) -> dict[str, object]:
@@ -81,8 +83,8 @@ def restart_redis_empty(fleet: ChaosFleet, rng: random.Random) -> str:
 
 
 FAULTS = (
-    Fault("kill -9 engine", kill_engine),
-    Fault("SIGSTOP engine (hang)", hang_engine),
+    Fault("kill -9 engine", kill_engine, restarts=1),
+    Fault("SIGSTOP engine (hang)", hang_engine, restarts=1),
     Fault("kill -9 agent", kill_agent),
     Fault("kill -9 leader scheduler", kill_leader),
     Fault("kill -9 gateway", kill_gateway),

@@ -5,7 +5,8 @@ Whole means: every engine RUNNING (or FAILED with a reason), one process per RUN
 no other (no duplicate, no stale or hung copy), ports and GPU reservations held by exactly the
 engines that run, the gateway answering chat and embeddings, the round's start and stop carried
 out (0 lost commands), the round's batch with each result exactly once and none failed, nothing
-dead-lettered, and no actor dead that was not killed. ``SAGE_MQ_CHAOS_SEED`` and
+dead-lettered, no actor dead that was not killed, and no engine restarted but the one hit (an
+agent, scheduler, gateway or Redis coming back adopts what runs). ``SAGE_MQ_CHAOS_SEED`` and
 ``SAGE_MQ_CHAOS_ROUNDS`` change the mix; ``pytest tests/chaos -s`` shows the table.
 """
 
@@ -66,6 +67,7 @@ class Rounds:
         if batch_id is not None:
             self.fleet.wait(lambda: self.batches.done(batch_id) >= 30, "the batch gets going")
         scratch = None if fault.forgets else self._start_scratch()  # in flight at the fault
+        pids = self._pids()
         began = time.monotonic()
         hit = fault.inject(self.fleet, rng)
         self.log.append(f"{fault.name}: {hit}")
@@ -78,6 +80,9 @@ class Rounds:
         if batch_id is not None and fault.recovery_includes_batch and not found:
             found = self.batches.finished(batch_id)
         outcome = Outcome(fault.name, hit, time.monotonic() - began, {}, found)
+        restarted = sorted(e for e, pid in pids.items() if self._pids().get(e) != pid)
+        if len(restarted) > fault.restarts:  # adopted, not restarted: the same processes
+            outcome.problems.append(f"restarted although not hit: {restarted}")
         if scratch is None:
             scratch = self._start_scratch()
         self.fleet.procs.cli("llm", "engine", "stop", scratch)
@@ -90,6 +95,14 @@ class Rounds:
         self.log.append(f"  answers {outcome.answers}")
         self.outcomes.append(outcome)
         return outcome
+
+    def _pids(self) -> dict[str, int]:
+        """The process of each engine that runs throughout (not the round's scratch engine)."""
+        return {
+            r["engine_id"]: r["pid"]
+            for r in self.fleet.records()
+            if r["state"] == "RUNNING" and not str(r["engine_id"]).startswith("scratch")
+        }
 
     def _start_scratch(self) -> str:
         record = self.fleet.procs.json(*_start("scratch", "llm"))
