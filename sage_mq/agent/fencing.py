@@ -36,14 +36,14 @@ class LeaderFence:
                     counter,
                 )
                 self.seen = counter
-        if epoch and epoch < self.seen:
-            log.warning(
-                "node %s ignores %s from a stale leader (epoch %d < %d)",
-                self.node_id,
-                what,
-                epoch,
-                self.seen,
-            )
-            return False
+            if epoch < self.seen:
+                log.warning(
+                    "node %s ignores %s from a stale leader (epoch %d < %d)",
+                    self.node_id,
+                    what,
+                    epoch,
+                    self.seen,
+                )
+                return False
         self.seen = max(self.seen, epoch)
         return True

@@ -158,11 +158,11 @@ class NodeAgent:
             except Exception:  # a heartbeat must never end: the node would be declared lost
                 log.exception("node %s heartbeat failed unexpectedly; beating on", self.node_id)
             else:
-                if rejoined:
-                    await self._report_engines("Redis had lost this node's records")
+                if rejoined:  # reported beside the beat: probes must not delay the next
+                    self._spawn(self._report_engines("Redis had lost this node's records"))
                 elif cut_off_since is not None:
                     away = time.monotonic() - cut_off_since
-                    await self._report_engines(f"after {away:.1f} s cut off")
+                    self._spawn(self._report_engines(f"after {away:.1f} s cut off"))
                 cut_off_since = None
             for engine_id in list(self.lifecycle.engines):
                 logs.truncate_if_large(
@@ -185,34 +185,34 @@ class NodeAgent:
             why,
             len(running),
         )
+        await self._send_adopted(running)
         for engine in running:
-            await self._send_adopted(engine)
             self._spawn(self._await_ready(engine))
 
-    async def _send_adopted(self, engine: ManagedEngine) -> None:
-        ready = await self.lifecycle.health_check(engine.engine_id, timeout=2.0)
-        adopted = EngineAdopted(
-            engine_id=engine.engine_id,
-            node=self.node_id,
-            generation=engine.generation,
-            pid=engine.pid,
-            record=engine.record or None,
-            ready=ready,
-        )
-        await self.outbox.send(adopted)
+    async def _send_adopted(self, engines: list[ManagedEngine]) -> None:
+        """``engine.adopted`` for each, saying which answered a probe (all probed at once)."""
+        probes = (self.lifecycle.health_check(e.engine_id, timeout=2.0) for e in engines)
+        answered = await asyncio.gather(*probes)
+        for engine, ready in zip(engines, answered, strict=True):
+            adopted = EngineAdopted(
+                engine_id=engine.engine_id,
+                node=self.node_id,
+                generation=engine.generation,
+                pid=engine.pid,
+                record=engine.record or None,
+                ready=ready,
+            )
+            await self.outbox.send(adopted)
 
     async def _recover(self) -> None:
         adopted, gone = self.lifecycle.recover()
+        await self._send_adopted(adopted)
         for engine in adopted:
             log.info("adopted %s (pid %d) from a previous agent run", engine.engine_id, engine.pid)
-            await self._send_adopted(engine)
-            log_path = Path(engine.log_path)
-            self.logship.start(engine.engine_id, log_path, engine.generation, resume=True)
+            self._resume_log(engine)
             self._spawn(self._await_ready(engine))
         for engine in gone:  # ship what it wrote while we were away, then report it
-            self.logship.start(
-                engine.engine_id, Path(engine.log_path), engine.generation, resume=True
-            )
+            self._resume_log(engine)
             self.logship.stop(engine.engine_id)
             await self.outbox.send(
                 EngineExited(

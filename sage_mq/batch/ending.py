@@ -84,13 +84,18 @@ def stuck_finalizing(batch: dict[str, Any], now: float) -> bool:
 
 async def _expire_the_rest(records: Records, batch_id: str) -> None:
     rows = await records.all_requests(batch_id)
-    settled = await records.settled(batch_id, [row["custom_id"] for row in rows])
     message = "the batch expired (its completion window ran out) before this request ran"
+    await fail_unsettled(records, batch_id, rows, "batch_expired", message)
+
+
+async def fail_unsettled(
+    records: Records, batch_id: str, rows: list[dict[str, Any]], code: str, message: str
+) -> None:
+    """An error line (``code``, ``message``) for each of these requests without an outcome."""
+    settled = await records.settled(batch_id, [row["custom_id"] for row in rows])
     todo = [row["custom_id"] for row in rows if row["custom_id"] not in settled]
     for start in range(0, len(todo), 1000):
-        part = {
-            cid: error_line(cid, "batch_expired", message) for cid in todo[start : start + 1000]
-        }
+        part = {cid: error_line(cid, code, message) for cid in todo[start : start + 1000]}
         await records.record_many(batch_id, part, ok=False)
 
 

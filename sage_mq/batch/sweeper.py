@@ -21,8 +21,8 @@ from rq.exceptions import NoSuchJobError
 from rq.job import Job, JobStatus
 
 from sage_mq.batch.ending import (
-    error_line,
     expire_if_due,
+    fail_unsettled,
     finalize,
     finish_chunk,
     release_idle_chunks,
@@ -138,12 +138,6 @@ def _why_stranded(service: BatchService, job_id: str | None) -> str | None:
 async def _give_up(records: Records, batch: dict[str, Any], number: int, why: str) -> None:
     batch_id = str(batch["id"])
     rows = await records.chunk(batch_id, number, int(batch["chunk_size"]))
-    settled = await records.settled(batch_id, [r["custom_id"] for r in rows])
-    lines = {
-        row["custom_id"]: error_line(row["custom_id"], "chunk_failed", why)
-        for row in rows
-        if row["custom_id"] not in settled
-    }
-    await records.record_many(batch_id, lines, ok=False)
+    await fail_unsettled(records, batch_id, rows, "chunk_failed", why)
     with contextlib.suppress(ControlPlaneUnavailable):
         await finish_chunk(records, batch_id, number)

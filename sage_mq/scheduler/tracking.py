@@ -84,10 +84,8 @@ class Tracking:
                 rebuilt.generation,
                 rebuilt.node,
             )
-            await self.ctx.fleet.release(older.node, older.engine_id, older.port)
-            stale: list[Message] = [ReleaseGpus(engine_id=older.engine_id)] if older.gpus else []
-            stale.append(TerminateEngine(engine_id=older.engine_id, generation=older.generation))
-            await self.ctx.command(older.node, *stale)
+            stale = TerminateEngine(engine_id=older.engine_id, generation=older.generation)
+            await self.release(older, stale)
         node, port = rebuilt.node, rebuilt.port
         assert node is not None and port is not None
         if not await self.ctx.fleet.assign_port(node, port, rebuilt.engine_id):
@@ -147,10 +145,7 @@ class Tracking:
 
     async def finish(self, record: EngineRecord, state: EngineState, error: str | None) -> None:
         """Enter a terminal state: give back the port and GPUs, clear where it ran."""
-        if record.node is not None:
-            await self.ctx.fleet.release(record.node, record.engine_id, record.port)
-            if record.gpus:
-                await self.ctx.command(record.node, ReleaseGpus(engine_id=record.engine_id))
+        await self.release(record)
         changes: dict[str, Any] = {
             "state": state,
             "pid": None,
@@ -162,6 +157,16 @@ class Tracking:
         if error is not None:
             changes["last_error"] = error
         await self.ctx.store.update_engine(record.engine_id, **changes)
+
+    async def release(self, record: EngineRecord, *then: Message) -> None:
+        """Give back the port and GPUs the record holds where it ran, and send that node
+        ``then`` in the same round trip."""
+        if record.node is None:
+            return
+        await self.ctx.fleet.release(record.node, record.engine_id, record.port)
+        commands = [ReleaseGpus(engine_id=record.engine_id)] if record.gpus else []
+        if commands or then:
+            await self.ctx.command(record.node, *commands, *then)
 
 
 def launched_record(ev: EngineAdopted) -> EngineRecord | None:

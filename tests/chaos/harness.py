@@ -7,11 +7,11 @@ systemd would run it, and :meth:`ChaosFleet.revive` is what ``Restart=always`` d
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import signal
 import subprocess
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,11 +19,13 @@ from typing import Any
 import httpx
 import redis
 
-from sage_mq.hashes import from_hash
+from sage_mq.connection import connect
 from sage_mq.keys import Keys
-from sage_mq.store import EngineRecord
+from sage_mq.settings import Settings
+from sage_mq.store import Store
 from tests.helpers.fleetprocs import FleetProcs
 from tests.helpers.servers import Processes, RedisServer, free_port
+from tests.test_gateway import wait_for
 
 NODES = ("n1", "n2")
 SCHEDULERS = ("s1", "s2")
@@ -79,8 +81,8 @@ class ChaosFleet:
         self._actor("gateway", ["gateway", "run", "--port", str(self.gateway_port)])
         for name in WORKERS:
             self._actor(name, ["worker", "run", "--name", name, "--concurrency", "4"])
-        self.wait(lambda: self.procs.json("llm", "status")["nodes"]["alive"] == 2, "nodes join")
-        self.wait(self.gateway_answers, "the gateway answers")
+        wait_for(lambda: self.procs.json("llm", "status")["nodes"]["alive"] == 2, 60)
+        wait_for(self.gateway_answers, 60)
 
     def _actor(self, name: str, args: list[str], **env: str) -> None:
         actor = Actor(name, ["llm", *args], self.env | env)
@@ -129,24 +131,20 @@ class ChaosFleet:
         return str(holder).split(":")[0]
 
     def records(self) -> list[dict[str, Any]]:
-        """Every engine record as ``engine list --json`` shows it (read straight from Redis:
-        polled often, and a CLI process each time would load the 2-core box)."""
-        with self.client() as client:
-            ids = sorted(client.smembers(self.keys.engines))
-            pipe = client.pipeline()
-            for engine_id in ids:
-                pipe.hgetall(self.keys.engine(engine_id))
-            rows = pipe.execute()
-        return [from_hash(EngineRecord, row).public() for row in rows if row]
+        """Every engine record as ``engine list --json`` shows it (read with the store, not
+        the CLI: polled often, and a CLI process each time would load the 2-core box)."""
+
+        async def read() -> list[dict[str, Any]]:
+            client = connect(Settings(redis_url=self.redis.url))
+            try:
+                return [r.public() for r in await Store(client, self.keys).list_engines()]
+            finally:
+                await client.aclose()
+
+        return asyncio.run(read())
 
     def gateway_answers(self) -> bool:
         try:
             return httpx.get(f"{self.url}/health", timeout=2).status_code == 200
         except httpx.TransportError:
             return False
-
-    def wait(self, check: Any, what: str, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        while not check():
-            assert time.monotonic() < deadline, f"{what}: not within {timeout:.0f} s"
-            time.sleep(0.2)

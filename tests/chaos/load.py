@@ -15,6 +15,7 @@ import openai
 
 from tests.chaos.checks import CHAT, batch_problems
 from tests.chaos.harness import ChaosFleet
+from tests.test_batch import jsonl
 
 BATCH_SIZE = 600
 
@@ -66,20 +67,11 @@ class Batches:
 
     def __init__(self, fleet: ChaosFleet) -> None:
         self.client = openai.OpenAI(base_url=f"{fleet.url}/v1", api_key="none", max_retries=3)
-        self.custom_ids = [f"r-{i}" for i in range(BATCH_SIZE)]
+        self.custom_ids = [f"req-{i}" for i in range(BATCH_SIZE)]  # as jsonl() names them
 
     def submit(self) -> str:
-        rows = [
-            {
-                "custom_id": custom_id,
-                "method": "POST",
-                "url": "/v1/chat/completions",
-                "body": {**CHAT, "messages": [{"role": "user", "content": custom_id}]},
-            }
-            for custom_id in self.custom_ids
-        ]
-        data = "".join(json.dumps(row) + "\n" for row in rows).encode()
-        uploaded = self.client.files.create(file=("in.jsonl", io.BytesIO(data)), purpose="batch")
+        data = io.BytesIO(jsonl(BATCH_SIZE))
+        uploaded = self.client.files.create(file=("in.jsonl", data), purpose="batch")
         batch = self.client.batches.create(
             input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
         )

@@ -27,6 +27,7 @@ from tests.chaos.faults import FAULTS, Fault
 from tests.chaos.harness import ChaosFleet
 from tests.chaos.load import Batches, Load
 from tests.helpers.servers import Processes
+from tests.test_gateway import wait_for
 
 pytestmark = [pytest.mark.chaos, pytest.mark.timeout(1500)]
 SEED = int(os.environ.get("SAGE_MQ_CHAOS_SEED", "6"))
@@ -65,7 +66,7 @@ class Rounds:
         self.load.take()
         batch_id = None if fault.forgets else self.batches.submit()
         if batch_id is not None:
-            self.fleet.wait(lambda: self.batches.done(batch_id) >= 30, "the batch gets going")
+            wait_for(lambda: self.batches.done(batch_id) >= 30, 60)  # the batch gets going
         scratch = None if fault.forgets else self._start_scratch()  # in flight at the fault
         pids = self._pids()
         began = time.monotonic()
