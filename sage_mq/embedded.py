@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import uvicorn
 
@@ -25,7 +28,9 @@ from sage_mq.agent.node import NodeAgent
 from sage_mq.control import ControlPlaneManager
 from sage_mq.errors import ConfigError, SageMQError
 from sage_mq.gateway import create_app
+from sage_mq.gateway.auth import check_exposure
 from sage_mq.gpu import GPUResourceManager
+from sage_mq.ids import check_id
 from sage_mq.local_redis import LocalRedis
 from sage_mq.presets import load_preset
 from sage_mq.scheduler.core import Scheduler
@@ -33,10 +38,12 @@ from sage_mq.settings import (
     ENV_NAMESPACE,
     ENV_REDIS_URL,
     AgentSettings,
+    GatewayOptions,
     Settings,
     default_state_dir,
     engine_base_env,
     fake_gpus_from_env,
+    url_secrets,
 )
 from sage_mq.store import EngineRecord
 
@@ -49,6 +56,73 @@ class _EmbeddedServer(uvicorn.Server):
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
         yield
+
+
+class GatewayThread:
+    """The gateway on an event loop of its own, in a thread of its own.
+
+    The node agent's heartbeat and the scheduler run on the caller's loop: gateway work (a
+    large upload, a burst of requests, a slow client) must never delay them, or a healthy
+    node would be declared lost. The port is bound here, before the thread starts, so a port
+    already taken is one clear error, not a log line from a thread.
+    """
+
+    def __init__(self, app: Any, host: str, port: int) -> None:
+        self.server = _EmbeddedServer(
+            uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False)
+        )
+        self.where = f"{host}:{port}"
+        self._socket = bind_socket(host, port)
+        self._thread = threading.Thread(target=self._serve, name="sage-gateway", daemon=True)
+        self._failure: BaseException | None = None
+
+    @property
+    def started(self) -> bool:
+        """Serving requests."""
+        return bool(self.server.started)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def check(self) -> None:
+        """Raise if the gateway ended while starting."""
+        if not self._thread.is_alive() and not self.server.started:
+            raise ConfigError(
+                f"the gateway on {self.where} stopped while starting: {self._failure}"
+            )
+
+    def _serve(self) -> None:
+        try:
+            asyncio.run(self.server.serve(sockets=[self._socket]))
+        except BaseException as exc:  # SystemExit from uvicorn included: reported by check()
+            self._failure = exc
+        finally:
+            self._socket.close()
+
+    async def stop(self, timeout_s: float = 15.0) -> None:
+        """Finish the requests in flight and end the thread."""
+        self.server.should_exit = True
+        if self._thread.is_alive():
+            await asyncio.to_thread(self._thread.join, timeout_s)
+        else:
+            self._socket.close()
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A listening socket on ``host:port``, or :class:`ConfigError` saying why not."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        hint = "; choose another with --port" if exc.errno == errno.EADDRINUSE else ""
+        raise ConfigError(
+            f"the gateway cannot listen on {host}:{port}: {exc.strerror}{hint}"
+        ) from None
+    sock.set_inheritable(False)
+    return sock
 
 
 class EmbeddedControlPlane:
@@ -64,17 +138,24 @@ class EmbeddedControlPlane:
         state_dir: Path | None = None,
         namespace: str | None = None,
         node_id: str | None = None,
+        gateway: GatewayOptions | None = None,
+        insecure: bool = False,
+        allowed_commands: tuple[str, ...] = (),
+        allowed_engine_flags: tuple[str, ...] = (),
     ) -> None:
         self.redis_url = redis_url
         self.host, self.port = host, port
         self.fake_gpus = fake_gpus
         self.state_dir = state_dir
         self.namespace = namespace
-        self.node_id = node_id or socket.gethostname()
+        self.node_id = check_id("node id", node_id or socket.gethostname())
+        self.options = gateway or GatewayOptions()
+        self.insecure = insecure
+        self.allowed = (allowed_commands, allowed_engine_flags)
         self.local: LocalRedis | None = None
         self.started: list[str] = []
         self._tasks: list[asyncio.Task[None]] = []
-        self._parts: tuple[Scheduler, NodeAgent, uvicorn.Server, ControlPlaneManager] | None = None
+        self._parts: tuple[Scheduler, NodeAgent, GatewayThread, ControlPlaneManager] | None = None
         self._worker: subprocess.Popen[bytes] | None = None
 
     @property
@@ -96,6 +177,7 @@ class EmbeddedControlPlane:
 
     async def start(self, ready_timeout_s: float = 30.0) -> None:
         """Start Redis (unless given), the scheduler, the agent and the gateway; wait for them."""
+        check_exposure(self.host, self.options.admin_key, insecure=self.insecure)
         url = self.redis_url
         if url is None:
             self.local = LocalRedis()
@@ -110,26 +192,32 @@ class EmbeddedControlPlane:
             raise
 
     async def _start_actors(self, settings: Settings, ready_timeout_s: float) -> None:
+        commands, flags = self.allowed
+        secrets = [*url_secrets(settings.redis_url), self.options.api_key, self.options.admin_key]
         scheduler = Scheduler(settings, name=f"{self.node_id}-embedded")
         agent = NodeAgent(
             settings,
-            AgentSettings(node_id=self.node_id, state_dir=self.state_dir or default_state_dir()),
+            AgentSettings(
+                node_id=self.node_id,
+                state_dir=self.state_dir or default_state_dir(),
+                allowed_commands=commands,
+                allowed_engine_flags=flags,
+            ),
             gpus=GPUResourceManager.detect(self.fake_gpus or fake_gpus_from_env()),
-            base_env=engine_base_env(),
+            base_env=engine_base_env(secrets=secrets),
         )
-        config = uvicorn.Config(
-            create_app(settings), host=self.host, port=self.port, log_level="warning"
-        )
-        server = _EmbeddedServer(config)
-        self._parts = (scheduler, agent, server, ControlPlaneManager(settings))
+        app = create_app(settings, api_key=self.options.api_key, admin_key=self.options.admin_key)
+        gateway = GatewayThread(app, self.host, self.port)
+        self._parts = (scheduler, agent, gateway, ControlPlaneManager(settings))
         loop = asyncio.get_running_loop()
         self._tasks = [
             loop.create_task(scheduler.run(), name="scheduler"),
             loop.create_task(agent.run(), name="agent"),
-            loop.create_task(server.serve(), name="gateway"),
         ]
+        gateway.start()
         deadline = loop.time() + ready_timeout_s
-        while not (server.started and await self._node_alive()):
+        while not (gateway.started and await self._node_alive()):
+            gateway.check()
             for task in self._tasks:
                 if task.done():
                     task.result()  # it failed: say why
@@ -154,14 +242,14 @@ class EmbeddedControlPlane:
             await asyncio.to_thread(_stop_worker, self._worker)
             self._worker = None
         if self._parts is not None:
-            scheduler, agent, server, control = self._parts
+            scheduler, agent, gateway, control = self._parts
             with contextlib.suppress(SageMQError):
                 await self._stop_engines(control)
             with contextlib.suppress(SageMQError):
                 await agent.stop_all_engines()  # whatever the scheduler could not stop
-            server.should_exit = True
             agent.stop()
             scheduler.stop()
+            await gateway.stop()
             await asyncio.gather(*self._tasks, return_exceptions=True)
             await agent.close()
             await scheduler.close()

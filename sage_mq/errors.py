@@ -11,6 +11,8 @@
     ├── EngineFailedError            an engine ended FAILED while someone waited for it
     ├── PlacementError               no node/GPU/port fits (pure policy result)
     ├── LaunchError                  the agent could not start an engine process
+    │   ├── PortInUse                another process holds the engine's port
+    │   └── LaunchRefused            the node will not run it as written (not allowed there)
     ├── WaitTimeout                  an outcome did not arrive in time
     └── ControlPlaneUnavailable      Redis cannot be reached (retryable)
 
@@ -66,6 +68,11 @@ class LaunchError(SageMQError):
 
 class PortInUse(LaunchError):
     """The engine's port is held by a process that is not ours: another port will do."""
+
+
+class LaunchRefused(LaunchError):
+    """The node will not run this launch as written (an executable or flag its operator did
+    not allow, a port outside its range, arguments no process can take): retrying cannot help."""
 
 
 class WaitTimeout(SageMQError):

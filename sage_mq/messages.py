@@ -7,7 +7,11 @@ from __future__ import annotations
 
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from sage_mq.engines.argv_policy import check_engine_args
+from sage_mq.errors import InvalidRequest
+from sage_mq.ids import EngineId, NodeId
 
 SCHEMA_VERSION = 1
 EngineKind = Literal["llm", "embedding"]
@@ -31,7 +35,7 @@ class StartEngine(Message):
     """Start an engine somewhere in the fleet."""
 
     TYPE: ClassVar[str] = "engine.start"
-    engine_id: str = Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9._-]+$")
+    engine_id: EngineId
     model: str = Field(min_length=1)
     kind: EngineKind = "llm"
     backend: Literal["vllm", "embedding", "command", "fake"] | None = None
@@ -39,7 +43,7 @@ class StartEngine(Message):
     tensor_parallel_size: int = Field(1, ge=1, le=64)
     pipeline_parallel_size: int = Field(1, ge=1, le=64)
     port: int | None = Field(None, ge=1, le=65535)
-    node: str | None = None
+    node: NodeId | None = None
     extra_args: tuple[str, ...] = ()
     required_memory_gb: float | None = Field(None, gt=0)
     engine_label: str | None = None
@@ -47,12 +51,22 @@ class StartEngine(Message):
     metadata: dict[str, Any] = Field(default_factory=dict)
     startup_timeout_s: float | None = Field(None, gt=0)
 
+    @model_validator(mode="after")
+    def _runnable(self) -> StartEngine:
+        """The model and arguments are ones some node could run (see argv_policy)."""
+        backend = self.backend or ("embedding" if self.kind == "embedding" else "vllm")
+        try:
+            check_engine_args(backend, self.model, self.extra_args)
+        except InvalidRequest as exc:
+            raise ValueError(str(exc)) from None
+        return self
+
 
 class StopEngine(Message):
     """Stop an engine and free its GPUs and port."""
 
     TYPE: ClassVar[str] = "engine.stop"
-    engine_id: str
+    engine_id: EngineId
 
 
 class RestartEngine(Message):
@@ -60,21 +74,21 @@ class RestartEngine(Message):
     placed again)."""
 
     TYPE: ClassVar[str] = "engine.restart"
-    engine_id: str
+    engine_id: EngineId
 
 
 class EvacuateNode(Message):
     """A lost node's grace is over: place its engines elsewhere (sent by the scheduler)."""
 
     TYPE: ClassVar[str] = "node.evacuate"
-    node_id: str
+    node_id: NodeId
 
 
 class RelaunchEngine(Message):
     """A backoff timer fired: launch this generation's successor (sent by the scheduler)."""
 
     TYPE: ClassVar[str] = "engine.relaunch"
-    engine_id: str
+    engine_id: EngineId
     generation: int
     attempt: int
 
@@ -88,7 +102,7 @@ class LaunchEngine(Message):
     TYPE: ClassVar[str] = "engine.launch"
     epoch: int = Field(0, ge=0)
     """The epoch of the leader that sent it; agents ignore older ones (0: unfenced)."""
-    engine_id: str
+    engine_id: EngineId
     generation: int = Field(ge=1)
     model: str
     kind: EngineKind
@@ -114,7 +128,7 @@ class TerminateEngine(Message):
     TYPE: ClassVar[str] = "engine.terminate"
     epoch: int = Field(0, ge=0)
     """The epoch of the leader that sent it; agents ignore older ones (0: unfenced)."""
-    engine_id: str
+    engine_id: EngineId
     grace_s: float | None = None
     generation: int | None = None
     """Only this generation of the engine (a stale copy), or whichever runs (None)."""
@@ -126,7 +140,7 @@ class AllocateGpus(Message):
     TYPE: ClassVar[str] = "gpu.allocate"
     epoch: int = Field(0, ge=0)
     """The epoch of the leader that sent it; agents ignore older ones (0: unfenced)."""
-    engine_id: str
+    engine_id: EngineId
     gpus: tuple[int, ...]
     memory_gb: float
 
@@ -137,7 +151,7 @@ class ReleaseGpus(Message):
     TYPE: ClassVar[str] = "gpu.release"
     epoch: int = Field(0, ge=0)
     """The epoch of the leader that sent it; agents ignore older ones (0: unfenced)."""
-    engine_id: str
+    engine_id: EngineId
 
 
 class HealthTick(Message):
@@ -157,8 +171,8 @@ class EnginePlaced(Message):
     """The scheduler chose a node, GPUs and port for an engine."""
 
     TYPE: ClassVar[str] = "engine.placed"
-    engine_id: str
-    node: str
+    engine_id: EngineId
+    node: NodeId
     port: int
     gpus: tuple[int, ...] = ()
     memory_gb: float = 0.0
@@ -168,8 +182,8 @@ class EngineStarting(Message):
     """The agent spawned the engine process."""
 
     TYPE: ClassVar[str] = "engine.starting"
-    engine_id: str
-    node: str
+    engine_id: EngineId
+    node: NodeId
     generation: int
     pid: int
     argv: tuple[str, ...]
@@ -179,8 +193,8 @@ class EngineReady(Message):
     """The engine answered its health endpoint."""
 
     TYPE: ClassVar[str] = "engine.ready"
-    engine_id: str
-    node: str
+    engine_id: EngineId
+    node: NodeId
     generation: int
     url: str
 
@@ -189,8 +203,8 @@ class EngineExited(Message):
     """The engine process ended without being asked to."""
 
     TYPE: ClassVar[str] = "engine.exited"
-    engine_id: str
-    node: str
+    engine_id: EngineId
+    node: NodeId
     generation: int
     returncode: int | None
     reason: str
@@ -201,12 +215,15 @@ class EngineLaunchFailed(Message):
     """The agent could not spawn the engine (port busy, bad argv, unknown GPU…)."""
 
     TYPE: ClassVar[str] = "engine.launch_failed"
-    engine_id: str
-    node: str
+    engine_id: EngineId
+    node: NodeId
     generation: int
     reason: str
     port_in_use: bool = False
     """Another process holds the port: the scheduler moves the engine to a free one."""
+    refused: bool = False
+    """The node will not run it as written (not allowed there): the engine ends FAILED at
+    once, since trying again cannot help."""
 
 
 class EngineAdopted(Message):
@@ -214,8 +231,8 @@ class EngineAdopted(Message):
     or reported again when the agent reaches Redis after being cut off."""
 
     TYPE: ClassVar[str] = "engine.adopted"
-    engine_id: str
-    node: str
+    engine_id: EngineId
+    node: NodeId
     generation: int
     pid: int
     record: dict[str, Any] | None = None
@@ -230,8 +247,8 @@ class EngineRestored(Message):
     ``engine.adopted``: whoever keeps a picture of the fleet reads the record again."""
 
     TYPE: ClassVar[str] = "engine.restored"
-    engine_id: str
-    node: str
+    engine_id: EngineId
+    node: NodeId
     generation: int
     state: str
 
@@ -240,8 +257,8 @@ class EngineUnhealthy(Message):
     """The engine is failing its probes (or did not become ready in time)."""
 
     TYPE: ClassVar[str] = "engine.unhealthy"
-    engine_id: str
-    node: str
+    engine_id: EngineId
+    node: NodeId
     reason: str
     generation: int | None = None
 
@@ -250,7 +267,7 @@ class EngineRestarting(Message):
     """The scheduler will launch the engine again after ``delay_s``."""
 
     TYPE: ClassVar[str] = "engine.restarting"
-    engine_id: str
+    engine_id: EngineId
     attempt: int
     delay_s: float
 
@@ -259,7 +276,7 @@ class EngineFailed(Message):
     """The engine is FAILED: it holds no GPU and no port any more."""
 
     TYPE: ClassVar[str] = "engine.failed"
-    engine_id: str
+    engine_id: EngineId
     reason: str
     last_lines: tuple[str, ...] = ()
 
@@ -268,8 +285,8 @@ class EngineStopped(Message):
     """The engine process is gone after a stop (or was never launched)."""
 
     TYPE: ClassVar[str] = "engine.stopped"
-    engine_id: str
-    node: str | None = None
+    engine_id: EngineId
+    node: NodeId | None = None
     returncode: int | None = None
 
 
@@ -285,7 +302,7 @@ class NodeJoined(Message):
     """A node agent registered (or re-registered after a restart)."""
 
     TYPE: ClassVar[str] = "node.joined"
-    node_id: str
+    node_id: NodeId
     address: str
     gpu_count: int
     epoch: int
@@ -295,7 +312,7 @@ class NodeLost(Message):
     """A node's liveness key expired."""
 
     TYPE: ClassVar[str] = "node.lost"
-    node_id: str
+    node_id: NodeId
 
 
 class NodeHealth(Message):
@@ -303,16 +320,16 @@ class NodeHealth(Message):
 
     TYPE: ClassVar[str] = "node.health"
     PERIODIC: ClassVar[bool] = True
-    node_id: str
-    results: dict[str, bool]
+    node_id: NodeId
+    results: dict[EngineId, bool]
 
 
 class GpusAllocated(Message):
     """The agent recorded a GPU reservation."""
 
     TYPE: ClassVar[str] = "gpu.allocated"
-    node: str
-    engine_id: str
+    node: NodeId
+    engine_id: EngineId
     gpus: tuple[int, ...]
 
 
@@ -320,8 +337,8 @@ class GpusReleased(Message):
     """The agent dropped a GPU reservation."""
 
     TYPE: ClassVar[str] = "gpu.released"
-    node: str
-    engine_id: str
+    node: NodeId
+    engine_id: EngineId
 
 
 class RequestRejected(Message):
@@ -330,7 +347,7 @@ class RequestRejected(Message):
     TYPE: ClassVar[str] = "request.rejected"
     request_id: str
     request_type: str
-    engine_id: str | None = None
+    engine_id: EngineId | None = None
     reason: str
 
 

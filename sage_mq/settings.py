@@ -6,9 +6,10 @@ This is the only module that reads the environment.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import unquote, urlsplit
 
 from sage_mq.keys import DEFAULT_NAMESPACE
 
@@ -21,6 +22,11 @@ ENV_CONTROL_PLANE_URL = "SAGE_CONTROL_PLANE_URL"
 DEFAULT_CONTROL_PLANE_URL = "http://localhost:8000/v1"
 ENV_API_KEY = "SAGE_MQ_API_KEY"
 ENV_ADMIN_KEY = "SAGE_MQ_ADMIN_KEY"
+ENV_SECRET_ENV = "SAGE_MQ_SECRET_ENV"
+"""More variable names (comma-separated) that engines must never see."""
+_OUR_PREFIXES = ("SAGE_MQ_", "SAGE_CONTROL_PLANE_URL")
+_SECRET_MIN_CHARS = 4
+"""Shorter "secrets" would hide innocent variables that happen to contain them."""
 ENV_GATEWAY_POLICY = "SAGE_MQ_GATEWAY_POLICY"
 """How ``gateway run --workers N`` hands its scheduling policy to its worker processes."""
 
@@ -89,6 +95,11 @@ class AgentSettings:
     log_backups: int = 3
     log_stream_maxlen: int = 2000
     readiness_poll_s: float = 0.1
+    allowed_commands: tuple[str, ...] = ()
+    """Executables the ``command`` backend may run here (``--allow-command``); none: it is off."""
+    allowed_engine_flags: tuple[str, ...] = ()
+    """Gated engine flags requests may use here (``--allow-engine-flag``), e.g. vLLM's
+    ``--trust-remote-code``."""
 
     @property
     def node_dir(self) -> Path:
@@ -160,7 +171,35 @@ def default_state_dir(env: Mapping[str, str] | None = None) -> Path:
     return Path(base) / "sage-mq"
 
 
-def engine_base_env(env: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The environment engine processes inherit (the agent's own, minus our secrets)."""
+def engine_base_env(
+    env: Mapping[str, str] | None = None, *, secrets: Iterable[str | None] = ()
+) -> dict[str, str]:
+    """The environment engine processes inherit: the agent's own, less sage-mq's settings
+    (``SAGE_MQ_*``: the Redis URL, the gateway keys), the variables ``SAGE_MQ_SECRET_ENV``
+    names (comma-separated), and any variable whose value holds one of ``secrets`` (a Redis
+    password, a gateway key, under whatever name it was copied). An engine runs model code and
+    prints its environment in its log: nothing it is given may open the fleet. (The values of
+    ``SAGE_MQ_API_KEY``, ``SAGE_MQ_ADMIN_KEY`` and the password in ``SAGE_MQ_REDIS_URL`` are
+    always among the secrets.)"""
     env = os.environ if env is None else env
-    return {k: v for k, v in env.items() if k != ENV_REDIS_URL}
+    named = {n.strip() for n in env.get(ENV_SECRET_ENV, "").split(",") if n.strip()}
+    ours = [env.get(ENV_API_KEY), env.get(ENV_ADMIN_KEY), *url_secrets(env.get(ENV_REDIS_URL, ""))]
+    hidden = [s for s in (*secrets, *ours) if s and len(s) >= _SECRET_MIN_CHARS]
+    return {
+        name: value
+        for name, value in env.items()
+        if not name.startswith(_OUR_PREFIXES)
+        and name not in named
+        and not any(secret in value for secret in hidden)
+    }
+
+
+def url_secrets(url: str) -> list[str]:
+    """What in a Redis URL opens Redis: its password, and the URL itself when it has one."""
+    try:
+        password = urlsplit(url).password
+    except ValueError:
+        return [url]
+    if not password:
+        return []
+    return list(dict.fromkeys([unquote(password), password, url]))  # as sent, and as typed

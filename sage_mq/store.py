@@ -94,6 +94,10 @@ class NodeRecord(BaseModel):
     port_range_end: int = 40999
     hostname: str = ""
     agent_pid: int | None = None
+    allowed_commands: list[str] = Field(default_factory=list)
+    """Executables its operator lets the ``command`` backend run: names as given, and paths."""
+    allowed_engine_flags: list[str] = Field(default_factory=list)
+    """Gated engine flags its operator allows (``--allow-engine-flag``)."""
     status: str = "up"
     """``up``, or ``lost`` once the scheduler saw its liveness key expire."""
 

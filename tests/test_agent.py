@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -22,6 +24,7 @@ from sage_mq.keys import Keys
 from sage_mq.messages import (
     AllocateGpus,
     EngineExited,
+    EngineLaunchFailed,
     EngineStarting,
     HealthTick,
     LaunchEngine,
@@ -36,12 +39,24 @@ from tests.helpers.engines import engine_processes, fake_launch, marked_env
 from tests.helpers.events import Events
 from tests.helpers.servers import RedisServer, free_port
 
+PYTHON3 = os.path.abspath(shutil.which("python3") or "python3")
+"""What ``--allow-command python3`` resolves to here (the venv's, unresolved symlink)."""
+
 
 class RunningAgent:
-    def __init__(self, settings: Settings, state: Path, node_id: str = "n1") -> None:
+    def __init__(
+        self, settings: Settings, state: Path, node_id: str = "n1", **options: Any
+    ) -> None:
         self.agent = NodeAgent(
             settings,
-            AgentSettings(node_id=node_id, state_dir=state, liveness_ttl_s=2.0, stop_grace_s=2.0),
+            AgentSettings(
+                node_id=node_id,
+                state_dir=state,
+                liveness_ttl_s=2.0,
+                stop_grace_s=2.0,
+                port_range=(1024, 65535),  # launches here come with any free port
+                **options,
+            ),
             gpus=GPUResourceManager(FakeGpus("2x24GiB")),
             base_env=marked_env(state),
         )
@@ -109,6 +124,45 @@ async def test_launch_reports_starting_then_ready_and_kill_9_reports_exited_at_o
     assert exited.payload.returncode == -9 and "SIGKILL" in exited.payload.reason
     assert exited.ts - killed_at < 0.5
     assert any("serving demo" in line for line in exited.payload.last_lines)
+
+
+async def test_the_agent_runs_only_what_its_operator_allowed(
+    aredis: Redis, settings: Settings, engines_cleanup: Path
+) -> None:
+    events = Events(aredis, settings.namespace)
+    marker = engines_cleanup / "pwned"
+    refused = {
+        "sh": fake_launch("sh", backend="command", extra_args=("/bin/sh", "-c", f"touch {marker}")),
+        "remote": fake_launch("remote", backend="vllm", extra_args=("--trust-remote-code",)),
+        "flag": fake_launch("flag", model="--trust-remote-code"),
+        "far": fake_launch("far", port=80),  # outside this node's range (1024-65535)
+    }
+    async with RunningAgent(settings, engines_cleanup):
+        for launch in refused.values():
+            await command(aredis, settings, launch)
+        reasons = {}
+        for engine_id in refused:
+            failed = (await events.wait("engine.launch_failed", engine_id)).payload
+            assert isinstance(failed, EngineLaunchFailed) and failed.refused
+            reasons[engine_id] = failed.reason
+    assert "--allow-command /bin/sh" in reasons["sh"]
+    assert "--allow-engine-flag --trust-remote-code" in reasons["remote"]
+    assert "like a flag" in reasons["flag"]
+    assert "port 80 is outside node n1's engine port range 1024-65535" in reasons["far"]
+    assert not marker.exists() and engine_processes(engines_cleanup) == []
+
+
+async def test_an_allowed_command_runs_by_the_path_it_had_when_the_agent_started(
+    aredis: Redis, settings: Settings, engines_cleanup: Path
+) -> None:
+    server = ("-m", "sage_mq.engines.fake_server", "--model", "{model}", "--port", "{port}")
+    launch = fake_launch("own", backend="command", extra_args=("python3", *server))
+    async with RunningAgent(settings, engines_cleanup, allowed_commands=("python3",)) as agent:
+        await Events(aredis, settings.namespace).wait("node.joined")
+        node = await Store(aredis, Keys(settings.namespace)).get_node("n1")
+        assert node is not None and set(node.allowed_commands) == {"python3", PYTHON3}
+        await launch_until_ready(aredis, settings, launch)
+        assert agent.lifecycle.engines["own"].argv[0] == PYTHON3
 
 
 async def test_terminate_leaves_no_process_of_the_group_and_reports_stopped(

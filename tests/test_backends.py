@@ -16,6 +16,7 @@ from sage_mq.engines.backends import (
 )
 from sage_mq.errors import InvalidRequest
 from sage_mq.messages import LaunchEngine
+from sage_mq.settings import engine_base_env, url_secrets
 
 
 def launch(**overrides: Any) -> LaunchEngine:
@@ -120,6 +121,30 @@ def test_command_backend_fills_placeholders_without_a_shell() -> None:
     ]
     with pytest.raises(InvalidRequest, match="argv template"):
         build_argv(launch(backend="command"))
+    allowed = {"my-server": "/opt/bin/my-server"}  # what the node's operator allowed, resolved
+    assert build_argv(cmd, executables=allowed)[0] == "/opt/bin/my-server"
+
+
+def test_engines_never_see_the_agents_secrets() -> None:
+    env = {
+        "PATH": "/usr/bin",
+        "HF_TOKEN": "hf-needed-by-engines",
+        "SAGE_MQ_REDIS_URL": "redis://fleet:redis-pw-1@10.0.0.2:6379/0",
+        "SAGE_MQ_API_KEY": "api-key-2",
+        "SAGE_MQ_ADMIN_KEY": "admin-key-3",
+        "SAGE_MQ_NAMESPACE": "sage",
+        "SAGE_CONTROL_PLANE_URL": "http://gw:8000/v1",
+        "SAGE_MQ_SECRET_ENV": "AWS_SECRET_ACCESS_KEY, OTHER",
+        "AWS_SECRET_ACCESS_KEY": "aws-4",
+        "BACKUP_URL": "redis://:redis-pw-1@backup:6379",  # the password, copied
+        "OPENAI_API_KEY": "admin-key-3",  # a gateway key, copied
+        "CLIENT_KEY": "from-up-5",
+        "SHORT": "pw",
+    }
+    base = engine_base_env(env, secrets=["from-up-5", "pw"])  # pw: too short to judge by
+    assert base == {"PATH": "/usr/bin", "HF_TOKEN": "hf-needed-by-engines", "SHORT": "pw"}
+    assert url_secrets("rediss://u:p%40ss@h:1/0") == ["p@ss", "p%40ss", "rediss://u:p%40ss@h:1/0"]
+    assert url_secrets("redis://h:6379/0") == []
 
 
 def test_fake_backend_runs_our_fake_engine_with_fault_flags() -> None:

@@ -97,6 +97,24 @@ def test_compose_node_reserves_the_gpus_and_gateway_publishes_8000() -> None:
     assert (gateway["host"], gateway["port"]) == ("0.0.0.0", 8000)
 
 
+def test_compose_will_not_start_the_gateway_without_its_keys() -> None:
+    environment = _compose()["services"]["gateway"]["environment"]
+    for name in ("SAGE_MQ_API_KEY", "SAGE_MQ_ADMIN_KEY"):
+        assert re.fullmatch(rf"\$\{{{name}:\?.+\}}", environment[name]), environment[name]
+    for name, service in _compose()["services"].items():
+        if name != "gateway":  # only the gateway needs them (engines never get them)
+            assert "SAGE_MQ_ADMIN_KEY" not in str(service.get("environment", {})), name
+
+
+def test_the_systemd_gateway_needs_its_keys_and_is_not_restarted_without_them() -> None:
+    env = (SYSTEMD / "sage-mq.env").read_text()
+    assert re.search(r"^SAGE_MQ_API_KEY=$", env, re.M)
+    assert re.search(r"^SAGE_MQ_ADMIN_KEY=$", env, re.M)  # empty: the gateway refuses
+    service = _unit(SYSTEMD / "sage-gateway.service")["Service"]
+    assert "--host 0.0.0.0" in service["ExecStart"]
+    assert service["RestartPreventExitStatus"] == "78"  # the refusal's exit status
+
+
 def _unit(path: Path) -> configparser.ConfigParser:
     parser = configparser.ConfigParser(strict=False, interpolation=None)
     parser.optionxform = str  # type: ignore[assignment,method-assign]

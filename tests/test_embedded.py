@@ -22,6 +22,7 @@ from tests.helpers.engines import engine_processes, marked_env
 from tests.helpers.servers import ROOT, free_port
 
 pytestmark = pytest.mark.fleet
+API_KEY, ADMIN_KEY = "up-api-key-7781", "up-admin-key-1266"
 
 
 def batch_workers(marker: Path) -> list[psutil.Process]:
@@ -30,7 +31,7 @@ def batch_workers(marker: Path) -> list[psutil.Process]:
     for proc in psutil.process_iter(["cmdline"]):
         with contextlib.suppress(psutil.Error):
             cmdline = proc.info["cmdline"] or []
-            if "worker" in cmdline and proc.environ().get("SAGE_MQ_TEST_STATE") == str(marker):
+            if "worker" in cmdline and proc.environ().get("SAGE_TEST_MARK") == str(marker):
                 found.append(proc)
     return found
 
@@ -38,6 +39,7 @@ def batch_workers(marker: Path) -> list[psutil.Process]:
 def test_sage_llm_up_serves_the_demo_and_ctrl_c_leaves_nothing(tmp_path: Path) -> None:
     port = free_port()
     env = marked_env(tmp_path, SAGE_MQ_STATE_DIR=str(tmp_path))
+    env |= {"SAGE_MQ_API_KEY": API_KEY, "SAGE_MQ_ADMIN_KEY": ADMIN_KEY}  # up honours them
     env.pop("SAGE_MQ_REDIS_URL", None)
     out = tmp_path / "up.out"
     with open(out, "wb") as sink:
@@ -56,7 +58,16 @@ def test_sage_llm_up_serves_the_demo_and_ctrl_c_leaves_nothing(tmp_path: Path) -
             time.sleep(0.1)
         text = out.read_text()
         assert f"http://127.0.0.1:{port}/v1" in text and "demo-chat" in text
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
+        assert "inference wants a key; management: admin key" in text
+        base = f"http://127.0.0.1:{port}"
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=f"{base}/v1", api_key="x", max_retries=0).models.list()
+        for key, status in ((None, 401), (API_KEY, 401), (ADMIN_KEY, 200)):
+            headers = {"authorization": f"Bearer {key}"} if key else {}
+            got = httpx.get(f"{base}/v1/management/engines", headers=headers, timeout=10)
+            assert got.status_code == status, (key, got.text)
+        assert httpx.get(f"{base}/metrics", timeout=10).status_code == 401
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key=API_KEY, max_retries=0)
         answer = client.chat.completions.create(
             model="demo-chat", messages=[{"role": "user", "content": "hello"}]
         )
@@ -83,7 +94,7 @@ def test_an_embedded_client_runs_its_own_fleet_and_stops_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("SAGE_MQ_STATE_DIR", str(tmp_path))
-    monkeypatch.setenv("SAGE_MQ_TEST_STATE", str(tmp_path))  # our engines, found by marker
+    monkeypatch.setenv("SAGE_TEST_MARK", str(tmp_path))  # our engines, found by marker
     with UnifiedInferenceClient.create(embedded=True, default_llm_model="demo-chat") as client:
         assert client.models() == ["demo-chat", "demo-embed"]
         assert client.chat("hi") == "[demo-chat] You said: hi"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import httpx
@@ -33,7 +34,8 @@ def test_keys_guard_their_routes_and_are_never_logged(
     assert get("/v1/management/engines").status_code == 401
     assert get("/v1/management/engines", API).status_code == 401
     assert get("/v1/management/engines", ADMIN).json() == []
-    assert get("/health").status_code == 200 and get("/metrics").status_code == 200
+    assert get("/health").status_code == 200
+    assert get("/metrics").status_code == 401 and get("/metrics", API).status_code == 200
     log = processes.log("gateway")
     assert API not in log and ADMIN not in log
 
@@ -88,3 +90,33 @@ def test_engines_nodes_gpus_status_and_presets_over_rest(
         assert "sage_gateway_requests_total{" + counted in metrics
         assert 'sage_engines{state="RUNNING"} 2.0' in metrics
         assert 'sage_engine_restarts{engine_id="' + engine_id + '"} 1.0' in metrics
+
+
+def test_a_request_never_chooses_what_a_node_runs(
+    processes: Processes, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    _fleet, url = run_gateway(processes, redis_server, tmp_path, "--admin-key", ADMIN)
+    marker = tmp_path / "pwned"
+    admin = {"authorization": f"Bearer {ADMIN}"}
+    with httpx.Client(base_url=f"{url}/v1/management", headers=admin, timeout=60) as api:
+        shell = ["/bin/sh", "-c", f"touch {marker}; env"]
+        body = {"model_id": "x", "backend": "command", "extra_args": shell, "wait": True}
+        refused = api.post("/engines", json=body)  # answered at once, not after 30 minutes
+        assert refused.status_code == 409, refused.text
+        message = refused.json()["error"]["message"]
+        assert "--allow-command /bin/sh" in message and ADMIN not in message
+        remote = {"model_id": "x", "extra_args": ["--trust-remote-code"], "wait": True}
+        refused = api.post("/engines", json=remote)
+        assert refused.status_code == 409 and "--allow-engine-flag" in refused.text
+        far = {"model_id": "x", "backend": "fake", "port": 22, "use_gpu": False, "wait": True}
+        refused = api.post("/engines", json=far)
+        assert refused.status_code == 409 and "outside its engine port range" in refused.text
+        for bad_args in (["ok\u0000"], [""], ["\ud800"]):  # what no process can take
+            body = {"model_id": "x", "backend": "command", "extra_args": bad_args}
+            raw = json.dumps(body)  # ASCII, escapes included: a lone surrogate as JSON sends it
+            answer = api.post("/engines", content=raw, headers={"content-type": "application/json"})
+            assert answer.status_code == 400, bad_args  # refused before anything is queued
+            assert "extra argument 0" in answer.text or "executable" in answer.text
+        states = {r["engine_id"]: r["state"] for r in api.get("/engines").json()}
+        assert set(states.values()) == {"FAILED"}  # no port, no GPU held, none STARTING
+    assert not marker.exists()

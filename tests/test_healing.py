@@ -6,6 +6,7 @@ import time
 
 from sage_mq.messages import (
     EngineExited,
+    EngineLaunchFailed,
     EngineReady,
     EngineStarting,
     HealthTick,
@@ -121,6 +122,24 @@ async def test_a_crash_loop_backs_off_1_2_4_then_fails_and_frees_gpus_and_port(
         )
     )
     assert (await fleet.record("again")).gpus == [0, 1]  # the freed GPUs take a TP 2 engine
+
+
+async def test_a_launch_the_node_refuses_ends_failed_at_once_with_its_reason(
+    fleet: Fleet,
+) -> None:
+    await fleet.node("n1", "2x24GiB")
+    await fleet.request(StartEngine(engine_id="e", model="demo", backend="fake", use_gpu=True))
+    refusal = "node n1: engine flag(s) --middleware are not allowed"
+    await fleet.event(
+        EngineLaunchFailed(engine_id="e", node="n1", generation=1, reason=refusal, refused=True)
+    )
+    record = await fleet.record("e")
+    assert record.state == EngineState.FAILED and record.restarts == 0
+    assert refusal in (record.last_error or "") and record.port is None and record.gpus == []
+    assert await fleet.store.reservations("n1") == {} and await fleet.store.ports_in_use("n1") == {}
+    failed = await fleet.events.wait("engine.failed", "e")
+    assert refusal in failed.payload.model_dump()["reason"]
+    assert await fleet.scheduler.ctx.timers.pending() == []  # no retry is waiting
 
 
 async def test_running_through_the_stability_window_resets_the_attempts(fleet: Fleet) -> None:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from pydantic import ValidationError
 
+from sage_mq.engines.argv_policy import NodeAllowances
 from sage_mq.errors import InvalidRequest, PlacementError
 from sage_mq.messages import StartEngine
 from sage_mq.scheduler.placement import (
@@ -106,9 +108,38 @@ def test_a_taken_or_exhausted_port_is_refused() -> None:
 def test_requests_that_can_never_run_are_refused_up_front() -> None:
     with pytest.raises(InvalidRequest, match="needs GPUs"):
         check_request(StartEngine(engine_id="e", model="m", use_gpu=False, tensor_parallel_size=2))
-    with pytest.raises(InvalidRequest, match="argv template"):
-        check_request(StartEngine(engine_id="e", model="m", backend="command"))
+    with pytest.raises(ValidationError, match="argv template"):
+        StartEngine(engine_id="e", model="m", backend="command")
     check_request(StartEngine(engine_id="e", model="m", backend="command", extra_args=("x",)))
+
+
+def test_placement_keeps_to_the_nodes_that_allow_what_the_engine_needs() -> None:
+    plain = NodeView("plain", "h")
+    trusting = NodeView(
+        "trusting", "h", allowances=NodeAllowances(engine_flags=frozenset({"--trust-remote-code"}))
+    )
+    runs_llama = NodeView(
+        "llama",
+        "h",
+        allowances=NodeAllowances(commands=frozenset({"llama-server", "/usr/bin/llama-server"})),
+    )
+    nodes = [plain, trusting, runs_llama]
+    remote_code = Demand(0, 0, extra_args=("--trust-remote-code",))
+    assert place(remote_code, nodes).node_id == "trusting"
+    command = Demand(0, 0, backend="command", extra_args=("llama-server", "--port", "{port}"))
+    assert place(command, nodes).node_id == "llama"
+    with pytest.raises(PlacementError, match=r"none of 3 live node.*--allow-command /bin/sh"):
+        place(Demand(0, 0, backend="command", extra_args=("/bin/sh", "-c", "id")), nodes)
+    with pytest.raises(PlacementError, match=r"node 'plain' will take it.*--allow-engine-flag"):
+        place(Demand(0, 0, node="plain", extra_args=("--trust-remote-code",)), nodes)
+
+
+def test_a_requested_port_is_taken_only_from_a_range_that_holds_it() -> None:
+    low = NodeView("low", "h", port_range=(40000, 40999))
+    high = NodeView("high", "h", port_range=(50000, 50999))
+    assert place(Demand(0, 0, port=50010), [low, high]).node_id == "high"
+    with pytest.raises(PlacementError, match="port 22 is outside its engine port range"):
+        place(Demand(0, 0, port=22), [low, high])
 
 
 def test_no_fit_names_the_roomiest_nodes_not_the_whole_fleet() -> None:

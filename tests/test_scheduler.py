@@ -107,14 +107,18 @@ async def test_concurrent_start_requests_get_distinct_ports(fleet: Fleet) -> Non
 async def test_a_requested_port_and_node_are_honoured_or_refused(fleet: Fleet) -> None:
     await fleet.node("n1")
     await fleet.node("n2", address="127.0.0.2")
-    await fleet.request(StartEngine(engine_id="a", model="m", use_gpu=False, port=41234, node="n2"))
+    await fleet.request(StartEngine(engine_id="a", model="m", use_gpu=False, port=40123, node="n2"))
     record = await fleet.record("a")
-    assert (record.node, record.port, record.url) == ("n2", 41234, "http://127.0.0.2:41234")
-    await fleet.request(StartEngine(engine_id="b", model="m", use_gpu=False, port=41234, node="n2"))
+    assert (record.node, record.port, record.url) == ("n2", 40123, "http://127.0.0.2:40123")
+    await fleet.request(StartEngine(engine_id="b", model="m", use_gpu=False, port=40123, node="n2"))
     assert (
         "already assigned"
         in (await fleet.events.wait("request.rejected", "b")).payload.model_dump()["reason"]
     )
+    await fleet.request(StartEngine(engine_id="c", model="m", use_gpu=False, port=22))
+    refused = (await fleet.events.wait("request.rejected", "c")).payload.model_dump()["reason"]
+    assert "port 22 is outside its engine port range 40000-40999" in refused
+    assert (await fleet.record("c")).state == EngineState.FAILED
 
 
 async def test_engine_states_follow_agent_events_and_stale_generations_are_ignored(

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,11 +17,15 @@ import openai
 import psutil
 import pytest
 import redis
+from fastapi import FastAPI
 from starlette.testclient import TestClient
 
+from sage_mq.errors import ConfigError
 from sage_mq.gateway import create_app
+from sage_mq.gateway.auth import check_exposure
 from sage_mq.gateway.inference import PATHS
 from sage_mq.settings import Settings
+from tests.helpers.engines import engine_processes
 from tests.helpers.fleetprocs import FleetProcs
 from tests.helpers.servers import Processes, RedisServer, free_port
 from tests.helpers.tls import make_certs
@@ -54,6 +61,8 @@ def test_the_fleet_runs_on_tls_redis_as_an_acl_user_and_shows_no_secret(
     admin.execute_command("ACL", "SETUSER", "fleet", *rules)
     fleet.env["SAGE_MQ_REDIS_URL"] = tls_redis.url.replace(f":{ADMIN_PW}@", f"fleet:{FLEET_PW}@")
     fleet.env |= {"SAGE_MQ_API_KEY": API_KEY, "SAGE_MQ_ADMIN_KEY": ADMIN_KEY}
+    # A key copied under another name, and a variable engines need (a hub token).
+    fleet.env |= {"OPENAI_API_KEY": ADMIN_KEY, "HF_TOKEN": "hf-token-for-engines"}
 
     fleet.start_scheduler()
     fleet.start_agent()
@@ -90,6 +99,12 @@ def test_the_fleet_runs_on_tls_redis_as_an_acl_user_and_shows_no_secret(
         if c.status == psutil.CONN_LISTEN
     ]
     assert listening == ["127.0.0.1"]
+    # Engines get their own environment: none of the agent's secrets, under any name.
+    for engine in engine_processes(tmp_path / "state"):
+        environ = engine.environ()  # /proc/<pid>/environ
+        assert environ["SAGE_TEST_MARK"] and environ["HF_TOKEN"] == "hf-token-for-engines"
+        assert not [name for name in environ if name.startswith("SAGE_MQ_")]
+        assert not [v for v in environ.values() for s in SECRETS if s in v], engine.cmdline()
     # Nobody was refused a key or a command: the fleet keeps to its namespace and rq's keys.
     assert admin.execute_command("ACL", "LOG") == []
     # Plain TCP is not served at all.
@@ -132,20 +147,25 @@ def _everything_written(tmp_path: Path, admin: redis.Redis, namespace: str) -> s
     return "\n".join(texts)
 
 
-def test_every_route_but_health_and_metrics_wants_its_key(settings: Settings) -> None:
-    app = create_app(settings, api_key=API_KEY, admin_key=ADMIN_KEY)
+def _routes(app: FastAPI) -> list[tuple[str, str]]:
+    """Every route of the gateway: its OpenAPI document's, and the inference routes."""
     routes = {(path, "POST") for path in PATHS}  # served ahead of FastAPI: not in its document
     for path, operations in app.openapi()["paths"].items():
         routes |= {(re.sub(r"\{[^}]+\}", "x", path), method.upper()) for method in operations}
     assert len(routes) >= 24  # inference, batch, management, health, metrics
+    return sorted(routes)
+
+
+def test_every_route_but_health_wants_its_key(settings: Settings) -> None:
+    app = create_app(settings, api_key=API_KEY, admin_key=ADMIN_KEY)
     client = TestClient(app, raise_server_exceptions=False)  # no lifespan: only the gate runs
 
     def refused(path: str, method: str, key: str | None) -> bool:
         headers = {"authorization": f"Bearer {key}"} if key else {}
         return client.request(method, path, headers=headers).status_code == 401
 
-    for path, method in sorted(routes):
-        if path in ("/health", "/metrics"):
+    for path, method in _routes(app):
+        if path == "/health":
             assert not refused(path, method, None), path
         elif path.startswith("/v1/management"):
             assert refused(path, method, None) and refused(path, method, API_KEY), path
@@ -154,3 +174,59 @@ def test_every_route_but_health_and_metrics_wants_its_key(settings: Settings) ->
             assert refused(path, method, None) and refused(path, method, "wrong"), path
             assert not refused(path, method, API_KEY), path
             assert not refused(path, method, ADMIN_KEY), path
+
+
+@pytest.mark.parametrize(("api_key", "admin_key"), [(API_KEY, None), (None, ADMIN_KEY)])
+def test_one_key_configured_closes_every_route_a_key_is_for(
+    settings: Settings, api_key: str | None, admin_key: str | None
+) -> None:
+    app = create_app(settings, api_key=api_key, admin_key=admin_key)
+    client = TestClient(app, raise_server_exceptions=False)
+    the_key = {"authorization": f"Bearer {api_key or admin_key}"}
+    for path, method in _routes(app):
+        bare = client.request(method, path).status_code
+        keyed = client.request(method, path, headers=the_key).status_code
+        if path == "/health":
+            assert bare not in (401, 403), path
+        elif path.startswith("/v1/management") and admin_key is None:
+            assert bare == keyed == 403, path  # nothing opens it: there is no admin key
+            message = client.request(method, path, headers=the_key).json()["error"]["message"]
+            assert "--admin-key" in message
+        else:
+            assert bare == 401 and keyed != 401, path
+
+
+@pytest.mark.parametrize(
+    ("host", "admin_key", "insecure", "refused"),
+    [
+        ("127.0.0.1", None, False, False),
+        ("::1", None, False, False),
+        ("localhost", None, False, False),
+        ("0.0.0.0", None, False, True),
+        ("::", None, False, True),
+        ("10.0.0.5", None, False, True),
+        ("gateway.internal", None, False, True),
+        ("0.0.0.0", ADMIN_KEY, False, False),
+        ("0.0.0.0", None, True, False),
+    ],
+)
+def test_no_gateway_serves_beyond_loopback_without_an_admin_key(
+    host: str, admin_key: str | None, insecure: bool, refused: bool
+) -> None:
+    if refused:
+        with pytest.raises(ConfigError, match=r"refusing to serve on .* without an admin key"):
+            check_exposure(host, admin_key, insecure=insecure)
+    else:
+        check_exposure(host, admin_key, insecure=insecure)
+
+
+@pytest.mark.parametrize("command", [["gateway", "run"], ["up"]])
+def test_gateway_run_and_up_refuse_0_0_0_0_without_an_admin_key(command: list[str]) -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ("SAGE_MQ_API_KEY", "SAGE_MQ_ADMIN_KEY")}
+    argv = [sys.executable, "-m", "sage_mq", "llm", *command, "--host", "0.0.0.0"]
+    argv += ["--port", str(free_port())]
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 78 and "without an admin key" in done.stderr, done.stderr
+    env["SAGE_MQ_API_KEY"] = API_KEY  # an API key alone does not protect management
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 78 and "without an admin key" in done.stderr, done.stderr

@@ -107,9 +107,12 @@ class EngineLifecycleManager:
         self._exit_tasks: set[asyncio.Task[None]] = set()
 
     # -- spawn and stop ------------------------------------------------------------------
-    async def launch(self, cmd: LaunchEngine) -> ManagedEngine:
-        """Spawn the engine described by ``cmd`` and start watching it."""
-        argv = build_argv(cmd)
+    async def launch(
+        self, cmd: LaunchEngine, executables: Mapping[str, str] | None = None
+    ) -> ManagedEngine:
+        """Spawn the engine described by ``cmd`` and start watching it (``executables``: the
+        paths the ``command`` backend's allowed executables resolve to)."""
+        argv = build_argv(cmd, executables=executables)
         log_path = self.log_dir / f"{cmd.engine_id}.log"
         logs.rotate(log_path, self.log_backups)
         pid = processes.spawn(argv, build_env(cmd, self.base_env), log_path)

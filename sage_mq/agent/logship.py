@@ -16,7 +16,7 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
-from sage_mq.connection import Redis
+from sage_mq.connection import Redis, raise_if_cancelled
 from sage_mq.keys import Keys
 
 log = logging.getLogger(__name__)
@@ -68,6 +68,7 @@ class LogShipper:
         offset = await self._shipped_up_to(engine_id, generation) if resume else 0
         partial = b""
         while not done.is_set():
+            raise_if_cancelled()  # see NodeAgent._heartbeat
             offset, partial = await self._ship_once(engine_id, path, generation, offset, partial)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(done.wait(), self.interval_s)
@@ -76,6 +77,7 @@ class LogShipper:
     async def _shipped_up_to(self, engine_id: str, generation: int) -> int:
         """Where this generation's shipping got to (0 if none of it was shipped)."""
         while True:
+            raise_if_cancelled()
             try:
                 newest = await self.redis.xrevrange(self.keys.engine_log(engine_id), count=1)
                 break

@@ -19,13 +19,19 @@ from sage_mq.agent.fencing import LeaderFence
 from sage_mq.agent.lifecycle import EngineLifecycleManager, ManagedEngine
 from sage_mq.agent.logship import LogShipper
 from sage_mq.agent.outbox import Outbox
-from sage_mq.agent.preflight import check_launch
+from sage_mq.agent.preflight import check_launch, node_allowances
 from sage_mq.agent.presence import Presence
 from sage_mq.agent.processes import describe_returncode
 from sage_mq.bus import Bus
 from sage_mq.connection import Redis, connect
 from sage_mq.engines.backends import startup_timeout_s
-from sage_mq.errors import ControlPlaneUnavailable, InvalidRequest, LaunchError, PortInUse
+from sage_mq.errors import (
+    ControlPlaneUnavailable,
+    InvalidRequest,
+    LaunchError,
+    LaunchRefused,
+    PortInUse,
+)
 from sage_mq.gpu import GPUResourceManager
 from sage_mq.keys import Keys
 from sage_mq.messages import (
@@ -75,6 +81,7 @@ class NodeAgent:
         self.bus = Bus(self.redis, self.keys, settings.bus)
         self.store = Store(self.redis, self.keys)
         self.gpus = gpus or GPUResourceManager()
+        self.executables, self.allowances = node_allowances(agent)
         self.lifecycle = EngineLifecycleManager(
             agent.node_dir,
             on_exit=self._on_engine_exit,
@@ -85,7 +92,7 @@ class NodeAgent:
         self.outbox = Outbox(self.bus, self.keys.events)
         self.logship = LogShipper(self.redis, self.keys, agent.log_stream_maxlen)
         self.allocations: dict[str, tuple[int, ...]] = {}
-        self.presence = Presence(self.store, self.outbox, agent, self.gpus)
+        self.presence = Presence(self.store, self.outbox, agent, self.gpus, self.allowances)
         self._stopping = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
         self._probing: set[asyncio.Task[None]] = set()
@@ -117,7 +124,10 @@ class NodeAgent:
         if self._stopping.is_set():
             return
         await self._recover()
-        heartbeat = asyncio.create_task(self._heartbeat(), name=f"heartbeat-{self.node_id}")
+        heartbeat = asyncio.create_task(
+            self.presence.keep_alive(self._back_in_touch, self._truncate_logs),
+            name=f"heartbeat-{self.node_id}",
+        )
         try:
             await self._consumer.run(until_idle=until_idle)
         finally:
@@ -139,37 +149,21 @@ class NodeAgent:
             await self.redis.aclose()
 
     async def stop_all_engines(self) -> None:
-        """Stop every engine of this node (for all-in-one mode shutting down)."""
-        for engine_id in list(self.lifecycle.engines):
-            await self._terminate(TerminateEngine(engine_id=engine_id))
+        """Stop every engine of this node, all at once (all-in-one mode shutting down)."""
+        ids = list(self.lifecycle.engines)
+        await asyncio.gather(*(self._terminate(TerminateEngine(engine_id=i)) for i in ids))
 
     # -- registration, liveness, recovery ------------------------------------------------
-    async def _heartbeat(self) -> None:
-        cut_off_since: float | None = None
-        while True:
-            await asyncio.sleep(self.agent.liveness_ttl_s / 3)
-            try:
-                rejoined = await self.presence.beat()
-            except ControlPlaneUnavailable as exc:
-                cut_off_since = cut_off_since or time.monotonic()
-                log.warning(
-                    "node %s heartbeat failed (engines keep running): %s", self.node_id, exc
-                )
-            except Exception:  # a heartbeat must never end: the node would be declared lost
-                log.exception("node %s heartbeat failed unexpectedly; beating on", self.node_id)
-            else:
-                if rejoined:  # reported beside the beat: probes must not delay the next
-                    self._spawn(self._report_engines("Redis had lost this node's records"))
-                elif cut_off_since is not None:
-                    away = time.monotonic() - cut_off_since
-                    self._spawn(self._report_engines(f"after {away:.1f} s cut off"))
-                cut_off_since = None
-            for engine_id in list(self.lifecycle.engines):
-                logs.truncate_if_large(
-                    self.lifecycle.log_dir / f"{engine_id}.log",
-                    self.agent.log_max_bytes,
-                    self.agent.log_backups,
-                )
+    def _back_in_touch(self, why: str) -> None:
+        self._spawn(self._report_engines(why))  # beside the beat: probes must not delay it
+
+    def _truncate_logs(self) -> None:
+        for engine_id in list(self.lifecycle.engines):
+            logs.truncate_if_large(
+                self.lifecycle.log_dir / f"{engine_id}.log",
+                self.agent.log_max_bytes,
+                self.agent.log_backups,
+            )
 
     async def _report_engines(self, why: str) -> None:
         """Back in touch (after a network partition, or with a Redis that came back empty):
@@ -290,23 +284,31 @@ class NodeAgent:
             )
             await self.lifecycle.stop(cmd.engine_id)
         try:
-            check_launch(cmd, self.gpus.gpus(), self.node_id)
-            engine = await self.lifecycle.launch(cmd)
+            check_launch(cmd, self.gpus.gpus(), self.agent, self.allowances)
+            engine = await self.lifecycle.launch(cmd, self.executables)
         except (LaunchError, InvalidRequest) as exc:
-            log.error("cannot launch %s: %s", cmd.engine_id, exc)
-            await self.outbox.send(
-                EngineLaunchFailed(
-                    engine_id=cmd.engine_id,
-                    node=self.node_id,
-                    generation=cmd.generation,
-                    reason=str(exc),
-                    port_in_use=isinstance(exc, PortInUse),
-                )
-            )
+            await self._launch_failed(cmd, exc)
+            return
+        except Exception as exc:  # never leave an engine STARTING for want of an answer
+            log.exception("launching %s failed unexpectedly", cmd.engine_id)
+            await self._launch_failed(cmd, LaunchRefused(f"the agent could not launch it: {exc}"))
             return
         await self._report_starting(engine)
         self.logship.start(engine.engine_id, Path(engine.log_path), engine.generation)
         self._spawn(self._await_ready(engine, cmd.startup_timeout_s))
+
+    async def _launch_failed(self, cmd: LaunchEngine, exc: Exception) -> None:
+        log.error("cannot launch %s: %s", cmd.engine_id, exc)
+        await self.outbox.send(
+            EngineLaunchFailed(
+                engine_id=cmd.engine_id,
+                node=self.node_id,
+                generation=cmd.generation,
+                reason=str(exc),
+                port_in_use=isinstance(exc, PortInUse),
+                refused=isinstance(exc, LaunchRefused | InvalidRequest),
+            )
+        )
 
     async def _report_starting(self, engine: ManagedEngine) -> None:
         await self.outbox.send(

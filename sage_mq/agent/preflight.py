@@ -4,25 +4,89 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import socket
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import psutil
 
-from sage_mq.errors import ConfigError, LaunchError, PortInUse
+from sage_mq.engines.argv_policy import (
+    VLLM_GATED_FLAGS,
+    NodeAllowances,
+    check_engine_args,
+    node_refusal,
+)
+from sage_mq.engines.backends import BACKEND_NAMES
+from sage_mq.errors import ConfigError, InvalidRequest, LaunchError, LaunchRefused, PortInUse
 from sage_mq.gpu import GpuInfo
 from sage_mq.messages import LaunchEngine
+from sage_mq.settings import AgentSettings
 from sage_mq.store import Store
 
 
-def check_launch(cmd: LaunchEngine, gpus: Sequence[GpuInfo], node_id: str) -> None:
-    """Raise :class:`LaunchError` if ``cmd`` cannot launch here (a GPU it names is missing,
-    its address is not this host's), :class:`PortInUse` if another process holds its port."""
+def check_launch(
+    cmd: LaunchEngine, gpus: Sequence[GpuInfo], agent: AgentSettings, allowances: NodeAllowances
+) -> None:
+    """Raise :class:`LaunchRefused` if this node will not run ``cmd`` as written (see
+    :mod:`sage_mq.engines.argv_policy`; its port outside the node's range), :class:`LaunchError`
+    if it cannot (a GPU it names is missing, its address is not this host's), and
+    :class:`PortInUse` if another process holds its port."""
+    node_id = agent.node_id
+    if cmd.backend not in BACKEND_NAMES:
+        raise LaunchRefused(f"unknown backend {cmd.backend!r}; node {node_id} runs {BACKEND_NAMES}")
+    try:
+        check_engine_args(cmd.backend, cmd.model, cmd.extra_args)
+    except InvalidRequest as exc:
+        raise LaunchRefused(str(exc)) from None
+    refusal = node_refusal(cmd.backend, cmd.extra_args, allowances)
+    if refusal is not None:
+        raise LaunchRefused(f"node {node_id}: {refusal}")
+    low, high = agent.port_range
+    if not low <= cmd.port <= high:
+        raise LaunchRefused(
+            f"port {cmd.port} is outside node {node_id}'s engine port range {low}-{high}"
+        )
     have = {g.index for g in gpus}
     missing = [g for g in cmd.gpus if g not in have]
     if missing:
         raise LaunchError(f"GPU(s) {missing} do not exist on node {node_id} (has {sorted(have)})")
     check_bind(cmd.host, cmd.port, node_id)
+
+
+def node_allowances(agent: AgentSettings) -> tuple[dict[str, str], NodeAllowances]:
+    """What this node's operator allowed (``--allow-command``, ``--allow-engine-flag``),
+    checked: the paths the allowed executables resolve to, and the allowances."""
+    executables = allowed_executables(agent.allowed_commands)
+    flags = check_engine_flags(agent.allowed_engine_flags)
+    return executables, NodeAllowances(frozenset(executables), frozenset(flags))
+
+
+def allowed_executables(names: Iterable[str]) -> dict[str, str]:
+    """What ``--allow-command`` names, resolved now: each name as given, and its absolute path,
+    mapped to the absolute path the agent will run (PATH at launch time does not matter)."""
+    found: dict[str, str] = {}
+    for name in names:
+        path = shutil.which(name)
+        if path is None:
+            raise ConfigError(f"--allow-command {name!r}: no such executable on this host's PATH")
+        path = os.path.abspath(path)  # not resolved: a venv's python is a symlink
+        found[name] = found[path] = path
+    return found
+
+
+def check_engine_flags(flags: Iterable[str]) -> tuple[str, ...]:
+    """``--allow-engine-flag`` values (``trust-remote-code`` or ``--trust-remote-code``), each
+    one of the gated flags: a typo would allow nothing and say nothing."""
+    checked = []
+    for given in flags:
+        flag = given if given.startswith("-") else f"--{given}"
+        if flag not in VLLM_GATED_FLAGS:
+            raise ConfigError(
+                f"--allow-engine-flag {given!r}: not a gated flag; only "
+                f"{', '.join(sorted(VLLM_GATED_FLAGS))} need an allowance"
+            )
+        checked.append(flag)
+    return tuple(checked)
 
 
 async def refuse_a_second_agent(store: Store, node_id: str) -> None:

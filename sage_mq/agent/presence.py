@@ -7,9 +7,13 @@ import contextlib
 import logging
 import os
 import socket
+import time
+from collections.abc import Callable
 
 from sage_mq.agent.outbox import Outbox
 from sage_mq.agent.preflight import refuse_a_second_agent
+from sage_mq.connection import raise_if_cancelled
+from sage_mq.engines.argv_policy import NodeAllowances
 from sage_mq.errors import ControlPlaneUnavailable
 from sage_mq.gpu import GPUResourceManager
 from sage_mq.messages import NodeJoined
@@ -25,12 +29,18 @@ class Presence:
     """Registers the node and keeps its liveness key fresh."""
 
     def __init__(
-        self, store: Store, outbox: Outbox, agent: AgentSettings, gpus: GPUResourceManager
+        self,
+        store: Store,
+        outbox: Outbox,
+        agent: AgentSettings,
+        gpus: GPUResourceManager,
+        allowances: NodeAllowances | None = None,
     ) -> None:
         self.store = store
         self.outbox = outbox
         self.agent = agent
         self.gpus = gpus
+        self.allowances = allowances or NodeAllowances()
         self.node_id = agent.node_id
         self.epoch = 0
         self.beats = 0
@@ -72,8 +82,40 @@ class Presence:
             port_range_end=high,
             hostname=socket.gethostname(),
             agent_pid=os.getpid(),
+            allowed_commands=sorted(self.allowances.commands),
+            allowed_engine_flags=sorted(self.allowances.engine_flags),
         )
         await self.store.put_node(record, self.agent.liveness_ttl_s)
+
+    async def keep_alive(
+        self, back_in_touch: Callable[[str], None], each_beat: Callable[[], None]
+    ) -> None:
+        """Beat every TTL/3 until cancelled, whatever fails (a heartbeat that ended would get
+        a healthy node declared lost); ``back_in_touch(why)`` once Redis answers again after
+        it was away or lost this node's records; ``each_beat()`` after every attempt."""
+        cut_off_since: float | None = None
+        while True:
+            # A cancellation that reached redis-py as its read timed out can come back as a
+            # retried command or a timeout (Python 3.11): it is still asked for, so end here,
+            # or whoever cancelled this loop would wait on it for ever.
+            raise_if_cancelled()
+            await asyncio.sleep(self.agent.liveness_ttl_s / 3)
+            try:
+                rejoined = await self.beat()
+            except ControlPlaneUnavailable as exc:
+                cut_off_since = cut_off_since or time.monotonic()
+                log.warning(
+                    "node %s heartbeat failed (engines keep running): %s", self.node_id, exc
+                )
+            except Exception:
+                log.exception("node %s heartbeat failed unexpectedly; beating on", self.node_id)
+            else:
+                if rejoined:
+                    back_in_touch("Redis had lost this node's records")
+                elif cut_off_since is not None:
+                    back_in_touch(f"after {time.monotonic() - cut_off_since:.1f} s cut off")
+                cut_off_since = None
+            each_beat()
 
     async def beat(self) -> bool:
         """One heartbeat; re-registers if Redis lost the node (e.g. restarted empty), and

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import psutil
 
-from sage_mq.errors import LaunchError
+from sage_mq.errors import LaunchError, LaunchRefused
 
 
 def spawn(argv: Sequence[str], env: Mapping[str, str], log_path: Path) -> int:
@@ -37,6 +37,8 @@ def spawn(argv: Sequence[str], env: Mapping[str, str], log_path: Path) -> int:
         )
     except OSError as exc:
         raise LaunchError(f"cannot execute {argv[0]!r}: {exc.strerror or exc}") from None
+    except ValueError as exc:  # an empty program, a NUL byte: no process can take it
+        raise LaunchRefused(f"cannot execute {argv[:1]!r}: {exc}") from None
     finally:
         os.close(log_fd)
 

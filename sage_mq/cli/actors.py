@@ -11,9 +11,13 @@ import typer
 from sage_mq.agent.node import NodeAgent
 from sage_mq.cli.common import (
     DEFAULT_URL,
+    AllowCommand,
+    AllowCommandsFrom,
+    AllowEngineFlag,
     LogLevel,
     RedisUrl,
-    fail,
+    allowed_commands,
+    checked_node_id,
     on_signals,
     run,
     settings_for,
@@ -30,6 +34,7 @@ from sage_mq.settings import (
     default_state_dir,
     engine_base_env,
     fake_gpus_from_env,
+    url_secrets,
 )
 
 scheduler_app = typer.Typer(help="The scheduler: places engines, keeps records in step.")
@@ -105,13 +110,17 @@ def node_run(
     state_dir: Annotated[Path | None, typer.Option(help="Engine state and logs.")] = None,
     liveness_ttl: Annotated[float, typer.Option(help="Seconds the liveness key lives.")] = 5.0,
     stop_grace: Annotated[float, typer.Option(help="Seconds between SIGTERM and SIGKILL.")] = 10.0,
+    allow_command: AllowCommand = None,
+    allow_commands_from: AllowCommandsFrom = None,
+    allow_engine_flag: AllowEngineFlag = None,
     redis_url: RedisUrl = DEFAULT_URL,
     log_level: LogLevel = "INFO",
 ) -> None:
     """Run this host's node agent until SIGINT/SIGTERM (its engines keep running)."""
     setup_logging(log_level)
     settings = settings_for(redis_url)
-    node = node_id or socket.gethostname()
+    node = checked_node_id(node_id or socket.gethostname())
+    commands = allowed_commands(allow_command, allow_commands_from)
 
     async def main() -> None:
         agent_settings = AgentSettings(
@@ -121,9 +130,12 @@ def node_run(
             state_dir=state_dir or default_state_dir(),
             liveness_ttl_s=liveness_ttl,
             stop_grace_s=stop_grace,
+            allowed_commands=commands,
+            allowed_engine_flags=tuple(allow_engine_flag or ()),
         )
         gpus = GPUResourceManager.detect(fake_gpus or fake_gpus_from_env())
-        agent = NodeAgent(settings, agent_settings, gpus=gpus, base_env=engine_base_env())
+        base_env = engine_base_env(secrets=url_secrets(settings.redis_url))
+        agent = NodeAgent(settings, agent_settings, gpus=gpus, base_env=base_env)
         async with agent:
             on_signals(agent.stop)
             typer.echo(
@@ -131,6 +143,4 @@ def node_run(
             )
             await agent.run()
 
-    if not node:
-        fail("--node-id must not be empty")
     run(main)

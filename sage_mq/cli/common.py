@@ -8,12 +8,15 @@ import logging
 import signal
 import sys
 from collections.abc import Callable, Coroutine
+from pathlib import Path
 from typing import Annotated, Any, NoReturn, TypeVar
 
 import typer
 from rich.console import Console
 
-from sage_mq.errors import SageMQError
+from sage_mq.errors import ConfigError, InvalidRequest, SageMQError
+from sage_mq.gateway.auth import check_exposure, is_loopback
+from sage_mq.ids import check_id
 from sage_mq.settings import DEFAULT_REDIS_URL, ENV_REDIS_URL, Settings
 
 T = TypeVar("T")
@@ -31,6 +34,81 @@ RedisUrl = Annotated[
 ]
 DEFAULT_URL = DEFAULT_REDIS_URL
 JsonFlag = Annotated[bool, typer.Option("--json", help="Machine-readable output (stable).")]
+AllowCommand = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--allow-command",
+        help="An executable the `command` backend may run here (repeat for more). Without one, "
+        "`command` is off: a request never chooses what a node runs. Never a shell or an "
+        "interpreter.",
+    ),
+]
+AllowCommandsFrom = Annotated[
+    Path | None,
+    typer.Option(
+        "--allow-commands-from", help="A file of such executables, one a line (# comments)."
+    ),
+]
+AllowEngineFlag = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--allow-engine-flag",
+        help="A gated engine flag requests may use here, e.g. --trust-remote-code (repeat for "
+        "more; gated flags load code or touch files the request names).",
+    ),
+]
+
+
+EX_CONFIG = 78
+"""Exit status of a refusal to start as configured (sysexits' EX_CONFIG): service managers
+should not restart it (the gateway's systemd unit has ``RestartPreventExitStatus=78``)."""
+Insecure = Annotated[
+    bool,
+    typer.Option(
+        "--insecure",
+        help="Serve beyond loopback with no admin key (anyone who reaches the port can start "
+        "and stop engines). Refused without this flag.",
+    ),
+]
+
+
+def exposed(host: str, admin_key: str | None, insecure: bool) -> None:
+    """Exit if serving on ``host`` needs an admin key that is missing; say so loudly when
+    ``--insecure`` overrides that."""
+    try:
+        check_exposure(host, admin_key, insecure=insecure)
+    except ConfigError as exc:
+        fail(str(exc), EX_CONFIG)
+    if insecure and not admin_key and not is_loopback(host):
+        err_console.print(
+            f"[bold red]INSECURE:[/bold red] serving on {host} with no admin key: anyone who "
+            "reaches this port can start, stop and reconfigure engines",
+            highlight=False,
+            soft_wrap=True,
+        )
+
+
+def allowed_commands(names: list[str] | None, listing: Path | None) -> tuple[str, ...]:
+    """``--allow-command`` values and the lines of ``--allow-commands-from``."""
+    found = list(names or ())
+    if listing is not None:
+        try:
+            text = listing.read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            fail(f"--allow-commands-from {listing}: cannot read it: {exc}")
+        for line in text.splitlines():
+            entry = line.split("#", 1)[0].strip()
+            if entry:
+                found.append(entry)
+    return tuple(found)
+
+
+def checked_node_id(node_id: str) -> str:
+    """The node id, or exit with what a node id looks like."""
+    try:
+        return check_id("node id", node_id)
+    except InvalidRequest as exc:
+        fail(f"--node-id: {exc}")
 
 
 def settings_for(redis_url: str) -> Settings:

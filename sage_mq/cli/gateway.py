@@ -8,7 +8,16 @@ from typing import Annotated, Any
 import typer
 import uvicorn
 
-from sage_mq.cli.common import DEFAULT_URL, LogLevel, RedisUrl, fail, settings_for, setup_logging
+from sage_mq.cli.common import (
+    DEFAULT_URL,
+    Insecure,
+    LogLevel,
+    RedisUrl,
+    exposed,
+    fail,
+    settings_for,
+    setup_logging,
+)
 from sage_mq.connection import redact_url
 from sage_mq.gateway import create_app
 from sage_mq.gateway.app import freeze_startup_heap
@@ -36,6 +45,7 @@ def gateway_run(
     workers: Annotated[
         int, typer.Option(help="Processes serving the port (the gateway is stateless).")
     ] = 1,
+    insecure: Insecure = False,
     redis_url: RedisUrl = DEFAULT_URL,
     log_level: LogLevel = "INFO",
 ) -> None:
@@ -46,6 +56,7 @@ def gateway_run(
     if workers < 1:
         fail("--workers must be at least 1")
     setup_logging(log_level)
+    exposed(host, admin_key, insecure)
     options = GatewayOptions(policy=scheduling_policy, api_key=api_key, admin_key=admin_key)
     settings = settings_for(redis_url)
     typer.echo(

@@ -9,10 +9,22 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from sage_mq.cli.common import LogLevel, console, on_signals, run, setup_logging
+from sage_mq.cli.common import (
+    AllowCommand,
+    AllowCommandsFrom,
+    AllowEngineFlag,
+    Insecure,
+    LogLevel,
+    allowed_commands,
+    console,
+    exposed,
+    on_signals,
+    run,
+    setup_logging,
+)
 from sage_mq.connection import redact_url
 from sage_mq.embedded import EmbeddedControlPlane
-from sage_mq.settings import ENV_REDIS_URL
+from sage_mq.settings import ENV_ADMIN_KEY, ENV_API_KEY, ENV_REDIS_URL, GatewayOptions
 
 
 def up(
@@ -33,16 +45,38 @@ def up(
         str | None, typer.Option(help="Fake GPU inventory, e.g. 2x24GiB (default: NVML).")
     ] = None,
     state_dir: Annotated[Path | None, typer.Option(help="Engine state and logs.")] = None,
+    api_key: Annotated[
+        str | None,
+        typer.Option(envvar=ENV_API_KEY, help="Key the inference routes want (Bearer)."),
+    ] = None,
+    admin_key: Annotated[
+        str | None,
+        typer.Option(envvar=ENV_ADMIN_KEY, help="Key /v1/management wants (Bearer)."),
+    ] = None,
+    insecure: Insecure = False,
+    allow_command: AllowCommand = None,
+    allow_commands_from: AllowCommandsFrom = None,
+    allow_engine_flag: AllowEngineFlag = None,
     log_level: LogLevel = "WARNING",
 ) -> None:
     """Run Redis, a scheduler, a node agent and the gateway here, and apply a preset; Ctrl-C
     stops every engine and process it started."""
     setup_logging(log_level)
+    exposed(host, admin_key, insecure)
+    keys = GatewayOptions(api_key=api_key or None, admin_key=admin_key or None)
 
     async def main() -> int:
         stopping = asyncio.Event()
         plane = EmbeddedControlPlane(
-            redis_url=redis_url, host=host, port=port, fake_gpus=fake_gpus, state_dir=state_dir
+            redis_url=redis_url,
+            host=host,
+            port=port,
+            fake_gpus=fake_gpus,
+            state_dir=state_dir,
+            gateway=keys,
+            insecure=insecure,
+            allowed_commands=allowed_commands(allow_command, allow_commands_from),
+            allowed_engine_flags=tuple(allow_engine_flag or ()),
         )
         async with plane:
             on_signals(stopping.set)
@@ -52,6 +86,7 @@ def up(
             console.print(f"  OpenAI API   {plane.gateway_url}", highlight=False)
             console.print(f"  management   http://{host}:{port}/v1/management", highlight=False)
             console.print(f"  Redis        {where}", highlight=False)
+            console.print(f"  keys         {_keys_line(keys)}", highlight=False)
             table = Table("ENGINE", "MODEL", "KIND", "STATE", "URL")
             for r in records:
                 table.add_row(r.engine_id, r.model, r.kind, r.state.value, r.url or "-")
@@ -63,3 +98,10 @@ def up(
 
     count = run(main)
     console.print(f"stopped {count} engine(s) and every process; nothing is left", highlight=False)
+
+
+def _keys_line(keys: GatewayOptions) -> str:
+    if not (keys.api_key or keys.admin_key):
+        return "none: open to this machine only (set --admin-key and --api-key to serve others)"
+    management = "admin key" if keys.admin_key else "closed (no admin key)"
+    return f"inference wants a key; management: {management}"

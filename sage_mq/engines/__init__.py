@@ -1,19 +1,4 @@
-"""Engine backends (argv and env for vllm, embedding, command, fake) and our own servers."""
+"""Engine backends (argv and env for vllm, embedding, command, fake: :mod:`.backends`), what a
+request may put on their command lines (:mod:`.argv_policy`), and our own servers.
 
-from sage_mq.engines.backends import (
-    BACKEND_NAMES,
-    build_argv,
-    build_env,
-    default_backend,
-    health_paths,
-    startup_timeout_s,
-)
-
-__all__ = [
-    "BACKEND_NAMES",
-    "build_argv",
-    "build_env",
-    "default_backend",
-    "health_paths",
-    "startup_timeout_s",
-]
+Nothing is imported here: our engine servers import this package and should start fast."""

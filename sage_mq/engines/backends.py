@@ -9,12 +9,12 @@ import math
 import sys
 from collections.abc import Mapping
 
+from sage_mq.engines.argv_policy import PLACEHOLDERS
 from sage_mq.errors import InvalidRequest
 from sage_mq.messages import LaunchEngine
 
 BACKEND_NAMES = ("vllm", "embedding", "command", "fake")
 _STARTUP_TIMEOUT_S = {"vllm": 1800.0, "embedding": 600.0, "command": 600.0, "fake": 60.0}
-_PLACEHOLDERS = ("{model}", "{host}", "{port}", "{device}")
 
 
 def default_backend(kind: str) -> str:
@@ -37,10 +37,17 @@ def startup_timeout_s(backend: str) -> float:
     return _STARTUP_TIMEOUT_S.get(backend, 600.0)
 
 
-def build_argv(cmd: LaunchEngine, python: str | None = None) -> list[str]:
-    """The argv list that starts the engine."""
+def build_argv(
+    cmd: LaunchEngine,
+    python: str | None = None,
+    executables: Mapping[str, str] | None = None,
+) -> list[str]:
+    """The argv list that starts the engine. For ``command``, the template's executable is
+    replaced by its path from ``executables`` (what the node's operator allowed)."""
     py = python or sys.executable
-    builders = {"vllm": _vllm, "embedding": _embedding, "fake": _fake, "command": _command}
+    if cmd.backend == "command":
+        return _command(cmd, executables or {})
+    builders = {"vllm": _vllm, "embedding": _embedding, "fake": _fake}
     builder = builders.get(cmd.backend)
     if builder is None:
         raise InvalidRequest(f"unknown backend {cmd.backend!r}; choose one of {BACKEND_NAMES}")
@@ -110,21 +117,19 @@ def _fake(cmd: LaunchEngine, py: str) -> list[str]:
     ]
 
 
-def _command(cmd: LaunchEngine, _py: str) -> list[str]:
+def _command(cmd: LaunchEngine, executables: Mapping[str, str]) -> list[str]:
     if not cmd.extra_args:
-        raise InvalidRequest(
-            "backend 'command' needs the server's argv template in extra_args, e.g. "
-            "--extra-args 'my-server --model {model} --host {host} --port {port}'"
-        )
+        raise InvalidRequest("backend 'command' needs the server's argv template in extra_args")
     values = {
         "{model}": cmd.model,
         "{host}": cmd.host,
         "{port}": str(cmd.port),
         "{device}": device(cmd),
     }
-    argv = []
-    for arg in cmd.extra_args:
-        for placeholder in _PLACEHOLDERS:
+    executable, *template = cmd.extra_args
+    argv = [executables.get(executable, executable)]
+    for arg in template:
+        for placeholder in PLACEHOLDERS:
             arg = arg.replace(placeholder, values[placeholder])
         argv.append(arg)
     return argv

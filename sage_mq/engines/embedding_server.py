@@ -71,13 +71,18 @@ def build_app(model_name: str, encoder: Encoder, *, max_batch: int = 2048) -> St
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The embedding server's command line."""
+    return parser().parse_args(argv)
+
+
+def parser() -> argparse.ArgumentParser:
+    """The embedding server's flags (what a request may pass is held to these)."""
     p = argparse.ArgumentParser(prog="sage-mq-embedding-server", description=__doc__)
     p.add_argument("--model", required=True)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--device", choices=("cuda", "cpu"), default="cpu")
     p.add_argument("--max-batch", type=int, default=2048)
-    return p.parse_args(argv)
+    return p
 
 
 def load_encoder(model: str, device: str) -> Encoder:

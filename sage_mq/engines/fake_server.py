@@ -179,6 +179,11 @@ def _sse(payload: dict[str, Any]) -> str:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The fake engine's command line."""
+    return parser().parse_args(argv)
+
+
+def parser() -> argparse.ArgumentParser:
+    """The fake engine's flags (what a request may pass is held to these, see argv_policy)."""
     p = argparse.ArgumentParser(prog="sage-mq-fake-engine", description=__doc__)
     p.add_argument("--model", required=True)
     p.add_argument("--host", default="127.0.0.1")
@@ -191,7 +196,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--hang-after", type=float, default=None, metavar="S")
     p.add_argument("--latency-ms", type=float, default=0.0, metavar="N")
     p.add_argument("--stream-delay-ms", type=float, default=0.0, metavar="N")
-    return p.parse_args(argv)
+    return p
 
 
 def _schedule_faults(args: argparse.Namespace) -> None:

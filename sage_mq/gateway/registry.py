@@ -15,6 +15,7 @@ import logging
 import time
 
 from sage_mq.bus import Bus
+from sage_mq.connection import raise_if_cancelled
 from sage_mq.errors import ControlPlaneUnavailable
 from sage_mq.routing import Replica, running_replica
 from sage_mq.store import EngineRecord, Store
@@ -91,6 +92,7 @@ class Registry:
         cursor = "$"
         reloaded = 0.0
         while True:
+            raise_if_cancelled()  # see NodeAgent._heartbeat
             try:
                 if time.monotonic() - reloaded > RELOAD_S:
                     cursor = await self.bus.last_id(self.bus.keys.events)

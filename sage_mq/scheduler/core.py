@@ -17,7 +17,7 @@ import time
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
-from sage_mq.connection import Redis, connect
+from sage_mq.connection import Redis, connect, raise_if_cancelled
 from sage_mq.consumer import Consumer
 from sage_mq.errors import ControlPlaneUnavailable
 from sage_mq.messages import (
@@ -171,6 +171,7 @@ class Scheduler:
         ttl = self.ctx.scheduler.lease_ttl_s
         last_ok = time.monotonic()
         while True:
+            raise_if_cancelled()  # see NodeAgent._heartbeat
             await asyncio.sleep(ttl / 3)
             try:
                 if await lease.renew():
@@ -217,6 +218,7 @@ class Scheduler:
 
     async def _every(self, seconds: float, work: Callable[[], Coroutine[Any, Any, Any]]) -> None:
         while not self._stopping.is_set():
+            raise_if_cancelled()  # see NodeAgent._heartbeat
             try:
                 await work()
             except ControlPlaneUnavailable as exc:

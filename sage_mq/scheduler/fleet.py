@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import time
 
+from sage_mq.engines.argv_policy import NodeAllowances
 from sage_mq.gpu import GIB
 from sage_mq.scheduler.placement import GpuView, NodeView
 from sage_mq.store import NodeRecord, Reservation, Store
@@ -204,4 +205,8 @@ def node_view(
         engines=len(set(ports.values()) | set(reservations)),
         port_range=(record.port_range_start, record.port_range_end),
         ports_in_use=frozenset(ports).union(foreign),
+        allowances=NodeAllowances(
+            commands=frozenset(record.allowed_commands),
+            engine_flags=frozenset(record.allowed_engine_flags),
+        ),
     )

@@ -56,6 +56,9 @@ class Healing:
         if record is None or record.state not in LIVE:
             return
         reason = f"launch failed on {ev.node}: {ev.reason}"
+        if ev.refused:  # not allowed there as written: another try would be refused again
+            await self.fail(record, reason, ())
+            return
         if ev.port_in_use:
             record = await self.placing.change_port(record)
         await self.fail_or_restart(record, reason, (), still_running=False)
@@ -112,7 +115,7 @@ class Healing:
             await self.ctx.emit(
                 EngineUnhealthy(
                     engine_id=record.engine_id,
-                    node=record.node or "",
+                    node=record.node or "unknown",
                     reason=reason,
                     generation=record.generation,
                 )
@@ -144,12 +147,7 @@ class Healing:
             now=time.time(),
         )
         if isinstance(decision, GiveUp):
-            final = f"{reason}; {decision.reason}"
-            await self.tracking.finish(record, S.FAILED, final)
-            await self.ctx.emit(
-                EngineFailed(engine_id=record.engine_id, reason=final, last_lines=last_lines)
-            )
-            log.error("%s FAILED: %s", record.engine_id, final)
+            await self.fail(record, f"{reason}; {decision.reason}", last_lines)
             return
         await self.ctx.store.update_engine(
             record.engine_id,
@@ -178,6 +176,14 @@ class Healing:
             decision.attempt,
             decision.delay_s,
         )
+
+    async def fail(self, record: EngineRecord, reason: str, last_lines: tuple[str, ...]) -> None:
+        """End the engine FAILED: its port and GPUs back, ``engine.failed`` with the reason."""
+        await self.tracking.finish(record, S.FAILED, reason)
+        await self.ctx.emit(
+            EngineFailed(engine_id=record.engine_id, reason=reason, last_lines=last_lines)
+        )
+        log.error("%s FAILED: %s", record.engine_id, reason)
 
     async def on_restart(self, env: Envelope) -> None:
         """An operator asked: launch the next generation now, where the engine is (TERM, grace,

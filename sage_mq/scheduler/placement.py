@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 
+from sage_mq.engines.argv_policy import NodeAllowances, node_refusal
 from sage_mq.errors import InvalidRequest, PlacementError
 from sage_mq.messages import StartEngine
 
@@ -35,6 +36,7 @@ class NodeView:
     engines: int = 0
     port_range: tuple[int, int] = (40000, 40999)
     ports_in_use: frozenset[int] = field(default_factory=frozenset)
+    allowances: NodeAllowances = field(default_factory=NodeAllowances)
 
     @cached_property
     def free_ascending(self) -> tuple[tuple[float, int], ...]:
@@ -49,6 +51,17 @@ class Demand:
     gpu_count: int
     memory_gb_per_gpu: float
     node: str | None = None
+    backend: str = "vllm"
+    extra_args: tuple[str, ...] = ()
+    port: int | None = None
+    """A port the request asked for: only a node whose engine port range holds it will do."""
+
+    def refusal(self, node: NodeView) -> str | None:
+        """Why ``node`` will not take this engine whatever its capacity, or None."""
+        if self.port is not None and not node.port_range[0] <= self.port <= node.port_range[1]:
+            low, high = node.port_range
+            return f"port {self.port} is outside its engine port range {low}-{high}"
+        return node_refusal(self.backend, self.extra_args, node.allowances)
 
 
 @dataclass(frozen=True)
@@ -76,21 +89,11 @@ def check_request(req: StartEngine) -> None:
         raise InvalidRequest(
             f"{req.engine_id}: tensor/pipeline parallelism needs GPUs; drop --no-gpu or set -tp 1"
         )
-    if req.backend == "command" and not req.extra_args:
-        raise InvalidRequest(
-            f"{req.engine_id}: backend 'command' needs an argv template in extra_args, "
-            "e.g. --extra-args 'my-server --model {model} --host {host} --port {port}'"
-        )
 
 
 def place(demand: Demand, nodes: Sequence[NodeView]) -> Placement:
     """Choose a node (and GPUs) for an engine, or raise :class:`PlacementError` saying why."""
-    candidates = [n for n in nodes if demand.node is None or n.node_id == demand.node]
-    if not candidates:
-        if demand.node is not None:
-            live = ", ".join(sorted(n.node_id for n in nodes)) or "none"
-            raise PlacementError(f"node {demand.node!r} is not live (live nodes: {live})")
-        raise PlacementError("no live node: start one with `sage llm node run --node-id ID`")
+    candidates = _candidates(demand, nodes)
     if demand.gpu_count == 0:
         fewest = min(candidates, key=lambda n: (n.engines, n.node_id))
         return Placement(fewest.node_id, fewest.address, (), 0.0)
@@ -112,6 +115,23 @@ def place(demand: Demand, nodes: Sequence[NodeView]) -> Placement:
     gpus = tuple(sorted(index for _free, index in fit))
     smallest = min(g.total_gb for g in target.gpus if g.index in gpus)
     return Placement(target.node_id, target.address, gpus, need, smallest)
+
+
+def _candidates(demand: Demand, nodes: Sequence[NodeView]) -> list[NodeView]:
+    """The live nodes that would take the engine (pinned, allowed), or why there are none."""
+    pinned = [n for n in nodes if demand.node is None or n.node_id == demand.node]
+    if not pinned:
+        if demand.node is not None:
+            live = ", ".join(sorted(n.node_id for n in nodes)) or "none"
+            raise PlacementError(f"node {demand.node!r} is not live (live nodes: {live})")
+        raise PlacementError("no live node: start one with `sage llm node run --node-id ID`")
+    refusals = {n.node_id: demand.refusal(n) for n in pinned}
+    allowed = [n for n in pinned if refusals[n.node_id] is None]
+    if not allowed:
+        reasons = sorted({r for r in refusals.values() if r is not None})
+        where = f"node {demand.node!r}" if demand.node else f"none of {len(pinned)} live node(s)"
+        raise PlacementError(f"{where} will take it: {'; '.join(reasons[:3])}")
+    return allowed
 
 
 _LISTED = 8

@@ -85,7 +85,14 @@ class Placing:
             backend=record.backend,
             required_memory_gb=record.required_memory_gb,
         )
-        demand = Demand(gpu_count, total_gb / max(gpu_count, 1), record.requested_node)
+        demand = Demand(
+            gpu_count,
+            total_gb / max(gpu_count, 1),
+            record.requested_node,
+            backend=record.backend,
+            extra_args=tuple(record.extra_args),
+            port=record.requested_port,
+        )
         placement = place(demand, nodes)
         node: NodeView | None = next(n for n in nodes if n.node_id == placement.node_id)
         for _attempt in range(3):

@@ -44,7 +44,7 @@ def engine_processes(state_dir: Path) -> list[psutil.Process]:
         if not any(part.startswith("sage_mq.engines.") for part in cmdline):
             continue
         try:
-            marked = proc.environ().get("SAGE_MQ_TEST_STATE", "")
+            marked = proc.environ().get("SAGE_TEST_MARK", "")
         except (psutil.AccessDenied, psutil.NoSuchProcess):
             continue
         if marked.startswith(str(state_dir)):
@@ -54,4 +54,4 @@ def engine_processes(state_dir: Path) -> list[psutil.Process]:
 
 def marked_env(state_dir: Path, **extra: str) -> dict[str, str]:
     """The environment engines get in tests: marked so a test can find its own processes."""
-    return {**os.environ, "SAGE_MQ_TEST_STATE": str(state_dir), **extra}
+    return {**os.environ, "SAGE_TEST_MARK": str(state_dir), **extra}

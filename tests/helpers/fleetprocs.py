@@ -29,7 +29,7 @@ class FleetProcs:
             "SAGE_MQ_REDIS_URL": redis.url,
             "SAGE_MQ_NAMESPACE": f"f{free_port()}",
             "SAGE_MQ_STATE_DIR": str(state),
-            "SAGE_MQ_TEST_STATE": str(state),
+            "SAGE_TEST_MARK": str(state),
         }
         self.agent: subprocess.Popen[bytes] | None = None
         low = random.randrange(20000, 32000, 100)  # below the ephemeral range (32768+)
