@@ -39,6 +39,11 @@ end
 """One entry appended to every stream in KEYS: a broadcast costs one command, not one each."""
 
 
+DEAD_EXCERPT_CHARS = 8192
+"""How much of a dead entry (and of its reason) the dead-letter stream keeps: enough to see
+what it was, never a copy of whatever size someone wrote to a stream."""
+
+
 class Bus:
     """Publishing to and reading from the streams of one namespace."""
 
@@ -135,13 +140,15 @@ class Bus:
 
     async def dead_letter(self, delivery: Delivery, group: str, reason: str) -> None:
         """Move an entry to the dead-letter stream with its reason, and ack the original."""
+        fields = json.dumps(delivery.fields)
         record = {
-            "reason": reason,
+            "reason": reason[:DEAD_EXCERPT_CHARS],
             "stream": delivery.stream,
             "entry_id": delivery.entry_id,
             "group": group,
             "deliveries": str(delivery.deliveries),
-            "fields": json.dumps(delivery.fields),
+            "fields": fields[:DEAD_EXCERPT_CHARS],
+            "fields_chars": str(len(fields)),
             "ts": f"{time.time():.6f}",
         }
         async with self.redis.pipeline(transaction=True) as pipe:
@@ -149,7 +156,11 @@ class Bus:
             pipe.xack(delivery.stream, group, delivery.entry_id)
             await pipe.execute()
         log.warning(
-            "dead-lettered %s %s (group %s): %s", delivery.stream, delivery.entry_id, group, reason
+            "dead-lettered %s %s (group %s): %s",
+            delivery.stream,
+            delivery.entry_id,
+            group,
+            record["reason"],
         )
 
     def consumer(

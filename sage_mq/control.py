@@ -17,7 +17,6 @@ from pydantic import ValidationError
 
 from sage_mq.bus import Bus
 from sage_mq.connection import Redis, connect, redis_errors
-from sage_mq.engines.backends import default_backend
 from sage_mq.errors import (
     DecodeError,
     EngineFailedError,
@@ -31,6 +30,7 @@ from sage_mq.keys import Keys
 from sage_mq.messages import RestartEngine, StartEngine, StopEngine
 from sage_mq.presets import Preset, apply
 from sage_mq.scheduler.placement import check_request
+from sage_mq.scheduler.placing import new_record
 from sage_mq.settings import Settings
 from sage_mq.store import EngineRecord, EngineState, NodeRecord, Store
 from sage_mq.wire import Envelope, decode, envelope
@@ -112,17 +112,12 @@ class ControlPlaneManager:
             raise InvalidRequest(_explain(exc)) from None
         check_request(request)
         cursor = await self.bus.last_id(self.keys.events)
-        env = envelope(request)
-        await self.bus.publish(self.keys.requests, env)
+        record = new_record(request)
+        await self.store.add_engine(record)  # PENDING at once: accepted, not yet placed
+        await self.bus.publish(self.keys.requests, envelope(request))
         log.info("requested start of %s (%s)", request.engine_id, model_id)
-        if not wait:  # what the scheduler will record as PENDING
-            return EngineRecord(
-                engine_id=request.engine_id,
-                model=model_id,
-                kind=engine_kind,
-                backend=backend or default_backend(engine_kind),
-                use_gpu=use_gpu,
-            )
+        if not wait:
+            return record
         return await self.wait_for_engine(
             request.engine_id,
             until=(EngineState.RUNNING,),
@@ -280,7 +275,7 @@ class ControlPlaneManager:
             return newer_than is None or (generation or 0) > newer_than
 
         goal = set(until)
-        started = time.monotonic()
+        started, since_wall = time.monotonic(), time.time()
         deadline = started + timeout
         async for entry_id, fields in self.bus.tail(self.keys.events, since):
             env = _decode_quietly(fields) if entry_id else None
@@ -296,7 +291,10 @@ class ControlPlaneManager:
             if reached and env is not None and new(getattr(env.payload, "generation", None)):
                 return await self._settled(engine_id, goal)
             record = await self.store.get_engine(engine_id)
-            if record is None and time.monotonic() - started > pickup_timeout:
+            untouched = record is None or (
+                record.state == EngineState.PENDING and record.updated_at < since_wall
+            )  # (a start request writes its PENDING record; the scheduler changes it)
+            if untouched and time.monotonic() - started > pickup_timeout:
                 raise WaitTimeout(
                     f"no scheduler took the request for {engine_id} within {pickup_timeout:.0f}s; "
                     f"it stays queued in {self.keys.requests} until one runs "

@@ -5,15 +5,49 @@ Requests go to the scheduler, commands (imperative) to one node agent, events (p
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal
+import json
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    model_validator,
+)
 
-from sage_mq.engines.argv_policy import check_engine_args
-from sage_mq.errors import InvalidRequest
+from sage_mq.engines.argv_policy import checked_for_model
 from sage_mq.ids import EngineId, NodeId
 
 SCHEMA_VERSION = 1
+MAX_METADATA_CHARS = 16_384
+
+
+def storable_text(text: str) -> str:
+    """Text Redis can store: no unpaired surrogate (valid JSON escapes can carry one)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("holds an unpaired surrogate") from None
+    return text
+
+
+def _storable(metadata: dict[str, Any]) -> dict[str, Any]:
+    """Metadata a record can hold: JSON, bounded, storable (nested depth bounded by JSON)."""
+    try:
+        text = json.dumps(metadata, ensure_ascii=False)
+    except (TypeError, ValueError, RecursionError):
+        raise ValueError("must be plain JSON") from None
+    if len(text) > MAX_METADATA_CHARS:
+        raise ValueError(f"is {len(text)} characters as JSON; at most {MAX_METADATA_CHARS}")
+    storable_text(text)
+    return metadata
+
+
+Label = Annotated[str, StringConstraints(max_length=200), AfterValidator(storable_text)]
+"""Free text a person gives an engine (a label): bounded and storable."""
+Metadata = Annotated[dict[str, Any], AfterValidator(_storable)]
 EngineKind = Literal["llm", "embedding"]
 BACKENDS = ("vllm", "embedding", "command", "fake")
 
@@ -46,19 +80,15 @@ class StartEngine(Message):
     node: NodeId | None = None
     extra_args: tuple[str, ...] = ()
     required_memory_gb: float | None = Field(None, gt=0)
-    engine_label: str | None = None
+    engine_label: Label | None = None
     max_concurrent_requests: int | None = Field(None, ge=1)
-    metadata: dict[str, Any] = Field(default_factory=dict)
+    metadata: Metadata = Field(default_factory=dict)
     startup_timeout_s: float | None = Field(None, gt=0)
 
     @model_validator(mode="after")
     def _runnable(self) -> StartEngine:
         """The model and arguments are ones some node could run (see argv_policy)."""
-        backend = self.backend or ("embedding" if self.kind == "embedding" else "vllm")
-        try:
-            check_engine_args(backend, self.model, self.extra_args)
-        except InvalidRequest as exc:
-            raise ValueError(str(exc)) from None
+        checked_for_model(self.backend, self.kind, self.model, self.extra_args)
         return self
 
 

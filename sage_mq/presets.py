@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from sage_mq.engines.argv_policy import checked_for_model
 from sage_mq.errors import (
     ConfigError,
     EngineFailedError,
@@ -43,11 +44,18 @@ def _builtin_dir() -> Path:
 
 
 BUILTIN_DIR = _builtin_dir()
-_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+PRESET_NAME_PATTERN = _NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+MAX_PRESET_BYTES = 1024 * 1024
+MAX_YAML_VALUES = 100_000
+"""Values a preset may stand for once its YAML aliases are expanded (a real one has dozens)."""
 
 
 class PresetError(ConfigError):
     """A preset file that cannot be used; the message names the file, engine and field."""
+
+
+class PresetNotFound(PresetError):
+    """No built-in preset (and no file) of that name."""
 
 
 class PresetEngine(BaseModel):
@@ -72,6 +80,12 @@ class PresetEngine(BaseModel):
     def _split(cls, value: Any) -> Any:
         """``extra_args`` as a list, or as one string split like a shell would (no shell runs)."""
         return shlex.split(value) if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _runnable(self) -> PresetEngine:
+        """The model and arguments are ones some node could run (see argv_policy)."""
+        checked_for_model(self.backend, self.kind, self.model, self.extra_args)
+        return self
 
 
 class Preset(BaseModel):
@@ -103,23 +117,73 @@ def builtin_names() -> list[str]:
 
 
 def load_preset(name_or_path: str | Path) -> Preset:
-    """A built-in preset by name, or a preset file; :class:`PresetError` saying what is wrong."""
+    """A preset file, or a built-in preset by name; :class:`PresetError` saying what is wrong.
+    (For operators at a shell; a request over the network names built-ins only:
+    :func:`load_builtin`.)"""
     path = Path(name_or_path)
-    if not path.is_file():
-        path = BUILTIN_DIR / f"{name_or_path}.yaml"
-        if not path.is_file():
-            known = ", ".join(builtin_names()) or "none"
-            raise PresetError(
-                f"no preset file {str(name_or_path)!r} and no built-in preset of that name "
-                f"(built-in: {known})"
-            )
+    if path.is_file():
+        return _load_file(path)
+    return load_builtin(str(name_or_path))
+
+
+def load_builtin(name: str) -> Preset:
+    """A built-in preset, by its name only: never a path, so nothing else is read."""
+    known = builtin_names()
+    if name not in known:
+        listed = ", ".join(known) or "none"
+        raise PresetNotFound(
+            f"no preset file {name[:80]!r} and no built-in preset of that name (built-in: {listed})"
+        )
+    return _load_file(BUILTIN_DIR / f"{name}.yaml")
+
+
+def _load_file(path: Path) -> Preset:
     try:
-        data = yaml.safe_load(path.read_text())
+        with path.open("rb") as file:
+            raw = file.read(MAX_PRESET_BYTES + 1)
+        text = raw.decode()
     except (OSError, UnicodeDecodeError) as exc:
         raise PresetError(f"{path}: cannot read it: {exc}") from None
+    if len(raw) > MAX_PRESET_BYTES:
+        raise PresetError(f"{path}: larger than {MAX_PRESET_BYTES // 1024} KiB; not a preset")
+    return parse_preset(load_yaml(text, str(path)), source=str(path))
+
+
+def load_yaml(text: str, source: str) -> Any:
+    """YAML as data, refusing documents that would expand past :data:`MAX_YAML_VALUES` values
+    through aliases (a "billion laughs" is a few hundred bytes) or nest too deep."""
+    try:
+        loader = yaml.SafeLoader(text)
+    except yaml.YAMLError as exc:  # characters YAML does not take
+        raise PresetError(f"{source}: not valid YAML: {exc}") from None
+    try:
+        node = loader.get_single_node()
+        if node is not None and _expanded_size(node, {}) > MAX_YAML_VALUES:
+            raise PresetError(
+                f"{source}: expands to more than {MAX_YAML_VALUES} values through YAML aliases"
+            )
+        return None if node is None else loader.construct_document(node)
     except yaml.YAMLError as exc:
-        raise PresetError(f"{path}: not valid YAML: {exc}") from None
-    return parse_preset(data, source=str(path))
+        raise PresetError(f"{source}: not valid YAML: {exc}") from None
+    except RecursionError:
+        raise PresetError(f"{source}: nested too deeply to be a preset") from None
+    finally:
+        loader.dispose()
+
+
+def _expanded_size(node: yaml.Node, seen: dict[int, int]) -> int:
+    """How many values ``node`` stands for once every alias is copied out (each shared node
+    counted once per use, computed once)."""
+    known = seen.get(id(node))
+    if known is not None:
+        return known
+    size = 1
+    if isinstance(node, yaml.SequenceNode):
+        size += sum(_expanded_size(item, seen) for item in node.value)
+    elif isinstance(node, yaml.MappingNode):
+        size += sum(_expanded_size(k, seen) + _expanded_size(v, seen) for k, v in node.value)
+    seen[id(node)] = size
+    return size
 
 
 def parse_preset(data: Any, *, source: str = "preset") -> Preset:

@@ -127,12 +127,22 @@ def oldest_first(records: Iterable[EngineRecord]) -> list[EngineRecord]:
     return sorted(records, key=lambda r: (r.created_at, r.engine_id))
 
 
+_ADD = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], unpack(ARGV, 2))
+redis.call('SADD', KEYS[2], ARGV[1])
+return 1
+"""
+"""A record and its set membership, only if no record of that id exists (one round trip)."""
+
+
 class Store:
     """Reads and writes records; the only module that knows their hash layout."""
 
     def __init__(self, redis: Redis, keys: Keys) -> None:
         self.redis: Any = redis  # RESP2 with str replies; see connection.connect
         self.keys = keys
+        self._add = redis.register_script(_ADD)
 
     async def _batch(self, what: str, calls: list[tuple[Any, ...]]) -> list[Any]:
         """Many reads in one round trip: ``(command, *args)`` each, replies in order."""
@@ -150,6 +160,16 @@ class Store:
             pipe.sadd(self.keys.engines, record.engine_id)
             with redis_errors("saving an engine record"):
                 await pipe.execute()
+
+    async def add_engine(self, record: EngineRecord) -> bool:
+        """Write a new engine record unless one with its id exists; whether it was written."""
+        flat = [item for pair in to_hash(record).items() for item in pair]
+        with redis_errors("recording a new engine"):
+            added = await self._add(
+                keys=[self.keys.engine(record.engine_id), self.keys.engines],
+                args=[record.engine_id, *flat],
+            )
+        return bool(added)
 
     async def update_engine(
         self, engine_id: str, *, current: EngineRecord | None = None, **changes: Any

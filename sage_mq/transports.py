@@ -77,7 +77,7 @@ class DirectTransport:
 
     def __init__(self, replicas: Any, router: Router, timeout: float) -> None:
         self.registry = replicas
-        """Anything with ``replicas(model)``, ``models()`` and ``known(model)`` (a Registry)."""
+        """Anything with ``replicas(model)``, ``models()`` and ``coming(model)`` (a Registry)."""
         self.router = router
         self.http = httpx.Client(timeout=timeout)
         self._lock = threading.Lock()
@@ -150,7 +150,7 @@ class DirectTransport:
     def _choose(self, model: str, tried: set[str]) -> Replica:
         replicas = self.registry.replicas(model)
         if not replicas:
-            if self.registry.known(model):
+            if self.registry.coming(model):
                 raise InferenceError(
                     f"no replica of {model!r} is RUNNING right now (see `sage llm engine list`)",
                     status=503,

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from sage_mq.agent.outbox import Outbox
-from sage_mq.bus import Bus
+from sage_mq.bus import DEAD_EXCERPT_CHARS, Bus
 from sage_mq.connection import Redis, connect
 from sage_mq.errors import ConfigError, ControlPlaneUnavailable
 from sage_mq.keys import Keys
@@ -97,6 +97,19 @@ async def test_garbage_goes_to_dead_letters_at_once_and_the_loop_keeps_going(
     assert {fields["stream"] for _id, fields in dead} == {stream}
     assert json.loads(dead[0][1]["fields"]) == {"hello": "world"}
     assert await pending_count(aredis, stream) == 0
+
+
+async def test_a_dead_letter_keeps_a_bounded_excerpt_of_a_huge_entry(
+    aredis: Redis, settings: Settings
+) -> None:
+    bus = make_bus(aredis, settings)
+    stream = f"{settings.namespace}:s"
+    await aredis.xadd(stream, {"type": "engine.stop", "data": "x" * 5_000_000, "id": "big"})
+    seen, handler = recorder()
+    await bus.consumer([stream], "g", "c1", handler).run(until_idle=True)
+    ((_id, fields),) = await aredis.xrange(bus.keys.dead)
+    assert len(fields["fields"]) == DEAD_EXCERPT_CHARS and len(fields["reason"]) <= 8192
+    assert int(fields["fields_chars"]) > 5_000_000 and seen == []
 
 
 async def test_a_failing_handler_is_retried_then_dead_lettered_after_max_deliveries(

@@ -127,9 +127,26 @@ def test_a_dead_replica_costs_no_request_and_a_stopped_one_leaves_rotation(
         assert raw.headers["x-sage-engine"] == first["engine_id"]
     fleet.cli("llm", "engine", "stop", str(first["engine_id"]))
     wait_for(lambda: models(url) == [])
-    with pytest.raises(openai.APIStatusError) as err:
+    with pytest.raises(openai.APIStatusError) as err:  # stopped, so nothing will bring it back
         client.chat.completions.create(model="demo", messages=[{"role": "user", "content": "x"}])
-    assert err.value.status_code == 503 and "no replica of 'demo' is RUNNING" in str(err.value)
+    assert err.value.status_code == 404 and "'demo' is not served now" in str(err.value)
+
+
+def test_a_model_on_its_way_is_503_with_retry_after_and_a_stopped_one_404(
+    gateway: tuple[FleetProcs, str],
+) -> None:
+    fleet, url = gateway
+    fleet.cli("llm", "engine", "start", "slow", "--backend", "fake", "--no-gpu",
+              "--extra-args", "--startup-delay 3")  # fmt: skip
+    chat = {"model": "slow", "messages": [{"role": "user", "content": "x"}]}
+    wait_for(lambda: httpx.post(f"{url}/v1/chat/completions", json=chat).status_code == 503)
+    starting = httpx.post(f"{url}/v1/chat/completions", json=chat, timeout=5)
+    assert starting.headers["retry-after"] == "2" and "on its way" in starting.text
+    wait_for(lambda: models(url) == ["slow"], 30)
+    assert httpx.post(f"{url}/v1/chat/completions", json=chat, timeout=5).status_code == 200
+    never = {"model": "never-seen", "messages": [{"role": "user", "content": "x"}]}
+    unknown = httpx.post(f"{url}/v1/chat/completions", json=never, timeout=5)
+    assert unknown.status_code == 404 and "does not exist here" in unknown.text
 
 
 def _one_request(client: httpx.Client, url: str, streaming: bool) -> tuple[str, str | None, str]:

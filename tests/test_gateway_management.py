@@ -67,7 +67,10 @@ def test_engines_nodes_gpus_status_and_presets_over_rest(
         assert api.get("/status").json()["engines"]["by_state"] == {"RUNNING": 1}
         applied = api.post("/presets/apply", json={"name": "demo"})
         assert [r["engine_id"] for r in applied.json()] == ["demo-chat", "demo-embed"]
-        assert api.post("/presets/apply", json={"name": "../etc/passwd"}).status_code == 400
+        assert api.post("/presets/apply", json={"name": "../etc/passwd"}).status_code == 422
+        with_file = api.post("/presets/apply", json={"name": "pyproject.toml"})  # in its cwd
+        assert with_file.status_code == 404 and "build-system" not in with_file.text
+        assert "no built-in preset" in with_file.json()["error"]["message"]
         broken = api.post(
             "/presets/apply", json={"preset": {"version": 1, "name": "x", "engines": [{}]}}
         )
@@ -111,12 +114,12 @@ def test_a_request_never_chooses_what_a_node_runs(
         far = {"model_id": "x", "backend": "fake", "port": 22, "use_gpu": False, "wait": True}
         refused = api.post("/engines", json=far)
         assert refused.status_code == 409 and "outside its engine port range" in refused.text
-        for bad_args in (["ok\u0000"], [""], ["\ud800"]):  # what no process can take
+        for bad_args, status in ((["ok\u0000"], 422), ([""], 400), (["\ud800"], 422)):
             body = {"model_id": "x", "backend": "command", "extra_args": bad_args}
             raw = json.dumps(body)  # ASCII, escapes included: a lone surrogate as JSON sends it
             answer = api.post("/engines", content=raw, headers={"content-type": "application/json"})
-            assert answer.status_code == 400, bad_args  # refused before anything is queued
-            assert "extra argument 0" in answer.text or "executable" in answer.text
+            assert answer.status_code == status, bad_args  # refused before anything is queued
+            assert "extra_args" in answer.text or "executable" in answer.text, answer.text
         states = {r["engine_id"]: r["state"] for r in api.get("/engines").json()}
         assert set(states.values()) == {"FAILED"}  # no port, no GPU held, none STARTING
     assert not marker.exists()

@@ -108,6 +108,12 @@ def test_a_taken_or_exhausted_port_is_refused() -> None:
 def test_requests_that_can_never_run_are_refused_up_front() -> None:
     with pytest.raises(InvalidRequest, match="needs GPUs"):
         check_request(StartEngine(engine_id="e", model="m", use_gpu=False, tensor_parallel_size=2))
+    embedding_on_cpu = StartEngine(
+        engine_id="e", model="m", kind="embedding", pipeline_parallel_size=2
+    )
+    with pytest.raises(InvalidRequest, match="would run on the CPU; add --use-gpu"):
+        check_request(embedding_on_cpu)  # (its GPUs were silently dropped before)
+    check_request(embedding_on_cpu.model_copy(update={"use_gpu": True}))
     with pytest.raises(ValidationError, match="argv template"):
         StartEngine(engine_id="e", model="m", backend="command")
     check_request(StartEngine(engine_id="e", model="m", backend="command", extra_args=("x",)))

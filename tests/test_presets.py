@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
 
-from sage_mq.presets import PresetError, builtin_names, load_preset, parse_preset
+from sage_mq.presets import PresetError, builtin_names, load_builtin, load_preset, parse_preset
 from tests.helpers.fleetprocs import FleetProcs
 from tests.helpers.servers import Processes, RedisServer
 
@@ -22,6 +23,12 @@ def test_the_built_ins_load_and_cover_what_users_ask_for() -> None:
     )  # one puts an embedding model on GPU
     assert [demo.engine_id(e) for e in demo.engines] == ["demo-chat", "demo-embed"]
     assert presets["qwen-lite"].engines[0].extra_args == ("--max-model-len", "4096")
+
+
+LAUGHS = "version: 1\nname: lol\na0: &a0 [lol]\n" + "".join(
+    f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]\n" for i in range(1, 10)
+)
+"""A billion laughs: 10**9 strings once expanded, under a kilobyte as written."""
 
 
 @pytest.mark.parametrize(
@@ -44,6 +51,13 @@ def test_the_built_ins_load_and_cover_what_users_ask_for() -> None:
         ("version: 2\nname: p\nengines: []\n", "field 'version'"),
         ("name: p\nengines: [\n", "not valid YAML"),
         ("- just\n- a list\n", "a preset is a mapping"),
+        (LAUGHS, "expands to more than 100000 values through YAML aliases"),
+        ("[" * 5000 + "]" * 5000, "nested too deeply"),
+        (
+            "version: 1\nname: p\nengines:\n  - name: sh\n    model: m\n    backend: vllm\n"
+            "    extra_args: --port 22\n",
+            "engine 'sh' (engines[0]): Value error, --port cannot be given",
+        ),
     ],
 )
 def test_a_bad_file_is_refused_naming_the_file_engine_and_field(
@@ -54,6 +68,30 @@ def test_a_bad_file_is_refused_naming_the_file_engine_and_field(
     with pytest.raises(PresetError) as err:
         load_preset(path)
     assert str(err.value).startswith(f"{path}: ") and expected in str(err.value)
+
+
+def test_a_billion_laughs_is_refused_before_it_is_expanded(tmp_path: Path) -> None:
+    path = tmp_path / "lol.yaml"
+    path.write_text(LAUGHS)
+    started = time.monotonic()
+    with pytest.raises(PresetError, match="through YAML aliases"):
+        load_preset(path)
+    assert time.monotonic() - started < 1  # refused before the 10**9 strings exist
+    path.write_bytes(b"#" * (1024 * 1024 + 1))
+    with pytest.raises(PresetError, match="larger than 1024 KiB"):
+        load_preset(path)
+
+
+def test_a_built_in_is_named_never_read_from_a_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "config.toml").write_text("secret = 'do-not-echo'\n")
+    monkeypatch.chdir(tmp_path)
+    for name in ("config.toml", "../etc/passwd", "/etc/passwd", "demo.yaml"):
+        with pytest.raises(PresetError) as err:
+            load_builtin(name)
+        assert "do-not-echo" not in str(err.value) and "built-in: demo" in str(err.value)
+    assert load_builtin("demo").name == "demo"
 
 
 def test_an_unknown_name_lists_the_built_ins() -> None:

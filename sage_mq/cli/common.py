@@ -103,6 +103,18 @@ def allowed_commands(names: list[str] | None, listing: Path | None) -> tuple[str
     return tuple(found)
 
 
+def _engine_id(value: str) -> str:
+    try:
+        return check_id("engine id", value)
+    except InvalidRequest as exc:
+        raise typer.BadParameter(str(exc)) from None
+
+
+EngineIdArg = Annotated[
+    str, typer.Argument(help="Engine id (see `engine list`).", callback=_engine_id)
+]
+
+
 def checked_node_id(node_id: str) -> str:
     """The node id, or exit with what a node id looks like."""
     try:

@@ -10,6 +10,7 @@ from rich.table import Table
 
 from sage_mq.cli.common import (
     DEFAULT_URL,
+    EngineIdArg,
     JsonFlag,
     RedisUrl,
     console,
@@ -149,7 +150,7 @@ def list_engines(json_output: JsonFlag = False, redis_url: RedisUrl = DEFAULT_UR
 
 @engine_app.command("stop")
 def stop(
-    engine_id: Annotated[str, typer.Argument(help="Engine id (see `engine list`).")],
+    engine_id: EngineIdArg,
     wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Wait until STOPPED.")] = True,
     timeout: Annotated[float, typer.Option(help="Seconds to wait.")] = 60.0,
     json_output: JsonFlag = False,
@@ -170,7 +171,7 @@ def stop(
 
 @engine_app.command("restart")
 def restart(
-    engine_id: Annotated[str, typer.Argument(help="Engine id (see `engine list`).")],
+    engine_id: EngineIdArg,
     wait: Annotated[
         bool, typer.Option("--wait/--no-wait", help="Wait until the new process is RUNNING.")
     ] = True,
@@ -195,7 +196,7 @@ def restart(
 
 @engine_app.command("logs")
 def logs(
-    engine_id: Annotated[str, typer.Argument(help="Engine id.")],
+    engine_id: EngineIdArg,
     follow: Annotated[
         bool, typer.Option("--follow", "-f", help="Keep printing new lines.")
     ] = False,

@@ -99,6 +99,11 @@ _VLLM_EXACT = frozenset({"--reasoning-parser"})
 """Real vLLM flags that happen to begin another one's name (so they are not abbreviations)."""
 
 _NUMBER = re.compile(r"-\.?\d")
+MODEL_PATTERN = r"^[^\x00-\x1f\x7f-][^\x00-\x1f\x7f]{0,511}$"
+"""A model id or path as the REST API documents it (one argument: no control characters, not
+a flag)."""
+_MODEL = re.compile(MODEL_PATTERN)
+ARG_PATTERN = r"^[^\x00]*$"
 
 
 @dataclass(frozen=True)
@@ -123,13 +128,23 @@ def check_engine_args(backend: str, model: str, args: Sequence[str]) -> None:
         _check_vllm(args)
 
 
+def checked_for_model(backend: str | None, kind: str, model: str, args: Sequence[str]) -> None:
+    """:func:`check_engine_args` for a pydantic validator (``ValueError``), with the default
+    backend of ``kind`` when none is named."""
+    try:
+        check_engine_args(backend or ("embedding" if kind == "embedding" else "vllm"), model, args)
+    except InvalidRequest as exc:
+        raise ValueError(str(exc)) from None
+
+
 def check_model(model: str) -> None:
-    """A model id or path is text for one argument: bounded, printable, not a flag."""
+    """A model id or path is text for one argument (:data:`MODEL_PATTERN`): bounded, no
+    control characters, not a flag."""
     if not model or len(model) > MAX_MODEL_CHARS:
         raise InvalidRequest(f"the model name must have 1 to {MAX_MODEL_CHARS} characters")
     if model.startswith("-"):
         raise InvalidRequest(f"the model name {model[:60]!r} begins with '-', like a flag")
-    if not model.isprintable() or not _encodable(model):
+    if not _MODEL.fullmatch(model) or not _encodable(model):
         raise InvalidRequest("the model name holds control characters or unpaired surrogates")
 
 

@@ -10,6 +10,7 @@ from typing import Any
 
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -21,9 +22,11 @@ from sage_mq.errors import ControlPlaneUnavailable, SageMQError
 from sage_mq.gateway.auth import KeyCheck
 from sage_mq.gateway.batch_api import batch_router
 from sage_mq.gateway.inference import PATHS, Inference
-from sage_mq.gateway.management import management_router, on_bad_body, on_our_error
+from sage_mq.gateway.management import management_router
 from sage_mq.gateway.metrics import CONTENT_TYPE, GatewayMetrics
+from sage_mq.gateway.openapi import document
 from sage_mq.gateway.proxy import Forwarder
+from sage_mq.gateway.refusals import on_bad_body, on_http_error, on_our_error, on_too_deep
 from sage_mq.gateway.registry import Registry
 from sage_mq.keys import Keys
 from sage_mq.routing import Router
@@ -59,6 +62,11 @@ class Gateway(FastAPI):
     """FastAPI, with the inference routes served by :class:`Inference` ahead of its stack."""
 
     inference: ASGIApp
+    keyed: bool = False
+
+    def openapi(self) -> dict[str, Any]:
+        """The document as the gateway really answers (see :mod:`.openapi`)."""
+        return document(self, keyed=self.keyed)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["path"] in PATHS:
@@ -108,8 +116,11 @@ def create_app(
 
     app = Gateway(title="sage-mq gateway", lifespan=lifespan)
     app.inference = KeyCheck(inference, api_key=api_key, admin_key=admin_key)
+    app.keyed = bool(api_key or admin_key)
     app.add_exception_handler(SageMQError, on_our_error)
     app.add_exception_handler(RequestValidationError, on_bad_body)
+    app.add_exception_handler(HTTPException, on_http_error)
+    app.add_exception_handler(RecursionError, on_too_deep)
     app.add_middleware(KeyCheck, api_key=api_key, admin_key=admin_key)
     app.include_router(management_router(parts))
     app.include_router(batch_router(parts))

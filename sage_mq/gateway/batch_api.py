@@ -11,26 +11,32 @@ batch ends. Errors are in OpenAI's shape. The work itself is done by rq workers
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, File, Form, Query, UploadFile
-from pydantic import BaseModel, ConfigDict
+from fastapi import APIRouter, File, Form, Path, Query, UploadFile
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
 from starlette.responses import JSONResponse, Response
 
 from sage_mq.batch.service import BatchNotFound, BatchService
-from sage_mq.batch.validate import ENDPOINTS
 from sage_mq.errors import ControlPlaneUnavailable, InvalidRequest
 from sage_mq.gateway.proxy import openai_error
+from sage_mq.ids import BATCH_ID_PATTERN, FILE_ID_PATTERN
+from sage_mq.messages import storable_text
+
+FileId = Annotated[str, Path(pattern=FILE_ID_PATTERN)]
+BatchId = Annotated[str, Path(pattern=BATCH_ID_PATTERN)]
+MetaKey = Annotated[str, StringConstraints(max_length=64), AfterValidator(storable_text)]
+MetaValue = Annotated[str, StringConstraints(max_length=512), AfterValidator(storable_text)]
 
 
 class BatchCreate(BaseModel):
-    """The body of ``POST /v1/batches``."""
+    """The body of ``POST /v1/batches`` (OpenAI's: metadata is up to 16 short pairs)."""
 
-    model_config = ConfigDict(extra="forbid")
-    input_file_id: str
-    endpoint: str
-    completion_window: str = "24h"
-    metadata: dict[str, str] | None = None
+    model_config = ConfigDict(extra="forbid", strict=True)
+    input_file_id: str = Field(pattern=FILE_ID_PATTERN)
+    endpoint: Literal["/v1/chat/completions", "/v1/completions", "/v1/embeddings"]
+    completion_window: Literal["24h"] = "24h"
+    metadata: dict[MetaKey, MetaValue] | None = Field(None, max_length=16)
 
 
 def batch_router(parts: dict[str, Any]) -> APIRouter:
@@ -49,12 +55,8 @@ def batch_router(parts: dict[str, Any]) -> APIRouter:
 def _file_routes(router: APIRouter, service: Callable[[], BatchService]) -> None:
     @router.post("/files")
     async def upload(
-        file: Annotated[UploadFile, File()], purpose: Annotated[str, Form()]
+        file: Annotated[UploadFile, File()], purpose: Annotated[Literal["batch"], Form()]
     ) -> Response:
-        if purpose != "batch":
-            return _bad(
-                f"purpose {purpose!r} is not taken here; upload batch input with purpose 'batch'"
-            )
         data = await file.read()
         return await _answer(
             service().records.create_file(data, file.filename or "upload", purpose)
@@ -62,18 +64,18 @@ def _file_routes(router: APIRouter, service: Callable[[], BatchService]) -> None
 
     @router.get("/files")
     async def files(
-        after: str | None = None,
+        after: Annotated[str | None, Query(pattern=FILE_ID_PATTERN)] = None,
         limit: Annotated[int, Query(ge=1, le=10000)] = 10000,
         purpose: str | None = None,
     ) -> Response:
         return await _answer(service().list_files(after, limit, purpose))
 
     @router.get("/files/{file_id}")
-    async def file_info(file_id: str) -> Response:
+    async def file_info(file_id: FileId) -> Response:
         return await _answer(_must(service().records.get_file(file_id), f"no file {file_id!r}"))
 
     @router.get("/files/{file_id}/content")
-    async def file_content(file_id: str) -> Response:
+    async def file_content(file_id: FileId) -> Response:
         try:
             content = await service().records.file_content(file_id)
         except ControlPlaneUnavailable as exc:
@@ -86,10 +88,6 @@ def _file_routes(router: APIRouter, service: Callable[[], BatchService]) -> None
 def _batch_routes(router: APIRouter, service: Callable[[], BatchService]) -> None:
     @router.post("/batches")
     async def create(body: BatchCreate) -> Response:
-        if body.endpoint not in ENDPOINTS:
-            return _bad(
-                f"endpoint {body.endpoint!r} cannot be batched; use one of {', '.join(ENDPOINTS)}"
-            )
         return await _answer(
             service().create(
                 body.input_file_id, body.endpoint, body.completion_window, body.metadata
@@ -98,24 +96,25 @@ def _batch_routes(router: APIRouter, service: Callable[[], BatchService]) -> Non
 
     @router.get("/batches")
     async def batches(
-        after: str | None = None, limit: Annotated[int, Query(ge=1, le=100)] = 20
+        after: Annotated[str | None, Query(pattern=BATCH_ID_PATTERN)] = None,
+        limit: Annotated[int, Query(ge=1, le=100)] = 20,
     ) -> Response:
         return await _answer(service().list(after, limit))
 
     @router.get("/batches/{batch_id}/results")
     async def results(
-        batch_id: str,
+        batch_id: BatchId,
         after: Annotated[int, Query(ge=0)] = 0,
         limit: Annotated[int, Query(ge=1, le=10000)] = 1000,
     ) -> Response:
         return await _answer(service().finished(batch_id, after, limit))
 
     @router.get("/batches/{batch_id}")
-    async def get(batch_id: str) -> Response:
+    async def get(batch_id: BatchId) -> Response:
         return await _answer(service().get(batch_id))
 
     @router.post("/batches/{batch_id}/cancel")
-    async def cancel(batch_id: str) -> Response:
+    async def cancel(batch_id: BatchId) -> Response:
         return await _answer(service().cancel(batch_id))
 
 

@@ -86,6 +86,8 @@ def _check(body: bytes) -> Response | tuple[str, bool]:
         payload = json.loads(body)
     except ValueError:
         return openai_error(400, "the body is not JSON", "invalid_request_error")
+    except RecursionError:
+        return openai_error(400, "the body is nested too deeply", "invalid_request_error")
     model = payload.get("model") if isinstance(payload, dict) else None
     if not isinstance(model, str) or not model:
         return openai_error(

@@ -3,45 +3,51 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Request
-from fastapi.exceptions import RequestValidationError
-from pydantic import BaseModel, ConfigDict, Field
-from starlette.responses import JSONResponse
+from fastapi import APIRouter, Path
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from sage_mq.control import ControlPlaneManager
+from sage_mq.engines.argv_policy import ARG_PATTERN, MAX_ARG_CHARS, MAX_ARGS, MODEL_PATTERN
 from sage_mq.errors import (
-    ConfigError,
-    ControlPlaneUnavailable,
-    EngineFailedError,
-    EngineNotFound,
     InvalidRequest,
-    PresetApplyError,
-    RequestRejectedError,
-    SageMQError,
-    WaitTimeout,
 )
-from sage_mq.presets import Preset, load_preset, parse_preset
+from sage_mq.ids import ENGINE_ID_PATTERN, NodeId
+from sage_mq.messages import Label, Metadata
+from sage_mq.presets import PRESET_NAME_PATTERN, Preset, load_builtin, parse_preset
+
+
+def _whole(value: Any) -> Any:
+    """JSON's integers include ``60.0``: a float with no fraction is the int it is."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+JsonInt = Annotated[int, BeforeValidator(_whole)]
+Port = Annotated[int, Field(ge=1, le=65535), BeforeValidator(_whole)]
+AtLeastOne = Annotated[int, Field(ge=1), BeforeValidator(_whole)]
+ModelId = Annotated[str, Field(min_length=1, max_length=512, pattern=MODEL_PATTERN)]
+ExtraArg = Annotated[str, Field(max_length=MAX_ARG_CHARS, pattern=ARG_PATTERN)]
+EnginePath = Annotated[str, Path(pattern=ENGINE_ID_PATTERN)]
 
 
 class EngineStartRequest(BaseModel):
     """Body of ``POST /v1/management/engines``."""
 
-    model_config = ConfigDict(extra="forbid")
-    model_id: str = Field(min_length=1)
+    model_config = ConfigDict(extra="forbid", strict=True)
+    model_id: ModelId
     engine_kind: Literal["llm", "embedding"] = "llm"
     use_gpu: bool | None = None
-    tensor_parallel_size: int = Field(1, ge=1, le=64)
-    pipeline_parallel_size: int = Field(1, ge=1, le=64)
-    port: int | None = Field(None, ge=1, le=65535)
-    node: str | None = None
+    tensor_parallel_size: JsonInt = Field(1, ge=1, le=64)
+    pipeline_parallel_size: JsonInt = Field(1, ge=1, le=64)
+    port: Port | None = None
+    node: NodeId | None = None
     backend: Literal["vllm", "embedding", "command", "fake"] | None = None
-    required_memory_gb: float | None = Field(None, gt=0)
-    engine_label: str | None = None
-    max_concurrent_requests: int | None = Field(None, ge=1)
-    extra_args: list[str] = Field(default_factory=list)
-    metadata: dict[str, Any] = Field(default_factory=dict)
+    required_memory_gb: float | None = Field(None, gt=0, le=1_000_000)
+    engine_label: Label | None = None
+    max_concurrent_requests: AtLeastOne | None = None
+    extra_args: list[ExtraArg] = Field(default_factory=list, max_length=MAX_ARGS)
+    metadata: Metadata = Field(default_factory=dict)
     wait: bool = False
     """Answer once the engine is RUNNING (or say why it is not) instead of at once."""
 
@@ -49,29 +55,11 @@ class EngineStartRequest(BaseModel):
 class PresetApplyRequest(BaseModel):
     """Body of ``POST /v1/management/presets/apply``: a built-in's name, or a preset itself."""
 
-    model_config = ConfigDict(extra="forbid")
-    name: str | None = None
+    model_config = ConfigDict(extra="forbid", strict=True)
+    name: str | None = Field(None, max_length=60, pattern=PRESET_NAME_PATTERN)
     preset: dict[str, Any] | None = None
     wait: bool = True
     rollback: bool = True
-
-
-_STATUS: list[tuple[type[SageMQError], int]] = [
-    (EngineNotFound, 404),
-    (InvalidRequest, 400),
-    (ConfigError, 400),
-    (RequestRejectedError, 409),
-    (EngineFailedError, 409),
-    (PresetApplyError, 409),
-    (WaitTimeout, 504),
-    (ControlPlaneUnavailable, 503),
-]
-
-
-def error_response(exc: SageMQError) -> JSONResponse:
-    """Our error as JSON with the status that says what kind it is."""
-    status = next((code for kind, code in _STATUS if isinstance(exc, kind)), 500)
-    return JSONResponse({"error": exc.to_wire()}, status_code=status)
 
 
 def management_router(parts: dict[str, Any]) -> APIRouter:
@@ -101,15 +89,15 @@ def _engine_routes(api: APIRouter, cp: Callable[[], ControlPlaneManager]) -> Non
         return [r.public() for r in await cp().list_engines()]
 
     @api.get("/engines/{engine_id}")
-    async def get_engine(engine_id: str) -> Any:
+    async def get_engine(engine_id: EnginePath) -> Any:
         return (await cp().get_engine(engine_id)).public()
 
     @api.delete("/engines/{engine_id}", status_code=202)
-    async def stop_engine(engine_id: str, wait: bool = False) -> Any:
+    async def stop_engine(engine_id: EnginePath, wait: bool = False) -> Any:
         return (await cp().stop_engine(engine_id, wait=wait)).public()
 
     @api.post("/engines/{engine_id}/restart", status_code=202)
-    async def restart_engine(engine_id: str, wait: bool = False) -> Any:
+    async def restart_engine(engine_id: EnginePath, wait: bool = False) -> Any:
         return (await cp().restart_engine(engine_id, wait=wait)).public()
 
 
@@ -140,22 +128,4 @@ def _preset_of(body: PresetApplyRequest) -> Preset:
         return parse_preset(body.preset, source="the request's preset")
     if body.name is None or body.preset is not None:
         raise InvalidRequest("give either `name` (a built-in preset) or `preset` (its body)")
-    if "/" in body.name or body.name.startswith("."):  # never a path on the gateway's host
-        raise InvalidRequest("`name` is a built-in preset's name; send a file's body as `preset`")
-    return load_preset(body.name)
-
-
-async def on_our_error(_request: Request, exc: Exception) -> JSONResponse:
-    """FastAPI exception handler for :class:`SageMQError`."""
-    assert isinstance(exc, SageMQError)
-    return error_response(exc)
-
-
-async def on_bad_body(_request: Request, exc: Exception) -> JSONResponse:
-    """A body that does not fit its model: 422, naming the first field and what is wrong."""
-    assert isinstance(exc, RequestValidationError)
-    first = exc.errors()[0] if exc.errors() else {}
-    where = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or "body"
-    message = f"field {where!r}: {first.get('msg', 'invalid')} ({len(exc.errors())} error(s))"
-    wire = {"type": "InvalidRequest", "message": message, "retryable": False}
-    return JSONResponse({"error": wire}, status_code=422)
+    return load_builtin(body.name)  # a name, never a file on the gateway's host

@@ -124,17 +124,22 @@ class Forwarder:
             yield pending
 
     def _nothing_serves(self, model: str) -> JSONResponse:
-        if self.registry.known(model):
-            return openai_error(
+        if self.registry.coming(model):
+            busy = openai_error(
                 503,
-                f"no replica of {model!r} is RUNNING right now (see `sage llm engine list`)",
+                f"no replica of {model!r} is RUNNING right now; one is on its way "
+                "(see `sage llm engine list`)",
                 "service_unavailable",
                 "no_running_replica",
             )
+            busy.headers["retry-after"] = "2"
+            return busy
         models = ", ".join(self.registry.models()) or "none yet"
+        why = "is not served now (its engines are stopped or failed)"
         return openai_error(
             404,
-            f"the model {model!r} does not exist here; models being served: {models}",
+            f"the model {model!r} {why if self.registry.known(model) else 'does not exist here'}"
+            f"; models being served: {models}",
             "invalid_request_error",
             "model_not_found",
         )

@@ -51,6 +51,9 @@ class Registry:
         """Engine id -> model, for every engine known (RUNNING or not)."""
         self._by_model: dict[str, tuple[Replica, ...]] = {}
         self._known: frozenset[str] = frozenset()
+        self._ended: set[str] = set()
+        """Engines STOPPED or FAILED: nothing brings them back by itself."""
+        self._coming: frozenset[str] = frozenset()
 
     def replicas(self, model: str) -> tuple[Replica, ...]:
         """RUNNING replicas of ``model``."""
@@ -64,10 +67,15 @@ class Registry:
         """Whether any engine (in any state) is for ``model``."""
         return model in self._known
 
+    def coming(self, model: str) -> bool:
+        """Whether an engine for ``model`` that is not RUNNING will be (starting, restarting,
+        waiting for capacity): not all of them are STOPPED or FAILED."""
+        return model in self._coming
+
     async def load(self) -> None:
         """Read every engine record."""
         records = await self.store.list_engines()
-        self._replicas, self._models = {}, {}
+        self._replicas, self._models, self._ended = {}, {}, set()
         for record in records:
             self._apply(record)
         self._publish()
@@ -78,9 +86,14 @@ class Registry:
             by_model.setdefault(replica.model, []).append(replica)
         self._by_model = {model: tuple(found) for model, found in by_model.items()}
         self._known = frozenset(self._models.values())
+        self._coming = frozenset(m for e, m in self._models.items() if e not in self._ended)
 
     def _apply(self, record: EngineRecord) -> None:
         self._models[record.engine_id] = record.model
+        if record.state.terminal:
+            self._ended.add(record.engine_id)
+        else:
+            self._ended.discard(record.engine_id)
         replica = running_replica(record)
         if replica is not None:
             self._replicas[record.engine_id] = replica
@@ -122,6 +135,8 @@ class Registry:
         kind = fields.get("type", "")
         if kind in _LEAVING:  # out of rotation at once, whatever the record says yet
             self._replicas.pop(engine_id, None)
+            if kind in ("engine.stopped", "engine.failed"):
+                self._ended.add(engine_id)
             return
         record = await self.store.get_engine(engine_id)
         if record is None and kind in _REPORTED:
@@ -129,9 +144,11 @@ class Registry:
         if record is None:
             self._replicas.pop(engine_id, None)
             self._models.pop(engine_id, None)
+            self._ended.discard(engine_id)
         elif kind == "engine.ready" and isinstance(data, dict) and data.get("url"):
             # The agent saw it healthy; the scheduler's record may not say RUNNING yet.
             self._models[engine_id] = record.model
+            self._ended.discard(engine_id)
             self._replicas[engine_id] = Replica(
                 engine_id, record.model, str(data["url"]), record.kind
             )

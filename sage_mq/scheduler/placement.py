@@ -85,9 +85,11 @@ def wants_gpu(kind: str, use_gpu: bool | None) -> bool:
 
 def check_request(req: StartEngine) -> None:
     """Refuse requests that can never be placed as written, with what to change."""
-    if req.use_gpu is False and req.tensor_parallel_size * req.pipeline_parallel_size > 1:
+    parallel = req.tensor_parallel_size * req.pipeline_parallel_size > 1
+    if parallel and not wants_gpu(req.kind, req.use_gpu):
         raise InvalidRequest(
-            f"{req.engine_id}: tensor/pipeline parallelism needs GPUs; drop --no-gpu or set -tp 1"
+            f"{req.engine_id}: tensor/pipeline parallelism needs GPUs, and this "
+            f"{req.kind} engine would run on the CPU; add --use-gpu, or set -tp 1"
         )
 
 

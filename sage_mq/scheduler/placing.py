@@ -55,9 +55,14 @@ class Placing:
         try:
             check_request(req)
         except InvalidRequest as exc:
+            if existing is not None:  # the requester recorded it PENDING
+                await self.ctx.store.update_engine(
+                    req.engine_id, current=existing, state=S.FAILED, last_error=str(exc)
+                )
             await self.ctx.reject(env, req.engine_id, str(exc))
             return
-        record = existing or new_record(req)  # PENDING: a half-done start is resumed
+        # PENDING: recorded by the requester, or a half-done start, resumed
+        record = existing or new_record(req)
         if existing is None:
             await self.ctx.store.put_engine(record)
         await self.start_pending(env, record)
