@@ -1,5 +1,6 @@
-"""All-in-one: Redis, a scheduler, a local node agent and the gateway in one process, and a
-batch worker beside it (an rq worker is a process of its own).
+"""All-in-one: Redis, a scheduler, a local node agent and the gateway in one process (the
+gateway on a thread of its own), and a batch worker beside it (an rq worker is a process of its
+own).
 
 What ``sage llm up`` and ``UnifiedInferenceClient.create(embedded=True)`` run. Redis is a private
 ``redis-server`` child unless a URL is given (then it joins that fleet). Stopping stops every
@@ -10,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import logging
 import os
 import signal
@@ -29,6 +29,7 @@ from sage_mq.control import ControlPlaneManager
 from sage_mq.errors import ConfigError, SageMQError
 from sage_mq.gateway import create_app
 from sage_mq.gateway.auth import check_exposure
+from sage_mq.gateway.serving import GatewayConfig, bind_socket
 from sage_mq.gpu import GPUResourceManager
 from sage_mq.ids import check_id
 from sage_mq.local_redis import LocalRedis
@@ -69,7 +70,7 @@ class GatewayThread:
 
     def __init__(self, app: Any, host: str, port: int) -> None:
         self.server = _EmbeddedServer(
-            uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False)
+            GatewayConfig(app, host=host, port=port, log_level="warning", access_log=False)
         )
         self.where = f"{host}:{port}"
         self._socket = bind_socket(host, port)
@@ -106,23 +107,6 @@ class GatewayThread:
             await asyncio.to_thread(self._thread.join, timeout_s)
         else:
             self._socket.close()
-
-
-def bind_socket(host: str, port: int) -> socket.socket:
-    """A listening socket on ``host:port``, or :class:`ConfigError` saying why not."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as exc:
-        sock.close()
-        hint = "; choose another with --port" if exc.errno == errno.EADDRINUSE else ""
-        raise ConfigError(
-            f"the gateway cannot listen on {host}:{port}: {exc.strerror}{hint}"
-        ) from None
-    sock.set_inheritable(False)
-    return sock
 
 
 class EmbeddedControlPlane:
@@ -243,10 +227,13 @@ class EmbeddedControlPlane:
             self._worker = None
         if self._parts is not None:
             scheduler, agent, gateway, control = self._parts
-            with contextlib.suppress(SageMQError):
-                await self._stop_engines(control)
-            with contextlib.suppress(SageMQError):
-                await agent.stop_all_engines()  # whatever the scheduler could not stop
+            if self.local is None:  # a shared fleet: what we started, through its scheduler
+                with contextlib.suppress(SageMQError):
+                    await self._stop_started(control)
+            else:  # our own Redis, gone next with every record: no one need keep them right
+                scheduler.stop()
+            with contextlib.suppress(SageMQError):  # what still runs here, all at once
+                await agent.stop_all_engines(None if self.local else self.started)
             agent.stop()
             scheduler.stop()
             await gateway.stop()
@@ -259,13 +246,9 @@ class EmbeddedControlPlane:
             await asyncio.to_thread(self.local.stop)
             self.local = None
 
-    async def _stop_engines(self, control: ControlPlaneManager) -> None:
-        if self.local is not None:  # our own Redis: every engine in it is ours
-            ids = [r.engine_id for r in await control.list_engines() if not r.state.terminal]
-        else:
-            ids = list(self.started)
+    async def _stop_started(self, control: ControlPlaneManager) -> None:
         await asyncio.gather(
-            *(control.stop_engine(engine_id, wait=True, timeout=30) for engine_id in ids),
+            *(control.stop_engine(engine_id, wait=True, timeout=30) for engine_id in self.started),
             return_exceptions=True,
         )
 

@@ -105,6 +105,11 @@ class Keys:
         """List of an uploaded file's lines."""
         return self._k("file", file_id, "lines")
 
+    def file_upload(self, file_id: str) -> str:
+        """List of the lines of an upload still coming in (renamed to ``file_lines`` once whole;
+        expires if its gateway dies first)."""
+        return self._k("file", file_id, "upload")
+
     @property
     def batches(self) -> str:
         """Sorted set of all batch ids, scored by creation time (seconds)."""

@@ -29,6 +29,7 @@ _SECRET_MIN_CHARS = 4
 """Shorter "secrets" would hide innocent variables that happen to contain them."""
 ENV_GATEWAY_POLICY = "SAGE_MQ_GATEWAY_POLICY"
 """How ``gateway run --workers N`` hands its scheduling policy to its worker processes."""
+ENV_GATEWAY_MAX_BODY = "SAGE_MQ_GATEWAY_MAX_BODY"
 
 
 @dataclass(frozen=True)
@@ -38,20 +39,25 @@ class GatewayOptions:
     policy: str = "adaptive"
     api_key: str | None = None
     admin_key: str | None = None
+    max_body_bytes: int = 32 * 1024 * 1024
+    """A request body's limit (uploads have their own: the largest batch file)."""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> GatewayOptions:
-        """From ``SAGE_MQ_GATEWAY_POLICY``, ``SAGE_MQ_API_KEY`` and ``SAGE_MQ_ADMIN_KEY``."""
+        """From ``SAGE_MQ_GATEWAY_POLICY``, ``SAGE_MQ_API_KEY``, ``SAGE_MQ_ADMIN_KEY`` and
+        ``SAGE_MQ_GATEWAY_MAX_BODY``."""
         env = os.environ if env is None else env
+        body = env.get(ENV_GATEWAY_MAX_BODY, "")
         return cls(
             policy=env.get(ENV_GATEWAY_POLICY) or "adaptive",
             api_key=env.get(ENV_API_KEY) or None,
             admin_key=env.get(ENV_ADMIN_KEY) or None,
+            max_body_bytes=int(body) if body.isdigit() else cls.max_body_bytes,
         )
 
     def as_env(self) -> dict[str, str]:
         """The variables :meth:`from_env` reads (for worker processes to inherit)."""
-        env = {ENV_GATEWAY_POLICY: self.policy}
+        env = {ENV_GATEWAY_POLICY: self.policy, ENV_GATEWAY_MAX_BODY: str(self.max_body_bytes)}
         if self.api_key:
             env[ENV_API_KEY] = self.api_key
         if self.admin_key:

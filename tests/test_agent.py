@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -150,6 +151,26 @@ async def test_the_agent_runs_only_what_its_operator_allowed(
     assert "like a flag" in reasons["flag"]
     assert "port 80 is outside node n1's engine port range 1024-65535" in reasons["far"]
     assert not marker.exists() and engine_processes(engines_cleanup) == []
+
+
+async def test_a_launch_whose_id_is_a_path_writes_nothing_and_is_dead_lettered(
+    aredis: Redis, settings: Settings, engines_cleanup: Path
+) -> None:
+    keys = Keys(settings.namespace)
+    forged = fake_launch().model_dump(mode="json") | {"engine_id": "../../../x/victim"}
+    entry = {"type": "engine.launch", "id": "forged-1", "ts": "1", "v": "1"}
+    async with RunningAgent(settings, engines_cleanup):
+        await Events(aredis, settings.namespace).wait("node.joined")
+        await aredis.xadd(keys.node_commands("n1"), entry | {"data": json.dumps(forged)})
+        for _ in range(100):
+            if await aredis.xlen(keys.dead):
+                break
+            await asyncio.sleep(0.05)
+    ((_id, dead),) = await aredis.xrange(keys.dead)
+    assert "engine_id" in dead["reason"] and dead["entry_id"]
+    written = await asyncio.to_thread(lambda: [str(p) for p in engines_cleanup.rglob("*victim*")])
+    assert written == [] and not await asyncio.to_thread((engines_cleanup / "x").exists)
+    assert engine_processes(engines_cleanup) == []
 
 
 async def test_an_allowed_command_runs_by_the_path_it_had_when_the_agent_started(

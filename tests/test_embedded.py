@@ -3,12 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-import os
-import re
-import signal
 import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -16,10 +11,14 @@ import httpx
 import openai
 import psutil
 import pytest
+import redis
 
 from sage_mq import UnifiedInferenceClient
-from tests.helpers.engines import engine_processes, marked_env
-from tests.helpers.servers import ROOT, free_port
+from sage_mq.hashes import to_hash
+from sage_mq.keys import Keys
+from sage_mq.store import EngineRecord, EngineState
+from tests.helpers.engines import engine_processes
+from tests.helpers.up import running_up
 
 pytestmark = pytest.mark.fleet
 API_KEY, ADMIN_KEY = "up-api-key-7781", "up-admin-key-1266"
@@ -37,55 +36,31 @@ def batch_workers(marker: Path) -> list[psutil.Process]:
 
 
 def test_sage_llm_up_serves_the_demo_and_ctrl_c_leaves_nothing(tmp_path: Path) -> None:
-    port = free_port()
-    env = marked_env(tmp_path, SAGE_MQ_STATE_DIR=str(tmp_path))
-    env |= {"SAGE_MQ_API_KEY": API_KEY, "SAGE_MQ_ADMIN_KEY": ADMIN_KEY}  # up honours them
-    env.pop("SAGE_MQ_REDIS_URL", None)
-    out = tmp_path / "up.out"
-    with open(out, "wb") as sink:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "sage_mq", "llm", "up", "--port", str(port)],
-            env=env,
-            stdout=sink,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # Ctrl-C at a terminal reaches the whole group: so do we
-            cwd=ROOT,
-        )
-    try:
-        deadline = time.monotonic() + 60
-        while "Ctrl-C stops everything" not in out.read_text():
-            assert proc.poll() is None and time.monotonic() < deadline, out.read_text()
-            time.sleep(0.1)
-        text = out.read_text()
-        assert f"http://127.0.0.1:{port}/v1" in text and "demo-chat" in text
+    keys = {"SAGE_MQ_API_KEY": API_KEY, "SAGE_MQ_ADMIN_KEY": ADMIN_KEY}  # up honours them
+    with running_up(tmp_path, **keys) as up:
+        text = up.out.read_text()
+        assert f"{up.base}/v1" in text and "demo-chat" in text
         assert "inference wants a key; management: admin key" in text
-        base = f"http://127.0.0.1:{port}"
         with pytest.raises(openai.AuthenticationError):
-            openai.OpenAI(base_url=f"{base}/v1", api_key="x", max_retries=0).models.list()
+            openai.OpenAI(base_url=f"{up.base}/v1", api_key="x", max_retries=0).models.list()
         for key, status in ((None, 401), (API_KEY, 401), (ADMIN_KEY, 200)):
             headers = {"authorization": f"Bearer {key}"} if key else {}
-            got = httpx.get(f"{base}/v1/management/engines", headers=headers, timeout=10)
+            got = httpx.get(f"{up.base}/v1/management/engines", headers=headers, timeout=10)
             assert got.status_code == status, (key, got.text)
-        assert httpx.get(f"{base}/metrics", timeout=10).status_code == 401
-        client = openai.OpenAI(base_url=f"{base}/v1", api_key=API_KEY, max_retries=0)
+        assert httpx.get(f"{up.base}/metrics", timeout=10).status_code == 401
+        client = openai.OpenAI(base_url=f"{up.base}/v1", api_key=API_KEY, max_retries=0)
         answer = client.chat.completions.create(
             model="demo-chat", messages=[{"role": "user", "content": "hello"}]
         )
         assert answer.choices[0].message.content == "[demo-chat] You said: hello"
         assert len(engine_processes(tmp_path)) == 2
         assert len(batch_workers(tmp_path)) == 1
-        found = re.search(r"Redis\s+redis://127\.0\.0\.1:(\d+)", text)
-        assert found is not None
-        redis_port = int(found.group(1))
-        os.killpg(proc.pid, signal.SIGINT)
-        assert proc.wait(60) == 0
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    assert "nothing is left" in out.read_text()
+        redis_port = int(up.redis_url.rsplit(":", 1)[1].split("/")[0])
+        up.ctrl_c()
+    assert "nothing is left" in up.out.read_text()
     assert engine_processes(tmp_path) == [] and batch_workers(tmp_path) == []
     with pytest.raises(httpx.TransportError):
-        httpx.get(f"http://127.0.0.1:{port}/health", timeout=2)
+        httpx.get(f"{up.base}/health", timeout=2)
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", redis_port), timeout=2).close()
 
@@ -103,3 +78,31 @@ def test_an_embedded_client_runs_its_own_fleet_and_stops_it(
         job = client.submit_chat("queued")  # the embedded fleet has a batch worker too
         assert job.result(timeout=60) == "[demo-chat] You said: queued"
     assert engine_processes(tmp_path) == [] and batch_workers(tmp_path) == []
+
+
+@pytest.mark.timeout(240)
+def test_up_with_10000_records_scrapes_fast_and_stops_within_seconds(tmp_path: Path) -> None:
+    with running_up(tmp_path) as up:
+        _seed(up.redis_url, 10_000)
+        started = time.monotonic()
+        scraped = httpx.get(f"{up.base}/metrics", timeout=30)
+        took = time.monotonic() - started
+        assert 'sage_engines{state="FAILED"} 5000.0' in scraped.text and took < 1.0, took
+        stopped_in = up.ctrl_c()
+        assert stopped_in < 10, f"Ctrl-C took {stopped_in:.1f} s"
+    assert "nothing is left" in up.out.read_text() and engine_processes(tmp_path) == []
+
+
+def _seed(url: str, count: int) -> None:
+    """``count`` engine records nobody runs: half FAILED, a quarter STOPPED, a quarter PENDING
+    (as a fleet that has lived a while has)."""
+    states = [EngineState.FAILED, EngineState.FAILED, EngineState.STOPPED, EngineState.PENDING]
+    client = redis.Redis.from_url(url, decode_responses=True)
+    keys = Keys("sage")
+    with client.pipeline(transaction=False) as pipe:
+        for i in range(count):
+            record = EngineRecord(engine_id=f"old-{i}", model="m", state=states[i % 4])
+            pipe.hset(keys.engine(record.engine_id), mapping=to_hash(record))
+            pipe.sadd(keys.engines, record.engine_id)
+        pipe.execute()
+    client.close()

@@ -148,9 +148,10 @@ class NodeAgent:
         if self._owns_redis:
             await self.redis.aclose()
 
-    async def stop_all_engines(self) -> None:
-        """Stop every engine of this node, all at once (all-in-one mode shutting down)."""
-        ids = list(self.lifecycle.engines)
+    async def stop_all_engines(self, only: list[str] | None = None) -> None:
+        """Stop every engine of this node (or ``only`` these), all at once (all-in-one mode
+        shutting down)."""
+        ids = [i for i in self.lifecycle.engines if only is None or i in only]
         await asyncio.gather(*(self._terminate(TerminateEngine(engine_id=i)) for i in ids))
 
     # -- registration, liveness, recovery ------------------------------------------------
@@ -326,12 +327,8 @@ class NodeAgent:
         started = time.monotonic()
         ok = await self.lifecycle.wait_ready(engine.engine_id, timeout, self.agent.readiness_poll_s)
         if ok:
-            log.info(
-                "%s ready at %s after %.2fs",
-                engine.engine_id,
-                engine.url,
-                time.monotonic() - started,
-            )
+            took = time.monotonic() - started
+            log.info("%s ready at %s after %.2fs", engine.engine_id, engine.url, took)
             await self.outbox.send(
                 EngineReady(
                     engine_id=engine.engine_id,
@@ -369,12 +366,7 @@ class NodeAgent:
     async def _allocate(self, cmd: AllocateGpus) -> None:
         have = {g.index for g in self.gpus.gpus()}
         if not set(cmd.gpus) <= have:
-            log.error(
-                "allocation of GPUs %s for %s: node has only %s",
-                cmd.gpus,
-                cmd.engine_id,
-                sorted(have),
-            )
+            log.error("GPUs %s for %s: node has only %s", cmd.gpus, cmd.engine_id, sorted(have))
             return
         self.allocations[cmd.engine_id] = cmd.gpus
         await self.outbox.send(

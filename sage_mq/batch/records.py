@@ -10,14 +10,15 @@ rendered from those hashes, in input order, when downloaded.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
 from typing import Any
 
-from sage_mq.batch.validate import MAX_FILE_BYTES, BatchRequest
+from sage_mq.batch.upload import InMemory, Readable, push_slices, store_file
+from sage_mq.batch.validate import BatchRequest
 from sage_mq.connection import Redis, redis_errors
-from sage_mq.errors import InvalidRequest
 from sage_mq.keys import Keys
 
 FINAL = frozenset({"completed", "failed", "expired", "cancelled"})
@@ -70,39 +71,13 @@ class Records:
         self._expire = redis.register_script(_EXPIRE)
 
     # -- files -----------------------------------------------------------------------------
-    async def create_file(self, data: bytes, filename: str, purpose: str) -> dict[str, Any]:
-        """Store an uploaded file; refuses one that is too big or not UTF-8 text."""
-        if len(data) > MAX_FILE_BYTES:
-            raise InvalidRequest(
-                f"the file is {len(data)} bytes; at most {MAX_FILE_BYTES} are taken: "
-                "split it into several batches"
-            )
-        try:
-            text = data.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise InvalidRequest(f"the file is not UTF-8 text: {exc}") from None
-        lines = text.split("\n")
-        if lines and lines[-1] == "":
-            lines.pop()
-        file_id = new_id("file-")
-        record = {
-            "id": file_id,
-            "object": "file",
-            "bytes": len(data),
-            "created_at": int(time.time()),
-            "filename": filename,
-            "purpose": purpose,
-            "status": "processed",
-            "lines": len(lines),
-        }
-        with redis_errors("storing a file"):
-            async with self.redis.pipeline(transaction=True) as pipe:
-                for start in range(0, len(lines), 1000):
-                    pipe.rpush(self.keys.file_lines(file_id), *lines[start : start + 1000])
-                pipe.hset(self.keys.file(file_id), mapping=_flat(record))
-                pipe.zadd(self.keys.files, {file_id: record["created_at"]})
-                await pipe.execute()
-        return _file_object(record)
+    async def create_file(
+        self, source: bytes | Readable, filename: str, purpose: str
+    ) -> dict[str, Any]:
+        """Store an upload, read a slice at a time (see :mod:`.upload`): refuses one that is
+        too big, not UTF-8 text, or holds more requests or lines than a batch takes."""
+        data = InMemory(source) if isinstance(source, bytes) else source
+        return _file_object(await store_file(self.redis, self.keys, data, filename, purpose))
 
     async def get_file(self, file_id: str) -> dict[str, Any] | None:
         with redis_errors("reading a file"):
@@ -122,9 +97,13 @@ class Records:
                 rows: list[dict[str, str]] = await pipe.execute()
         return rows
 
-    async def file_lines(self, file_id: str) -> list[str]:
+    async def file_lines(self, file_id: str, slice_size: int = 10_000) -> list[str]:
+        """A file's lines, read a slice at a time (each a short turn of the event loop)."""
+        lines: list[str] = []
+        key = self.keys.file_lines(file_id)
         with redis_errors("reading a file"):
-            lines: list[str] = await self.redis.lrange(self.keys.file_lines(file_id), 0, -1)
+            while part := await self.redis.lrange(key, len(lines), len(lines) + slice_size - 1):
+                lines += part
         return lines
 
     async def file_content(self, file_id: str) -> bytes | None:
@@ -202,13 +181,12 @@ class Records:
             "chunk_size": chunk_size,
             "metadata": metadata,
         }
-        rows = [
-            json.dumps({"line": r.line, "custom_id": r.custom_id, "body": r.body}) for r in requests
-        ]
+        rows = await asyncio.to_thread(_rows, requests)  # 50,000 bodies: off the event loop
+        queued = self.keys.batch_requests(batch_id)
+        await push_slices(self.redis, queued, rows)  # a slice at a time; expires if we die
         with redis_errors("creating a batch"):
             async with self.redis.pipeline(transaction=True) as pipe:
-                for start in range(0, len(rows), 1000):
-                    pipe.rpush(self.keys.batch_requests(batch_id), *rows[start : start + 1000])
+                pipe.persist(queued)
                 pipe.sadd(self.keys.batch_pending(batch_id), *range(chunks))
                 pipe.hset(self.keys.batch(batch_id), mapping=_flat(record))
                 pipe.zadd(self.keys.batches, {batch_id: now})
@@ -370,6 +348,12 @@ def batch_object(record: dict[str, Any]) -> dict[str, Any]:
     return batch
 
 
+def _rows(requests: list[BatchRequest]) -> list[str]:
+    return [
+        json.dumps({"line": r.line, "custom_id": r.custom_id, "body": r.body}) for r in requests
+    ]
+
+
 def _file_object(record: dict[str, Any]) -> dict[str, Any]:
     fields = ("id", "object", "bytes", "created_at", "filename", "purpose", "status")
     return {name: record.get(name) for name in fields}
@@ -380,7 +364,17 @@ def _flat(record: dict[str, Any]) -> dict[str, str]:
 
 
 _JSON_FIELDS = frozenset(
-    {"bytes", "lines", "total", "completed", "failed", "chunks", "chunk_size", "metadata"}
+    {
+        "bytes",
+        "lines",
+        "requests",
+        "total",
+        "completed",
+        "failed",
+        "chunks",
+        "chunk_size",
+        "metadata",
+    }
     | {"errors", *_TIMES}
 )
 """Fields stored as JSON; every other field is a string as it is (a filename "123" stays one)."""

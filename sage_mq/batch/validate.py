@@ -20,6 +20,8 @@ MAX_REQUESTS = 50_000
 """Requests in one batch (OpenAI's limit too)."""
 MAX_FILE_BYTES = 100 * 1024 * 1024
 """An input file's size; files live in Redis, so this bounds what one batch costs it."""
+MAX_LINES = 2 * MAX_REQUESTS
+"""Lines in an input file, blank ones included."""
 MAX_ERRORS = 100
 """Problems reported per file (the rest are counted)."""
 

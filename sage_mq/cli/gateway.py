@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import sys
 from typing import Annotated, Any
 
 import typer
 import uvicorn
+from uvicorn.supervisors import Multiprocess
 
 from sage_mq.cli.common import (
     DEFAULT_URL,
@@ -21,6 +23,12 @@ from sage_mq.cli.common import (
 from sage_mq.connection import redact_url
 from sage_mq.gateway import create_app
 from sage_mq.gateway.app import freeze_startup_heap
+from sage_mq.gateway.serving import (
+    BODY_TIMEOUT_S,
+    HEADER_TIMEOUT_S,
+    GatewayConfig,
+    bind_socket,
+)
 from sage_mq.routing import POLICIES
 from sage_mq.settings import ENV_NAMESPACE, ENV_REDIS_URL, GatewayOptions
 
@@ -45,6 +53,15 @@ def gateway_run(
     workers: Annotated[
         int, typer.Option(help="Processes serving the port (the gateway is stateless).")
     ] = 1,
+    max_body_mib: Annotated[
+        float, typer.Option(help="A request body's limit in MiB (uploads: the largest batch).")
+    ] = 32.0,
+    header_timeout: Annotated[
+        float, typer.Option(help="Seconds a request has to arrive, up to its body.")
+    ] = HEADER_TIMEOUT_S,
+    body_timeout: Annotated[
+        float, typer.Option(help="Seconds a request's body may pause while it is sent.")
+    ] = BODY_TIMEOUT_S,
     insecure: Insecure = False,
     redis_url: RedisUrl = DEFAULT_URL,
     log_level: LogLevel = "INFO",
@@ -55,9 +72,16 @@ def gateway_run(
         fail(f"--scheduling-policy must be one of {', '.join(POLICIES)}")
     if workers < 1:
         fail("--workers must be at least 1")
+    if min(max_body_mib, header_timeout, body_timeout) <= 0:
+        fail("--max-body-mib, --header-timeout and --body-timeout must be above 0")
     setup_logging(log_level)
     exposed(host, admin_key, insecure)
-    options = GatewayOptions(policy=scheduling_policy, api_key=api_key, admin_key=admin_key)
+    options = GatewayOptions(
+        policy=scheduling_policy,
+        api_key=api_key,
+        admin_key=admin_key,
+        max_body_bytes=int(max_body_mib * 1024 * 1024),
+    )
     settings = settings_for(redis_url)
     typer.echo(
         f"gateway on http://{host}:{port} ({workers} process{'es' if workers > 1 else ''}) "
@@ -65,7 +89,13 @@ def gateway_run(
         err=True,
     )
     if workers == 1:
-        app: Any = create_app(settings, policy=options.policy, api_key=api_key, admin_key=admin_key)
+        app: Any = create_app(
+            settings,
+            policy=options.policy,
+            api_key=api_key,
+            admin_key=admin_key,
+            max_body_bytes=options.max_body_bytes,
+        )
         freeze_startup_heap()
     else:  # worker processes build their own app from the environment they inherit
         os.environ.update(
@@ -73,7 +103,7 @@ def gateway_run(
             | options.as_env()
         )
         app = "sage_mq.gateway.app:app_from_env"
-    uvicorn.run(
+    config = GatewayConfig(
         app,
         factory=workers > 1,
         workers=workers,
@@ -81,4 +111,22 @@ def gateway_run(
         port=port,
         log_level=log_level.lower(),
         access_log=False,
+        header_timeout_s=header_timeout,
+        body_timeout_s=body_timeout,
     )
+    serve(config)
+
+
+def serve(config: GatewayConfig) -> None:
+    """What ``uvicorn.run`` does with its config (one process, or a supervisor of several), for
+    a config of ours."""
+    server = uvicorn.Server(config)
+    try:
+        if config.workers > 1:
+            Multiprocess(config, sockets=[bind_socket(config.host, config.port)]).run()
+        else:
+            server.run()
+    except KeyboardInterrupt:
+        pass
+    if config.workers == 1 and not server.started:
+        sys.exit(1)  # could not start (the reason is in the log): never a quiet 0

@@ -24,6 +24,7 @@ from sage_mq.cli.common import (
 )
 from sage_mq.connection import redact_url
 from sage_mq.embedded import EmbeddedControlPlane
+from sage_mq.gateway.app import freeze_startup_heap
 from sage_mq.settings import ENV_ADMIN_KEY, ENV_API_KEY, ENV_REDIS_URL, GatewayOptions
 
 
@@ -80,6 +81,7 @@ def up(
         )
         async with plane:
             on_signals(stopping.set)
+            freeze_startup_heap()  # a process that is only sage-mq: see its docstring
             records = await plane.apply(preset)
             where = redact_url(plane.local.url if plane.local else (redis_url or ""))
             console.print(f"[green]sage-mq is up[/green] (preset {preset})", highlight=False)

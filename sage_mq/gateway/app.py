@@ -22,6 +22,7 @@ from sage_mq.errors import ControlPlaneUnavailable, SageMQError
 from sage_mq.gateway.auth import KeyCheck
 from sage_mq.gateway.batch_api import batch_router
 from sage_mq.gateway.inference import PATHS, Inference
+from sage_mq.gateway.limits import MAX_BODY_BYTES, BodyLimits
 from sage_mq.gateway.management import management_router
 from sage_mq.gateway.metrics import CONTENT_TYPE, GatewayMetrics
 from sage_mq.gateway.openapi import document
@@ -44,6 +45,7 @@ def app_from_env() -> FastAPI:
         policy=options.policy,
         api_key=options.api_key,
         admin_key=options.admin_key,
+        max_body_bytes=options.max_body_bytes,
     )
     freeze_startup_heap()
     return app
@@ -63,16 +65,18 @@ class Gateway(FastAPI):
 
     inference: ASGIApp
     keyed: bool = False
+    limits: BodyLimits
 
     def openapi(self) -> dict[str, Any]:
         """The document as the gateway really answers (see :mod:`.openapi`)."""
         return document(self, keyed=self.keyed)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"] in PATHS:
-            await self.inference(scope, receive, send)
-        else:
+        if scope["type"] != "http":
             await super().__call__(scope, receive, send)
+            return
+        routed = self.inference if scope["path"] in PATHS else super().__call__
+        await self.limits.guard(scope, receive, send, routed)
 
 
 def create_app(
@@ -81,6 +85,7 @@ def create_app(
     policy: str = "adaptive",
     api_key: str | None = None,
     admin_key: str | None = None,
+    max_body_bytes: int = MAX_BODY_BYTES,
 ) -> FastAPI:
     """The gateway for the fleet in ``settings``, routing by ``policy``.
 
@@ -117,6 +122,7 @@ def create_app(
     app = Gateway(title="sage-mq gateway", lifespan=lifespan)
     app.inference = KeyCheck(inference, api_key=api_key, admin_key=admin_key)
     app.keyed = bool(api_key or admin_key)
+    app.limits = BodyLimits(max_body_bytes)
     app.add_exception_handler(SageMQError, on_our_error)
     app.add_exception_handler(RequestValidationError, on_bad_body)
     app.add_exception_handler(HTTPException, on_http_error)

@@ -57,9 +57,9 @@ def _file_routes(router: APIRouter, service: Callable[[], BatchService]) -> None
     async def upload(
         file: Annotated[UploadFile, File()], purpose: Annotated[Literal["batch"], Form()]
     ) -> Response:
-        data = await file.read()
+        # read from where the upload was spooled, a slice at a time (never whole in memory)
         return await _answer(
-            service().records.create_file(data, file.filename or "upload", purpose)
+            service().records.create_file(file, file.filename or "upload", purpose)
         )
 
     @router.get("/files")

@@ -26,11 +26,21 @@ from sage_mq.errors import (
 from sage_mq.gateway.proxy import openai_error
 from sage_mq.presets import PresetNotFound
 
-_OUR_KIND = {400: "InvalidRequest", 401: "Unauthorized", 404: "NotFound", 405: "MethodNotAllowed"}
+_OUR_KIND = {
+    400: "InvalidRequest",
+    401: "Unauthorized",
+    404: "NotFound",
+    405: "MethodNotAllowed",
+    413: "TooLarge",
+}
 
 
 def refusal(
-    path: str, status: int, message: str, headers: dict[str, str] | None = None
+    path: str,
+    status: int,
+    message: str,
+    headers: dict[str, str] | None = None,
+    code: str | None = None,
 ) -> JSONResponse:
     """An error answer for a request to ``path``, in the shape its route speaks."""
     if path.startswith("/v1/management"):
@@ -38,7 +48,7 @@ def refusal(
         wire = {"type": kind, "message": message, "retryable": False}
         answer = JSONResponse({"error": wire}, status_code=status)
     else:
-        code = "not_found" if status == 404 else None
+        code = code or ("not_found" if status == 404 else None)
         answer = openai_error(status, message, "invalid_request_error", code)
     answer.headers.update(headers or {})
     return answer
