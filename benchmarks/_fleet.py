@@ -18,6 +18,8 @@ import redis
 
 from sage_mq.wire import Envelope, decode
 
+BENCH_MARK = "SAGE_BENCH_MARK"
+
 
 class Fleet:
     """Scheduler(s), one agent and the CLI as real processes on a private Redis."""
@@ -28,6 +30,7 @@ class Fleet:
             "SAGE_MQ_REDIS_URL": url,
             "SAGE_MQ_STATE_DIR": str(workdir),
             "SAGE_MQ_NAMESPACE": "bench",
+            BENCH_MARK: str(workdir),  # engines get no SAGE_MQ_* variable: this marks them
         }
         self.redis = redis.Redis.from_url(url, decode_responses=True)
         self.procs: list[subprocess.Popen[bytes]] = []
@@ -94,6 +97,6 @@ class Fleet:
             proc.wait()
         for proc in psutil.process_iter():  # engines outlive agents by design: find them
             with contextlib.suppress(psutil.Error):
-                if proc.environ().get("SAGE_MQ_STATE_DIR") == str(self.workdir):
+                if proc.environ().get(BENCH_MARK) == str(self.workdir):
                     proc.kill()
         self.redis.close()

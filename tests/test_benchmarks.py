@@ -4,12 +4,15 @@ benchmarks, not in tests."""
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 from pathlib import Path
 
+import psutil
 import pytest
 
+from benchmarks._fleet import BENCH_MARK
 from benchmarks._headlines import HEADLINES
 from tests.helpers.servers import ROOT
 
@@ -31,3 +34,13 @@ def test_run_all_runs_every_benchmark_and_writes_the_report(tmp_path: Path) -> N
     assert "failed" not in text and "--quick" in text
     for name in HEADLINES:
         assert (tmp_path / "results" / f"{name}.json").is_file()
+    assert _benchmark_engines() == []  # every benchmark stopped the engines it started
+
+
+def _benchmark_engines() -> list[int]:
+    found = []
+    for proc in psutil.process_iter():
+        with contextlib.suppress(psutil.Error):
+            if BENCH_MARK in proc.environ():
+                found.append(proc.pid)
+    return found
