@@ -43,6 +43,7 @@ def bus_roundtrip(r: dict[str, Any]) -> list[Row]:
 def recovery(r: dict[str, Any]) -> list[Row]:
     exited, relaunch = r["kill9_to_exited_ms"], r["relaunch_minus_backoff_ms"]
     hang, failover = r["hang_to_restart_decision_s"], r["scheduler_failover_s"]
+    away = r["agent_away"]
     return [
         Row("kill -9 → engine.exited, p50", exited["p50"], "ms", 200, "target",
             target="≤ 200 ms", met=exited["p50"] <= 200),
@@ -51,6 +52,11 @@ def recovery(r: dict[str, Any]) -> list[Row]:
         Row("hang (SIGSTOP) → restart decision, p99", hang["p99"], "s", 20,
             "anchor: original control plane, 10 s probes x 2 failures",
             target="≤ 6 s", met=hang["p99"] <= 6),
+        Row("hang (SIGSTOP) → new process, p99", r["hang_to_new_process_s"]["p99"], "s", 8,
+            "target", target="≤ 8 s", met=r["hang_to_new_process_s"]["p99"] <= 8),
+        Row("agent away 3x its TTL: engines untouched", away["untouched"], "",
+            away["engines"], "target: all of them", target="all",
+            met=away["untouched"] == away["engines"]),
         Row("leader kill -9 → a standby leads, p99", failover["p99"], "s", 6, "target",
             target="≤ lease 5 s + 1 s", met=failover["p99"] <= 6),
     ]  # fmt: skip

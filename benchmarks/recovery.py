@@ -3,9 +3,12 @@
 (a) kill -9 of an engine → ``engine.exited``      (target p50 ≤ 200 ms)
 (b) exit → the relaunch, against its backoff delay (target: the delay ± 100 ms)
 (c) a hang (SIGSTOP) → the restart decision (``engine.unhealthy``) at default probe settings
-    (target ≤ 6 s)
+    (target ≤ 6 s), and → the new process (``engine.starting``; target ≤ 8 s)
 (d) kill -9 of the leading scheduler → a standby leads (``scheduler.elected``), lease 5 s
     (target ≤ lease TTL + 1 s)
+(e) the node agent away for three times its liveness TTL (kill -9, started again 15 s later):
+    its engines untouched (same process, same generation), and the time until they are
+    reported again
 
 Printed beside the anchors' defaults; writes JSON.
 
@@ -57,20 +60,52 @@ def exits_and_relaunches(fleet: Fleet, trials: int) -> tuple[list[float], list[f
     return exited_ms, relaunch_err_ms
 
 
-def hangs(fleet: Fleet, trials: int) -> list[float]:
-    """(c): SIGSTOP the engine (a real hang), time until the scheduler decides to restart it."""
+def hangs(fleet: Fleet, trials: int) -> tuple[list[float], list[float]]:
+    """(c): SIGSTOP the engine (a real hang); time until the scheduler decides to restart it,
+    and until its new process is spawned (the hung one gone first)."""
     record = fleet.cli("engine", "start", "hang", "--backend", "fake", "--no-gpu", "--wait")
     engine_id = record["engine_id"]
-    seconds = []
+    decided, replaced = [], []
     for _ in range(trials):
         fleet.wait("engine.ready", 0, engine_id)
         time.sleep(1.0)
         stopped = time.time()
         os.kill(fleet.pid(engine_id), signal.SIGSTOP)
         unhealthy = fleet.wait("engine.unhealthy", stopped, engine_id)
-        seconds.append(unhealthy.ts - stopped)
-        fleet.wait("engine.ready", unhealthy.ts, engine_id)
-    return seconds
+        starting = fleet.wait("engine.starting", unhealthy.ts, engine_id)
+        decided.append(unhealthy.ts - stopped)
+        replaced.append(starting.ts - stopped)
+        fleet.wait("engine.ready", starting.ts, engine_id)
+    return decided, replaced
+
+
+def agent_away(fleet: Fleet, agent_args: list[str], away_s: float) -> dict[str, Any]:
+    """(e): kill -9 the agent, start it again ``away_s`` later; were its engines left alone?"""
+    before = {r["engine_id"]: r for r in fleet.cli("engine", "list") if r["state"] == "RUNNING"}
+    agent = next(p for p in fleet.procs if "node" in p.args and p.poll() is None)
+    os.killpg(agent.pid, signal.SIGKILL)
+    killed = time.time()
+    time.sleep(away_s)
+    fleet.start("agent-again", *agent_args)
+    back = time.time()
+    for engine_id in before:
+        fleet.wait("engine.adopted", back, engine_id)
+    time.sleep(1.0)
+    after = {r["engine_id"]: r for r in fleet.cli("engine", "list")}
+    kept = [
+        e
+        for e, r in before.items()
+        if (after[e]["pid"], after[e]["generation"], after[e]["state"])
+        == (r["pid"], r["generation"], "RUNNING")
+    ]
+    lost = any(e.type == "node.lost" and e.ts >= killed for e in fleet.events())
+    return {
+        "away_s": away_s,
+        "declared_lost": lost,
+        "engines": len(before),
+        "untouched": len(kept),
+        "reported_again_s": round(time.time() - back - 1.0, 2),
+    }
 
 
 def failovers(fleet: Fleet, trials: int) -> list[float]:
@@ -115,23 +150,14 @@ def main(trials: int) -> dict[str, Any]:
                 "s1",
             )
             low = random.randrange(20000, 32000, 100)  # below the ephemeral range (32768+)
-            fleet.start(
-                "agent",
-                "node",
-                "run",
-                "--node-id",
-                "n1",
-                "--fake-gpus",
-                "2x24GiB",
-                "--stop-grace",
-                "1",
-                "--port-range",
-                f"{low}-{low + 99}",
-            )
+            agent = ["node", "run", "--node-id", "n1", "--fake-gpus", "2x24GiB"]
+            agent += ["--port-range", f"{low}-{low + 99}"]  # default stop grace (10 s) and TTL
+            fleet.start("agent", *agent)
             fleet.wait("scheduler.elected", 0)
             fleet.wait("node.joined", 0)
             exited_ms, relaunch_err_ms = exits_and_relaunches(fleet, trials)
-            hang_s = hangs(fleet, max(3, trials // 3))
+            hang_s, hang_replaced_s = hangs(fleet, max(3, trials // 3))
+            away = agent_away(fleet, agent, 3 * 5.0)
             fleet.start("s2", "scheduler", "run", "--name", "s2")
             time.sleep(1)
             failover_s = failovers(fleet, max(3, trials // 3))
@@ -144,7 +170,9 @@ def main(trials: int) -> dict[str, Any]:
         "kill9_to_exited_ms": stats(exited_ms),
         "relaunch_minus_backoff_ms": stats(relaunch_err_ms),
         "hang_to_restart_decision_s": stats(hang_s),
+        "hang_to_new_process_s": stats(hang_replaced_s),
         "scheduler_failover_s": stats(failover_s),
+        "agent_away": away,
         "settings": {
             "health_interval_s": 2.0,
             "probe_timeout_s": 1.0,
@@ -156,7 +184,9 @@ def main(trials: int) -> dict[str, Any]:
             "kill9_to_exited_ms_p50": 200,
             "relaunch_error_ms": 100,
             "hang_to_restart_decision_s": 6.0,
+            "hang_to_new_process_s": 8.0,
             "scheduler_failover_s": 6.0,
+            "agent_away_untouched": "all",
         },
         "anchors": ANCHORS,
     }
@@ -167,6 +197,7 @@ def _print(r: dict[str, Any]) -> None:
         ("kill -9 → engine.exited", r["kill9_to_exited_ms"], "ms", "p50 ≤ 200 ms"),
         ("exit → relaunch, minus backoff", r["relaunch_minus_backoff_ms"], "ms", "± 100 ms"),
         ("hang (SIGSTOP) → restart decision", r["hang_to_restart_decision_s"], "s", "≤ 6 s"),
+        ("hang (SIGSTOP) → new process", r["hang_to_new_process_s"], "s", "≤ 8 s"),
         ("leader kill -9 → standby leads", r["scheduler_failover_s"], "s", "≤ 6 s (TTL 5 s + 1)"),
     ]
     print(f"{'':36}{'p50':>9}{'p99':>9}{'max':>9}  n   target")
@@ -175,6 +206,12 @@ def _print(r: dict[str, Any]) -> None:
             f"{name:36}{s['p50']:>8}{unit[0]}{s['p99']:>8}{unit[0]}{s['max']:>8}{unit[0]}"
             f"  {s['n']:<3} {target}"
         )
+    away = r["agent_away"]
+    print(
+        f"agent away {away['away_s']:.0f} s (3x its TTL; node lost: {away['declared_lost']}): "
+        f"{away['untouched']} of {away['engines']} engines untouched, reported again after "
+        f"{away['reported_again_s']} s (target: all untouched)"
+    )
     print("anchors' defaults:")
     for name, text in r["anchors"].items():
         print(f"  {name}: {text}")

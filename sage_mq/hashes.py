@@ -28,6 +28,7 @@ _RAW = {
     "last_error",
     "engine_label",
     "requested_node",
+    "lost_node",
     "node_id",
     "address",
     "hostname",

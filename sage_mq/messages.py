@@ -5,49 +5,21 @@ Requests go to the scheduler, commands (imperative) to one node agent, events (p
 
 from __future__ import annotations
 
-import json
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import (
-    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
-    StringConstraints,
     model_validator,
 )
 
 from sage_mq.engines.argv_policy import checked_for_model
+from sage_mq.fields import Label, Metadata
 from sage_mq.ids import EngineId, NodeId
 
 SCHEMA_VERSION = 1
-MAX_METADATA_CHARS = 16_384
 
-
-def storable_text(text: str) -> str:
-    """Text Redis can store: no unpaired surrogate (valid JSON escapes can carry one)."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        raise ValueError("holds an unpaired surrogate") from None
-    return text
-
-
-def _storable(metadata: dict[str, Any]) -> dict[str, Any]:
-    """Metadata a record can hold: JSON, bounded, storable (nested depth bounded by JSON)."""
-    try:
-        text = json.dumps(metadata, ensure_ascii=False)
-    except (TypeError, ValueError, RecursionError):
-        raise ValueError("must be plain JSON") from None
-    if len(text) > MAX_METADATA_CHARS:
-        raise ValueError(f"is {len(text)} characters as JSON; at most {MAX_METADATA_CHARS}")
-    storable_text(text)
-    return metadata
-
-
-Label = Annotated[str, StringConstraints(max_length=200), AfterValidator(storable_text)]
-"""Free text a person gives an engine (a label): bounded and storable."""
-Metadata = Annotated[dict[str, Any], AfterValidator(_storable)]
 EngineKind = Literal["llm", "embedding"]
 BACKENDS = ("vllm", "embedding", "command", "fake")
 
@@ -111,6 +83,14 @@ class EvacuateNode(Message):
     """A lost node's grace is over: place its engines elsewhere (sent by the scheduler)."""
 
     TYPE: ClassVar[str] = "node.evacuate"
+    node_id: NodeId
+
+
+class SettleNode(Message):
+    """A lost node came back a while ago: place the engines moved away from it that its agent
+    did not report still running (sent by the scheduler)."""
+
+    TYPE: ClassVar[str] = "node.settle"
     node_id: NodeId
 
 
@@ -184,6 +164,15 @@ class ReleaseGpus(Message):
     engine_id: EngineId
 
 
+class ReportEngines(Message):
+    """Say which engines this node runs (``engine.adopted`` for each): the scheduler asks a
+    node it had lost and sees again, which cannot tell a cut link that healed from no cut."""
+
+    TYPE: ClassVar[str] = "node.report"
+    epoch: int = Field(0, ge=0)
+    """The epoch of the leader that sent it; agents ignore older ones (0: unfenced)."""
+
+
 class HealthTick(Message):
     """Probe every engine on the node now and report."""
 
@@ -254,6 +243,17 @@ class EngineLaunchFailed(Message):
     refused: bool = False
     """The node will not run it as written (not allowed there): the engine ends FAILED at
     once, since trying again cannot help."""
+
+
+class EnginePortChanged(Message):
+    """Another process held the engine's port on its node: it moved to a free one."""
+
+    TYPE: ClassVar[str] = "engine.port_changed"
+    engine_id: EngineId
+    node: NodeId
+    old_port: int
+    new_port: int
+    reason: str
 
 
 class EngineAdopted(Message):

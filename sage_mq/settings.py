@@ -135,8 +135,13 @@ class SchedulerSettings:
     """One probe's timeout: ample for a health endpoint, and short, as a hang costs all of it."""
     lease_ttl_s: float = 5.0
     """A leader that cannot renew its lease for this long is replaced by a standby."""
-    node_lost_grace_s: float = 0.0
-    """After a node is lost, wait this long before placing its engines elsewhere."""
+    node_lost_grace_s: float = 60.0
+    """After a node is lost, wait this long before placing its engines elsewhere: an agent
+    restarted, upgraded or cut off from Redis for less takes nothing down (its engines keep
+    serving meanwhile), while moving a model that loads for minutes costs minutes."""
+    hung_grace_s: float = 1.0
+    """A hung engine's SIGTERM-to-SIGKILL grace: it answers nothing, so it will finish
+    nothing either, and it holds its GPUs until it is gone."""
     policy: RestartPolicy = field(default_factory=RestartPolicy)
     timer_poll_s: float = 0.05
 

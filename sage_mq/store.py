@@ -74,6 +74,12 @@ class EngineRecord(BaseModel):
     """Restart attempts in the current streak (reset after the stability window)."""
     running_since: float | None = None
     probe_failures: int = 0
+    spent_generation: int = 0
+    """The highest generation ever launched: a launch takes the next (after a copy was taken
+    back, ``generation`` is lower)."""
+    lost_node: str | None = None
+    """The node it was moved away from when that node was lost: if that node's agent reports
+    it still running before another copy serves, it is taken back."""
 
     def public(self) -> dict[str, Any]:
         """The JSON shape of ``engine list --json`` and the REST API."""
@@ -110,30 +116,24 @@ class Reservation(BaseModel):
     memory_gb: float
 
 
-_LIVENESS = """
+_EACH = """
 local out = {}
 for _, id in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  local key = ARGV[1] .. id .. ARGV[2]
   out[#out + 1] = id
-  out[#out + 1] = redis.call('GET', ARGV[1] .. id .. ARGV[2]) or ''
+  if #ARGV == 2 then
+    out[#out + 1] = redis.call('GET', key) or ''
+  else
+    for _, got in ipairs(redis.call('HMGET', key, unpack(ARGV, 3))) do
+      out[#out + 1] = got or ''
+    end
+  end
 end
 return out
 """
-"""Every node id with the value of its liveness key ('' if expired). The liveness keys are named
-in the script, not in KEYS: fine on one Redis, which is what sage-mq runs on (not Cluster)."""
-
-
-_STATES = """
-local out = {}
-for _, id in ipairs(redis.call('SMEMBERS', KEYS[1])) do
-  local got = redis.call('HMGET', ARGV[1] .. id .. ARGV[2], 'state', 'restarts')
-  out[#out + 1] = id
-  out[#out + 1] = got[1] or ''
-  out[#out + 1] = got[2] or '0'
-end
-return out
-"""
-"""Every engine id with its state and restarts (the record keys named in the script, as
-:data:`_LIVENESS` does)."""
+"""For every member of a set, the value of ``<prefix><id><suffix>`` (GET), or the fields given
+(HMGET): one short round trip however large the fleet. The keys are named in the script, not
+in KEYS: fine on one Redis, which is what sage-mq runs on (not Cluster)."""
 
 
 def oldest_first(records: Iterable[EngineRecord]) -> list[EngineRecord]:
@@ -255,11 +255,11 @@ class Store:
     async def engine_states(self) -> list[tuple[str, str, int]]:
         """(engine id, state, restarts) of every engine, in one short round trip however many
         there are (what ``/metrics`` needs, without decoding 10,000 records)."""
-        prefix, suffix = self.keys.engine("\n").split("\n")
+        where = self.keys.engine("\n").split("\n")
         with redis_errors("reading engine states"):
-            flat = await self.redis.eval(_STATES, 1, self.keys.engines, prefix, suffix)
+            flat = await self.redis.eval(_EACH, 1, self.keys.engines, *where, "state", "restarts")
         return [
-            (engine_id, state, int(restarts) if restarts.isdigit() else 0)
+            (engine_id, state, int(restarts) if restarts.isdigit() else 0)  # '' when gone
             for engine_id, state, restarts in zip(flat[::3], flat[1::3], flat[2::3], strict=True)
         ]
 
@@ -325,7 +325,7 @@ class Store:
         """
         prefix, suffix = self.keys.node_alive("\n").split("\n")
         with redis_errors("reading node liveness"):
-            flat = await self.redis.eval(_LIVENESS, 1, self.keys.nodes, prefix, suffix)
+            flat = await self.redis.eval(_EACH, 1, self.keys.nodes, prefix, suffix)
         return {
             node_id: None if value == "" else int(value) if value.isdigit() else -1
             for node_id, value in zip(flat[::2], flat[1::2], strict=True)

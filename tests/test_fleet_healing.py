@@ -12,6 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from sage_mq.agent.processes import marked as processes_marked
 from tests.helpers.engines import engine_processes
 from tests.helpers.fleetprocs import FleetProcs
 from tests.helpers.servers import Processes, RedisServer
@@ -191,7 +192,7 @@ def test_a_lost_node_moves_its_engines_and_a_returning_one_keeps_no_duplicate(
     processes: Processes, redis_server: RedisServer, tmp_path: Path
 ) -> None:
     fleet = FleetProcs(processes, redis_server, tmp_path / "state")
-    fleet.start_scheduler(*FAST)
+    fleet.start_scheduler(*FAST, "--node-lost-grace", "0")  # move at once (default: 60 s)
     fleet.start_agent("n1", "--liveness-ttl", "1")
     fleet.wait_node()
     fleet.start_agent("n2", "--liveness-ttl", "1", "--advertise-address", "127.0.0.2")
@@ -213,6 +214,49 @@ def test_a_lost_node_moves_its_engines_and_a_returning_one_keeps_no_duplicate(
     (survivor,) = engine_processes(fleet.state)
     assert survivor.pid == moved["pid"]
     assert fleet.json("llm", "engine", "list")[0]["node"] == "n2"
+
+
+def test_an_agent_away_three_times_its_ttl_takes_no_engine_down(
+    processes: Processes, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    fleet = FleetProcs(processes, redis_server, tmp_path / "state")
+    fleet.start_scheduler(*FAST)  # the default grace: a lost node's engines stay 60 s
+    fleet.start_agent("n1", "--liveness-ttl", "1")
+    fleet.wait_node()
+    record = fleet.json("llm", "engine", "start", "demo", "--backend", "fake", "--no-gpu", "--wait")
+    assert fleet.agent is not None
+    os.killpg(fleet.agent.pid, signal.SIGKILL)  # restarted, upgraded, or crashed: away 3 s
+    deadline = time.monotonic() + 10
+    while "node.lost" not in [e.type for e in fleet.events()]:
+        assert time.monotonic() < deadline, "the node was never declared lost"
+        time.sleep(0.1)
+    time.sleep(2)
+    fleet.start_agent("n1", "--liveness-ttl", "1")
+    fleet.wait_event("engine.adopted", record["engine_id"], timeout=20)
+    kept = fleet.wait_state("RUNNING")
+    assert (kept["pid"], kept["generation"], kept["node"]) == (record["pid"], 1, "n1")
+    assert [p.pid for p in engine_processes(fleet.state)] == [record["pid"]]
+    assert [e.type for e in fleet.events(record["engine_id"])].count("engine.starting") == 1
+
+
+def test_an_engine_that_died_with_its_agent_away_leaves_no_process(
+    default_fleet: FleetProcs,
+) -> None:
+    fleet = default_fleet
+    record = fleet.json("llm", "engine", "start", "demo", "--backend", "fake", "--wait",
+                        "--extra-args", "--child")  # fmt: skip
+    mark = f"n1/{record['engine_id']}/1"
+    assert len(processes_marked(mark)) == 2  # the engine and the worker it forked
+    assert fleet.agent is not None
+    os.killpg(fleet.agent.pid, signal.SIGKILL)
+    os.kill(record["pid"], signal.SIGKILL)  # its worker, in a session of its own, lives on
+    assert len(processes_marked(mark)) == 1
+    fleet.start_agent()
+    fleet.wait_event("engine.exited", record["engine_id"], timeout=20)
+    deadline = time.monotonic() + 10
+    while processes_marked(mark):
+        assert time.monotonic() < deadline, "the dead engine's worker was left running"
+        time.sleep(0.1)
 
 
 def test_a_stop_sent_while_the_agent_is_dead_is_carried_out_when_it_returns(
@@ -242,7 +286,8 @@ def test_a_port_held_by_a_stranger_moves_the_engine_to_the_next_free_one(
         failed = fast_fleet.wait_event("engine.launch_failed", record["engine_id"])
     assert failed.payload.model_dump()["port_in_use"] is True
     assert record["state"] == "RUNNING" and record["port"] == first + 1
-    assert record["restarts"] == 1 and record["url"].endswith(f":{first + 1}")
+    assert record["restarts"] == 0 and record["url"].endswith(f":{first + 1}")  # moved, at once
+    assert fast_fleet.wait_event("engine.port_changed", record["engine_id"])
     assert len(engine_processes(fast_fleet.state)) == 1
 
 

@@ -142,6 +142,24 @@ async def test_a_launch_the_node_refuses_ends_failed_at_once_with_its_reason(
     assert await fleet.scheduler.ctx.timers.pending() == []  # no retry is waiting
 
 
+async def test_an_exit_its_backend_calls_permanent_spends_no_attempt(fleet: Fleet) -> None:
+    await running(fleet)
+    await fleet.event(
+        EngineExited(
+            engine_id="e",
+            node="n1",
+            generation=1,
+            returncode=2,
+            reason="exited with code 2",
+            last_lines=("usage: sage-mq-fake-engine ...",),
+        )
+    )
+    record = await fleet.record("e")
+    assert record.state == EngineState.FAILED and record.restarts == 0
+    assert "not restarted: its arguments were refused" in (record.last_error or "")
+    assert await fleet.scheduler.ctx.timers.pending() == []
+
+
 async def test_running_through_the_stability_window_resets_the_attempts(fleet: Fleet) -> None:
     await running(fleet)
     for generation in (1, 2):
@@ -173,7 +191,8 @@ async def test_three_failed_probes_terminate_and_restart_a_hung_engine(fleet: Fl
     assert record.state == EngineState.RESTARTING and "3 consecutive health probes" in (
         record.last_error or ""
     )
-    assert isinstance((await fleet.commands("n1"))[-1], TerminateEngine)
+    hung = (await fleet.commands("n1"))[-1]  # sent with the decision, during the backoff
+    assert isinstance(hung, TerminateEngine) and hung.grace_s == 1.0 and hung.generation == 1
     assert "engine.unhealthy" in await fleet.events.types("e")
     await fire(fleet, 1.05)
     assert (await launches(fleet))[-1].generation == 2

@@ -18,6 +18,16 @@ from sage_mq.agent.lifecycle import EngineLifecycleManager, ManagedEngine
 from sage_mq.errors import LaunchError
 from tests.helpers.engines import engine_processes, fake_launch, marked_env
 
+SQUATTER = """
+import http.server, sys
+class Ok(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200); self.send_header("content-length", "2"); self.end_headers()
+        self.wfile.write(b"{}")
+http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), Ok).serve_forever()
+"""
+"""A server of no engine's, answering 200 to any GET on the port it is given."""
+
 
 class Exits:
     """Collects unrequested exits reported by the manager, with when they were seen."""
@@ -70,6 +80,50 @@ async def test_kill_9_of_an_engine_is_reported_well_under_a_second(
     assert seen_at - killed_at < 0.5
     assert "e1" not in manager.engines
     assert not (manager.state_dir / "e1.json").exists()
+
+
+async def test_an_engine_is_its_whole_process_tree_when_it_dies_or_is_stopped(
+    manager: EngineLifecycleManager, caplog: pytest.LogCaptureFixture
+) -> None:
+    # --child forks a worker into a session of its own, as vLLM's EngineCore outlives its
+    # API server: the process group alone does not hold it.
+    engine = await manager.launch(fake_launch(extra_args=("--child",)))
+    assert await manager.wait_ready("e1", timeout_s=30)
+    mark = engine.mark
+    assert mark == f"{manager.node_id}/e1/1" and len(processes.marked(mark)) == 2
+    os.kill(engine.pid, signal.SIGKILL)
+    await asyncio.wait_for(manager.exits.event.wait(), 5)  # type: ignore[attr-defined]
+    await manager.settle("e1")  # what a relaunch waits for
+    assert processes.marked(mark) == []
+    assert "killed what its main process left" in caplog.text
+    again = await manager.launch(fake_launch(generation=2, extra_args=("--child",)))
+    assert await manager.wait_ready("e1", timeout_s=30)
+    assert len(processes.marked(again.mark)) == 2
+    await manager.stop("e1", grace_s=0.5)
+    assert processes.marked(again.mark) == []
+
+
+async def test_an_engine_is_ready_only_when_its_own_process_answers(
+    manager: EngineLifecycleManager, caplog: pytest.LogCaptureFixture
+) -> None:
+    launch = fake_launch(extra_args=("--startup-delay", "2"))
+    await manager.launch(launch)  # loading: its port is not bound yet...
+    squatter = await asyncio.create_subprocess_exec(  # ...and something else answers there
+        sys.executable, "-c", SQUATTER, str(launch.port),
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        for _ in range(100):
+            if await manager.health_check("e1", timeout=1.0):  # it answers 200 to anything
+                break
+            await asyncio.sleep(0.05)
+        else:
+            raise AssertionError("the squatter never answered")
+        assert not await manager.wait_ready("e1", timeout_s=5)  # not the engine: never ready
+        assert "answers, but not from the engine's processes" in caplog.text
+    finally:
+        squatter.kill()
+        await squatter.wait()
 
 
 async def test_stop_terminates_the_whole_process_group_and_is_not_an_exit(

@@ -48,6 +48,15 @@ SAMPLES = {
         "reason": "r",
         "port_in_use": True,
     },
+    "engine.port_changed": {
+        "engine_id": "e1",
+        "node": "n",
+        "old_port": 40000,
+        "new_port": 40001,
+        "reason": "port 40000 on 127.0.0.1 is already in use",
+    },
+    "node.report": {},
+    "node.settle": {"node_id": "n"},
     "engine.adopted": {
         "engine_id": "e1",
         "node": "n",

@@ -52,7 +52,7 @@ def test_the_gateway_routes_across_hosts_and_a_cut_host_is_replaced_then_fenced(
 def _run(two_hosts: list[Host], server: RedisServer, processes: Processes, tmp: Path) -> None:
     a, b = two_hosts
     fleet = FleetProcs(processes, server, tmp / "root")
-    fleet.start_scheduler("--health-interval", "0.5")
+    fleet.start_scheduler("--health-interval", "0.5", "--node-lost-grace", "2")
     for i, host in enumerate(two_hosts):
         env = fleet.env | {
             "SAGE_MQ_REDIS_URL": f"redis://{host.gateway}:{server.port}/0",
@@ -91,9 +91,8 @@ def _run(two_hosts: list[Host], server: RedisServer, processes: Processes, tmp: 
     assert psutil.pid_exists(stale)  # the old copy still runs, out of reach
 
     a.heal()
-    # Back in touch, host a's agent reads the terminate the scheduler queued for it when it
-    # moved the engine (and reports what it still runs, which would bring another): the stale
-    # copy is stopped.
+    # Back in touch, host a's agent reports what it still runs; a copy serves on host b by
+    # then, so the first copy serving wins and the stale one is stopped.
     wait_for(lambda: not _alive(stale), 30)
     assert _record(fleet, on_a)["node"] == b.netns
     wait_for(lambda: fleet.json("llm", "status")["nodes"]["alive"] == 2, 30)

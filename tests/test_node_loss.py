@@ -6,6 +6,7 @@ import time
 
 from sage_mq.messages import (
     EngineAdopted,
+    EngineExited,
     EngineReady,
     EngineStarting,
     LaunchEngine,
@@ -13,7 +14,8 @@ from sage_mq.messages import (
     StartEngine,
     TerminateEngine,
 )
-from sage_mq.store import EngineState
+from sage_mq.scheduler.nodes import SETTLE_S
+from sage_mq.store import EngineRecord, EngineState
 from tests.helpers.simulated import Fleet
 
 
@@ -21,8 +23,28 @@ async def lose(fleet: Fleet, node_id: str) -> None:
     """The node's liveness key expires; the leader's next tick notices; the grace passes."""
     await fleet.redis.delete(fleet.keys.node_alive(node_id))
     await fleet.scheduler.tick()
-    await fleet.scheduler.fire_timers(now=time.time() + 0.01)
+    grace = fleet.scheduler.ctx.scheduler.node_lost_grace_s
+    await fleet.scheduler.fire_timers(now=time.time() + grace + 0.01)
     await fleet.scheduler.run(until_idle=True)
+
+
+async def back(fleet: Fleet, node_id: str) -> None:
+    """The node's agent registers again (node.joined)."""
+    await fleet.node(node_id)
+    await fleet.event(NodeJoined(node_id=node_id, address="127.0.0.1", gpu_count=0, epoch=2))
+
+
+def reported(record: EngineRecord, pid: int = 1) -> EngineAdopted:
+    """What n1's agent says when it is back: it runs the copy it was launched with."""
+    launched = record.model_copy(update={"state": EngineState.STARTING})
+    return EngineAdopted(
+        engine_id=record.engine_id,
+        node="n1",
+        generation=record.generation,
+        pid=pid,
+        record=launched.public(),
+        ready=True,
+    )
 
 
 async def running_on_n1(fleet: Fleet) -> None:
@@ -51,8 +73,7 @@ async def test_a_lost_nodes_engines_move_to_another_node_as_themselves(fleet: Fl
     )
     assert moved.url == f"http://127.0.0.2:{moved.port}"
     assert await fleet.store.ports_in_use("n1") == {}
-    stale = (await fleet.commands("n1"))[-1]
-    assert stale == TerminateEngine(engine_id="e", generation=1, epoch=0)
+    assert not [c for c in await fleet.commands("n1") if isinstance(c, TerminateEngine)]
     assert isinstance((await fleet.commands("n2"))[-1], LaunchEngine)
 
 
@@ -87,12 +108,86 @@ async def test_a_node_back_within_its_grace_keeps_its_engines(fleet: Fleet) -> N
 async def test_an_adopted_copy_that_lives_elsewhere_now_is_stopped(fleet: Fleet) -> None:
     await fleet.node("n1")
     await running_on_n1(fleet)
+    original = await fleet.record("e")
     await fleet.node("n2", address="127.0.0.2")
     await lose(fleet, "n1")
-    await fleet.node("n1")
-    await fleet.event(EngineAdopted(engine_id="e", node="n1", generation=1, pid=1))
+    moved = await fleet.record("e")
+    await fleet.event(EngineReady(engine_id="e", node="n2", generation=2, url="http://n2"))
+    await back(fleet, "n1")
+    await fleet.event(reported(original))  # the replacement serves: the first copy serving wins
     assert (await fleet.commands("n1"))[-1] == TerminateEngine(engine_id="e", generation=1)
-    assert (await fleet.record("e")).node == "n2"
+    kept = await fleet.record("e")
+    assert (kept.node, kept.generation, kept.state) == ("n2", moved.generation, EngineState.RUNNING)
+
+
+async def test_a_node_back_after_its_engines_moved_keeps_those_not_yet_serving_elsewhere(
+    fleet: Fleet,
+) -> None:
+    await fleet.node("n1")
+    await running_on_n1(fleet)
+    original = await fleet.record("e")
+    await fleet.node("n2", address="127.0.0.2")
+    await lose(fleet, "n1")
+    replacement = await fleet.record("e")
+    assert (replacement.node, replacement.state) == ("n2", EngineState.STARTING)
+    await back(fleet, "n1")
+    assert not [
+        c for c in await fleet.commands("n1") if isinstance(c, LaunchEngine | TerminateEngine)
+    ][1:]
+    await fleet.event(reported(original, pid=77))
+    kept = await fleet.record("e")
+    assert (kept.node, kept.generation, kept.pid, kept.port, kept.state) == (
+        "n1",
+        1,
+        77,
+        original.port,
+        EngineState.RUNNING,
+    )
+    assert kept.spent_generation == 2 and kept.lost_node is None
+    assert await fleet.store.ports_in_use("n1") == {original.port: "e"}
+    assert await fleet.store.ports_in_use("n2") == {}  # the replacement's port, given back
+    withdrawn = (await fleet.commands("n2"))[-1]
+    assert withdrawn == TerminateEngine(engine_id="e", generation=2)
+    assert "engine.restored" in await fleet.events.types("e")
+    await fleet.event(EngineReady(engine_id="e", node="n2", generation=2, url="http://n2"))
+    assert (await fleet.record("e")).node == "n1"  # the withdrawn copy's late news changes nothing
+
+
+async def test_with_no_capacity_the_node_back_takes_its_engine_back_as_it_is(fleet: Fleet) -> None:
+    await fleet.node("n1")
+    await running_on_n1(fleet)
+    original = await fleet.record("e")
+    await lose(fleet, "n1")
+    assert (await fleet.record("e")).state == EngineState.PENDING
+    await back(fleet, "n1")
+    assert not [c for c in await fleet.commands("n1") if isinstance(c, LaunchEngine)][1:]
+    await fleet.event(reported(original))
+    kept = await fleet.record("e")
+    assert (kept.node, kept.generation, kept.state) == ("n1", 1, EngineState.RUNNING)
+    await fleet.scheduler.fire_timers(now=time.time() + SETTLE_S + 1)
+    await fleet.scheduler.run(until_idle=True)  # settling finds nothing left to place
+    assert len([c for c in await fleet.commands("n1") if isinstance(c, LaunchEngine)]) == 1
+
+
+async def test_what_the_node_back_does_not_report_is_placed_anew(fleet: Fleet) -> None:
+    await fleet.node("n1")
+    await running_on_n1(fleet)
+    await fleet.node("n2", address="127.0.0.2")
+    await fleet.request(StartEngine(engine_id="f", model="demo", backend="fake", use_gpu=False,
+                                    node="n1"))  # fmt: skip
+    await fleet.redis.delete(fleet.keys.node_alive("n2"))  # n2 gone for good: no room elsewhere
+    await fleet.scheduler.tick()
+    await lose(fleet, "n1")
+    await back(fleet, "n1")
+    assert {(await fleet.record(e)).state for e in "ef"} == {EngineState.PENDING}
+    await fleet.event(  # e died while n1 was away: placed at once
+        EngineExited(engine_id="e", node="n1", generation=1, returncode=None, reason="gone")
+    )
+    assert (await fleet.record("e")).state == EngineState.STARTING
+    assert (await fleet.record("f")).state == EngineState.PENDING  # not reported yet: waits
+    await fleet.scheduler.fire_timers(now=time.time() + SETTLE_S + 1)
+    await fleet.scheduler.run(until_idle=True)
+    assert (await fleet.record("f")).state == EngineState.STARTING
 
 
 async def two_copies_reported_after_redis_lost_the_record(fleet: Fleet, newest_first: bool) -> None:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 
 from sage_mq.engines.backends import build_argv, build_env
@@ -174,14 +172,16 @@ async def test_a_port_held_by_another_process_moves_the_engine_to_a_free_one(
     await fleet.node("n1", "2x24GiB")
     await fleet.request(StartEngine(engine_id="e", model="m-1B"))
     await fleet.event(port_taken("e", 40000))
-    record = await fleet.record("e")
-    assert record.state == EngineState.RESTARTING and record.port == 40001
+    record = await fleet.record("e")  # launched again at once on a free port: no attempt spent
+    assert record.state == EngineState.STARTING and record.port == 40001
     assert record.url == "http://127.0.0.1:40001" and record.gpus == [0]
+    assert (record.restarts, record.restart_attempt) == (0, 0)
     assert await fleet.store.ports_in_use("n1") == {40001: "e"}
-    await fleet.scheduler.fire_timers(now=time.time() + 1.05)
-    await fleet.scheduler.run(until_idle=True)
     relaunch = [c for c in await fleet.commands("n1") if isinstance(c, LaunchEngine)][-1]
     assert (relaunch.generation, relaunch.port, relaunch.gpus) == (2, 40001, (0,))
+    moved = (await fleet.events.wait("engine.port_changed", "e")).payload.model_dump()
+    assert (moved["old_port"], moved["new_port"]) == (40000, 40001)
+    assert "already in use" in moved["reason"]
     await fleet.request(StartEngine(engine_id="next", model="m-1B"))  # 40000 is someone else's
     assert (await fleet.record("next")).port == 40002
 

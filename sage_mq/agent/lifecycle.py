@@ -22,6 +22,7 @@ import httpx
 
 from sage_mq.agent import logs, processes
 from sage_mq.engines.backends import build_argv, build_env, health_paths
+from sage_mq.errors import LaunchError
 from sage_mq.messages import LaunchEngine
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,8 @@ class ManagedEngine:
     started_at: float = field(default_factory=time.time)
     record: dict[str, Any] = field(default_factory=dict)
     """The scheduler's record for this launch, handed back when the engine is adopted."""
+    mark: str = ""
+    """What every process of this engine carries in ``SAGE_ENGINE`` (see processes.marked)."""
     stopping: bool = field(default=False, compare=False)
     adopted: bool = field(default=False, compare=False)
     exited: asyncio.Future[int | None] | None = field(default=None, compare=False, repr=False)
@@ -79,6 +82,7 @@ _PERSISTED = (
     "log_path",
     "started_at",
     "record",
+    "mark",
 )
 
 ExitHandler = Callable[[ManagedEngine, int | None], Coroutine[Any, Any, None]]
@@ -103,8 +107,11 @@ class EngineLifecycleManager:
         self.stop_grace_s = stop_grace_s
         self.log_backups = log_backups
         self.engines: dict[str, ManagedEngine] = {}
+        self.node_id = node_dir.name
         self._http: httpx.AsyncClient | None = None
         self._exit_tasks: set[asyncio.Task[None]] = set()
+        self._remains: dict[str, asyncio.Task[None]] = {}
+        """Per engine: the killing of what its exited main process left behind."""
 
     # -- spawn and stop ------------------------------------------------------------------
     async def launch(
@@ -112,10 +119,13 @@ class EngineLifecycleManager:
     ) -> ManagedEngine:
         """Spawn the engine described by ``cmd`` and start watching it (``executables``: the
         paths the ``command`` backend's allowed executables resolve to)."""
+        await self.settle(cmd.engine_id)  # none of an earlier generation may be left
         argv = build_argv(cmd, executables=executables)
         log_path = self.log_dir / f"{cmd.engine_id}.log"
         logs.rotate(log_path, self.log_backups)
-        pid = processes.spawn(argv, build_env(cmd, self.base_env), log_path)
+        mark = f"{self.node_id}/{cmd.engine_id}/{cmd.generation}"
+        env = build_env(cmd, self.base_env) | {processes.ENGINE_MARK: mark}
+        pid = processes.spawn(argv, env, log_path)
         engine = ManagedEngine(
             engine_id=cmd.engine_id,
             generation=cmd.generation,
@@ -128,6 +138,7 @@ class EngineLifecycleManager:
             port=cmd.port,
             log_path=str(log_path),
             record=dict(cmd.record or {}),
+            mark=mark,
             child=True,
         )
         self._track(engine)
@@ -154,10 +165,28 @@ class EngineLifecycleManager:
             log.warning("%s ignored SIGTERM for %.1fs; sending SIGKILL", engine_id, grace)
             processes.signal_group(engine.pid, signal.SIGKILL)
             returncode = await self._wait_exit(engine, 5.0)
-        if not await processes.reap_group(engine.pid):
-            log.error("process group %d of %s survived SIGKILL", engine.pid, engine_id)
+        await self._kill_remains(engine)
         self._forget(engine)
         return returncode
+
+    async def settle(self, engine_id: str) -> None:
+        """Wait until nothing is left of the engine's earlier processes (see ``_exited``)."""
+        remains = self._remains.pop(engine_id, None)
+        if remains is not None:
+            await remains
+
+    async def _kill_remains(self, engine: ManagedEngine, *, group: bool = True) -> None:
+        """Everything of the engine but its main process, killed: its group (unless the group
+        id may be someone else's by now) and whatever carries its mark. Said in the log."""
+        try:
+            killed = await processes.kill_remains(
+                engine.pid if group else None, engine.mark or f"{self.node_id}/?"
+            )
+        except LaunchError as exc:
+            log.error("%s: %s", engine.engine_id, exc)
+            return
+        if killed:
+            log.warning("%s: killed what its main process left: %s", engine.engine_id, killed)
 
     async def _wait_exit(self, engine: ManagedEngine, timeout: float) -> int | None:
         assert engine.exited is not None
@@ -189,10 +218,17 @@ class EngineLifecycleManager:
             engine.pid,
             processes.describe_returncode(returncode),
         )
+        self._start_cleaning(engine, group=True)
         if self.on_exit is not None:
             task = asyncio.get_running_loop().create_task(self.on_exit(engine, returncode))
             self._exit_tasks.add(task)
             task.add_done_callback(self._exit_tasks.discard)
+
+    def _start_cleaning(self, engine: ManagedEngine, *, group: bool) -> None:
+        """Kill what the engine left, in the background (its exit is reported at once); a
+        launch of the engine waits for it (:meth:`settle`)."""
+        loop = asyncio.get_running_loop()
+        self._remains[engine.engine_id] = loop.create_task(self._kill_remains(engine, group=group))
 
     def _forget(self, engine: ManagedEngine) -> None:
         if self.engines.get(engine.engine_id) is engine:
@@ -230,6 +266,7 @@ class EngineLifecycleManager:
             else:
                 path.unlink(missing_ok=True)
                 gone.append(engine)
+                self._start_cleaning(engine, group=False)  # its pid may be another's now
         return adopted, gone
 
     # -- health --------------------------------------------------------------------------
@@ -259,25 +296,42 @@ class EngineLifecycleManager:
         return dict(zip(ids, results, strict=True))
 
     async def wait_ready(self, engine_id: str, timeout_s: float, poll_s: float = 0.1) -> bool:
-        """Poll until the engine is healthy (True), exits or the time is up (False)."""
+        """Poll until the engine is healthy (True), exits or the time is up (False). Healthy
+        means its own process answers: an answer from whatever else holds its port (a stray
+        server, an older copy) does not count."""
         deadline = time.monotonic() + timeout_s
         delay = poll_s
+        warned = False
         while time.monotonic() < deadline:
             engine = self.engines.get(engine_id)
             if engine is None or not engine.alive:
                 return False
             if await self.health_check(engine_id, timeout=min(2.0, max(0.2, delay * 4))):
-                return True
+                if await self._answers_itself(engine):
+                    return True
+                if not warned:
+                    warned = True
+                    log.warning(
+                        "%s: port %d answers, but not from the engine's processes: waiting "
+                        "for its own", engine_id, engine.port,
+                    )  # fmt: skip
             await asyncio.sleep(delay)
             delay = min(delay * 1.5, 1.0)
         return False
+
+    async def _answers_itself(self, engine: ManagedEngine) -> bool:
+        if not engine.mark:  # launched by an agent from before marks: nothing to tell by
+            return True
+        return await asyncio.to_thread(processes.listening, engine.mark, engine.port)
 
     def tail_log(self, engine_id: str, lines: int = 20) -> list[str]:
         """The last lines of an engine's log on this node."""
         return logs.tail(self.log_dir / f"{engine_id}.log", lines)
 
     async def close(self) -> None:
-        """Release the HTTP client and stop watching; engine processes keep running."""
+        """Release the HTTP client and stop watching; engine processes keep running (what
+        exited engines left behind is killed first)."""
+        await asyncio.gather(*self._remains.values(), return_exceptions=True)
         for engine in list(self.engines.values()):
             if engine._cancel_watch is not None:
                 engine._cancel_watch()

@@ -49,6 +49,7 @@ from sage_mq.messages import (
     LaunchEngine,
     NodeHealth,
     ReleaseGpus,
+    ReportEngines,
     TerminateEngine,
 )
 from sage_mq.settings import AgentSettings, Settings
@@ -241,6 +242,8 @@ class NodeAgent:
             await self.outbox.send(GpusReleased(node=self.node_id, engine_id=payload.engine_id))
         elif isinstance(payload, HealthTick):
             self._tick(env, payload)
+        elif isinstance(payload, ReportEngines):
+            self._spawn(self._report_engines("the scheduler had lost this node"))
         else:
             log.warning("node %s ignores %s (not a node command)", self.node_id, env.type)
 
@@ -284,6 +287,7 @@ class NodeAgent:
                 cmd.generation,
             )
             await self.lifecycle.stop(cmd.engine_id)
+        await self.lifecycle.settle(cmd.engine_id)  # what an exited generation left: gone
         try:
             check_launch(cmd, self.gpus.gpus(), self.agent, self.allowances)
             engine = await self.lifecycle.launch(cmd, self.executables)

@@ -91,6 +91,53 @@ async def reap_group(pgid: int, timeout_s: float = 3.0) -> bool:
     return True
 
 
+ENGINE_MARK = "SAGE_ENGINE"
+"""The variable every engine process gets (``<node>/<engine id>/<generation>``): processes
+inherit it, so it finds what an engine left behind even after they left its process group
+(vLLM's EngineCore, workers that called setsid)."""
+
+
+def marked(mark: str) -> list[psutil.Process]:
+    """The living processes whose environment carries ``mark``."""
+    found = []
+    for proc in psutil.process_iter():
+        with contextlib.suppress(psutil.Error):
+            if proc.environ().get(ENGINE_MARK) == mark and proc.status() != psutil.STATUS_ZOMBIE:
+                found.append(proc)
+    return found
+
+
+def listening(mark: str, port: int) -> bool:
+    """Whether a process carrying ``mark`` listens on TCP ``port`` (any address)."""
+    for proc in marked(mark):
+        with contextlib.suppress(psutil.Error):
+            for conn in proc.net_connections(kind="tcp"):
+                if conn.status == psutil.CONN_LISTEN and conn.laddr and conn.laddr.port == port:
+                    return True
+    return False
+
+
+async def kill_remains(pgid: int | None, mark: str, timeout_s: float = 5.0) -> list[str]:
+    """SIGKILL what is left of an engine: its process group (``pgid``; None when its leader
+    is long gone and the id may be someone else's) and every process carrying its ``mark``;
+    wait until none is left. What had to be killed, as ``pid (name)``."""
+    killed: dict[int, str] = {}
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if pgid is not None:
+            signal_group(pgid, signal.SIGKILL)
+        left = await asyncio.to_thread(marked, mark)
+        for proc in left:
+            with contextlib.suppress(psutil.Error):
+                killed.setdefault(proc.pid, f"{proc.pid} ({proc.name()})")
+                proc.kill()
+        if not left and (pgid is None or not group_alive(pgid)):
+            return sorted(killed.values())
+        if time.monotonic() > deadline:
+            raise LaunchError(f"what is left of {mark} survived SIGKILL: {sorted(killed)}")
+        await asyncio.sleep(0.02)
+
+
 def watch_exit(pid: int, on_exit: Callable[[], None]) -> Callable[[], None]:
     """Call ``on_exit`` in the loop the moment ``pid`` ends; returns a cancel function.
 

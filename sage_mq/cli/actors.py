@@ -57,6 +57,12 @@ def scheduler_run(
     stability_window: Annotated[
         float, typer.Option(help="Seconds RUNNING that reset the attempt counter.")
     ] = 60.0,
+    node_lost_grace: Annotated[
+        float,
+        typer.Option(
+            help="Seconds a lost node's engines stay put (and keep serving) before they move."
+        ),
+    ] = 60.0,
     log_level: LogLevel = "INFO",
 ) -> None:
     """Run a scheduler until SIGINT/SIGTERM."""
@@ -73,6 +79,7 @@ def scheduler_run(
         health_interval_s=health_interval,
         probe_timeout_s=probe_timeout,
         lease_ttl_s=lease_ttl,
+        node_lost_grace_s=node_lost_grace,
         policy=policy,
     )
 

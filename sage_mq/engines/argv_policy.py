@@ -40,6 +40,7 @@ _OWN_FLAGS = {
             "--hang-after",
             "--latency-ms",
             "--stream-delay-ms",
+            "--child",
         }
     ),
     "embedding": frozenset({"--max-batch"}),

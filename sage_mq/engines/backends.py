@@ -27,6 +27,19 @@ def device(cmd: LaunchEngine) -> str:
     return "cuda" if cmd.use_gpu and cmd.gpus else "cpu"
 
 
+_PERMANENT = {
+    "vllm": {2: "its arguments were refused (vLLM exits 2 on a usage error)"},
+    "embedding": {2: "sentence-transformers is missing, or its arguments were refused"},
+    "fake": {2: "its arguments were refused"},
+}
+"""Exit codes each backend documents as permanent: another try would end the same way."""
+
+
+def permanent_exit(backend: str, returncode: int | None) -> str | None:
+    """Why an exit with ``returncode`` cannot be mended by a restart, or None if it may."""
+    return _PERMANENT.get(backend, {}).get(returncode) if returncode is not None else None
+
+
 def health_paths(kind: str) -> tuple[str, ...]:
     """Readiness/health endpoints: LLMs ``/health`` then ``/v1/models``; embeddings ``/health``."""
     return ("/health",) if kind == "embedding" else ("/health", "/v1/models")

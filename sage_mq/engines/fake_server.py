@@ -196,6 +196,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--hang-after", type=float, default=None, metavar="S")
     p.add_argument("--latency-ms", type=float, default=0.0, metavar="N")
     p.add_argument("--stream-delay-ms", type=float, default=0.0, metavar="N")
+    p.add_argument(
+        "--child",
+        action="store_true",
+        help="fork a worker that leaves the process group, as vLLM's EngineCore outlives its "
+        "API server unless killed",
+    )
     return p
 
 
@@ -218,9 +224,20 @@ def _hang(after: float) -> None:
         time.sleep(3600)
 
 
+def _fork_child() -> None:
+    """A worker of our own in a session of its own: it sleeps until killed, and dies with
+    nothing (no parent to tell it)."""
+    if os.fork() == 0:
+        os.setsid()
+        while True:
+            time.sleep(3600)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run a fake engine until SIGTERM."""
     args = parse_args(argv)
+    if args.child:
+        _fork_child()
     if args.startup_delay:
         print(f"fake engine: loading {args.model} for {args.startup_delay}s", flush=True)
         time.sleep(args.startup_delay)

@@ -19,9 +19,9 @@ from starlette.responses import JSONResponse, Response
 
 from sage_mq.batch.service import BatchNotFound, BatchService
 from sage_mq.errors import ControlPlaneUnavailable, InvalidRequest
+from sage_mq.fields import storable_text
 from sage_mq.gateway.proxy import openai_error
 from sage_mq.ids import BATCH_ID_PATTERN, FILE_ID_PATTERN
-from sage_mq.messages import storable_text
 
 FileId = Annotated[str, Path(pattern=FILE_ID_PATTERN)]
 BatchId = Annotated[str, Path(pattern=BATCH_ID_PATTERN)]

@@ -13,8 +13,8 @@ from sage_mq.engines.argv_policy import ARG_PATTERN, MAX_ARG_CHARS, MAX_ARGS, MO
 from sage_mq.errors import (
     InvalidRequest,
 )
+from sage_mq.fields import Label, Metadata
 from sage_mq.ids import ENGINE_ID_PATTERN, NodeId
-from sage_mq.messages import Label, Metadata
 from sage_mq.presets import PRESET_NAME_PATTERN, Preset, load_builtin, parse_preset
 
 

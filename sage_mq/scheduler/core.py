@@ -36,6 +36,7 @@ from sage_mq.messages import (
     RelaunchEngine,
     RestartEngine,
     SchedulerElected,
+    SettleNode,
     StartEngine,
     StopEngine,
 )
@@ -88,6 +89,7 @@ class Scheduler:
             EngineUnhealthy: healing.on_unhealthy,
             NodeHealth: healing.on_node_health,
             EvacuateNode: self.nodes.on_evacuate,
+            SettleNode: self.nodes.on_settle,
             NodeJoined: self.nodes.on_joined,
         }
         self._stopping = asyncio.Event()

@@ -5,10 +5,12 @@ from __future__ import annotations
 import logging
 import time
 
+from sage_mq.engines.backends import permanent_exit
 from sage_mq.messages import (
     EngineExited,
     EngineFailed,
     EngineLaunchFailed,
+    EnginePortChanged,
     EngineRestarting,
     EngineUnhealthy,
     HealthTick,
@@ -43,9 +45,16 @@ class Healing:
         ev = env.payload
         assert isinstance(ev, EngineExited)
         record = await self.ctx.current(ev.engine_id, ev.generation)
+        if record is not None and record.state == S.PENDING and record.lost_node == ev.node:
+            await self.placing.place_pending(record)  # it died while its node was away: move
+            return
         if record is None or record.state not in LIVE:
             return
         reason = f"engine {ev.reason}" + (f": {ev.last_lines[-1]}" if ev.last_lines else "")
+        permanent = permanent_exit(record.backend, ev.returncode)
+        if permanent is not None:  # no attempt spent on what cannot mend itself
+            await self.fail(record, f"{reason}; not restarted: {permanent}", ev.last_lines)
+            return
         await self.fail_or_restart(record, reason, ev.last_lines, still_running=False)
 
     async def on_launch_failed(self, env: Envelope) -> None:
@@ -60,7 +69,20 @@ class Healing:
             await self.fail(record, reason, ())
             return
         if ev.port_in_use:
-            record = await self.placing.change_port(record)
+            moved = await self.placing.change_port(record)
+            if moved.port != record.port:  # a free port: launched there now, no attempt spent
+                assert moved.port is not None and record.port is not None
+                await self.ctx.emit(
+                    EnginePortChanged(
+                        engine_id=record.engine_id,
+                        node=ev.node,
+                        old_port=record.port,
+                        new_port=moved.port,
+                        reason=ev.reason,
+                    )
+                )
+                await self.placing.relaunch(moved)
+                return
         await self.fail_or_restart(record, reason, (), still_running=False)
 
     async def on_unhealthy(self, env: Envelope) -> None:
@@ -138,8 +160,13 @@ class Healing:
         still_running: bool,
     ) -> None:
         """Restart after backoff, keeping id, node, port, GPUs and args; or end FAILED."""
-        if still_running and record.node is not None:  # hung: TERM, grace, KILL before anything
-            await self.ctx.command(record.node, TerminateEngine(engine_id=record.engine_id))
+        if still_running and record.node is not None:  # hung: gone now, during the backoff
+            hung = TerminateEngine(
+                engine_id=record.engine_id,
+                generation=record.generation,
+                grace_s=self.ctx.scheduler.hung_grace_s,
+            )
+            await self.ctx.command(record.node, hung)
         decision = after_failure(
             self.policy,
             attempts=record.restart_attempt,

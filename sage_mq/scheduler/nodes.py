@@ -6,15 +6,18 @@ import logging
 import time
 import uuid
 
-from sage_mq.messages import EvacuateNode, NodeJoined, NodeLost
+from sage_mq.messages import EvacuateNode, NodeJoined, NodeLost, ReportEngines, SettleNode
 from sage_mq.scheduler.context import Context
 from sage_mq.scheduler.placing import Placing
 from sage_mq.scheduler.tracking import Tracking
-from sage_mq.store import EngineState, NodeRecord, oldest_first
+from sage_mq.store import EngineRecord, EngineState, NodeRecord, oldest_first
 from sage_mq.wire import Envelope
 
 log = logging.getLogger(__name__)
 S = EngineState
+SETTLE_S = 15.0
+"""How long a node that came back has to report the engines moved away from it (its agent
+reports them at once: this is for an agent that lost its state)."""
 
 
 class NodeWatch:
@@ -48,7 +51,8 @@ class NodeWatch:
 
     async def _back(self, node: NodeRecord) -> None:
         await self.ctx.fleet.set_status(node.node_id, "up")
-        log.info("node %s is back", node.node_id)
+        log.info("node %s is back; asking it what it runs", node.node_id)
+        await self.ctx.command(node.node_id, ReportEngines())  # kept, taken back, or stopped
         await self.ctx.emit(
             NodeJoined(
                 node_id=node.node_id,
@@ -76,11 +80,35 @@ class NodeWatch:
             await self.placing.move(record, f"node {req.node_id} lost")
 
     async def on_joined(self, env: Envelope) -> None:
-        """Capacity may have come: place the engines waiting PENDING."""
-        assert isinstance(env.payload, NodeJoined)
-        await self.ctx.fleet.refresh_node(env.payload.node_id)
+        """Capacity may have come: place the engines waiting PENDING, but those moved away
+        from this very node: its agent reports them if they still run there (and they are
+        taken back), or, after ``SETTLE_S``, they are placed too."""
+        joined = env.payload
+        assert isinstance(joined, NodeJoined)
+        await self.ctx.fleet.refresh_node(joined.node_id)
+        expected = False
+        for record in await self._waiting():
+            if record.lost_node == joined.node_id:
+                expected = True
+            else:
+                await self.placing.place_pending(record)
+        if expected:
+            await self.ctx.timers.schedule(
+                f"settle-{joined.node_id}-{uuid.uuid4().hex[:8]}",
+                time.time() + SETTLE_S,
+                SettleNode(node_id=joined.node_id),
+            )
+
+    async def on_settle(self, env: Envelope) -> None:
+        """The node has been back ``SETTLE_S``: what it did not report is placed anew."""
+        req = env.payload
+        assert isinstance(req, SettleNode)
+        for record in await self._waiting():
+            if record.lost_node == req.node_id:
+                await self.placing.place_pending(record)
+
+    async def _waiting(self) -> list[EngineRecord]:
         where = await self.ctx.store.engine_placements()
         waiting = [e for e, (state, node) in where.items() if state == S.PENDING and node is None]
-        for record in oldest_first((await self.ctx.store.get_engines(waiting)).values()):
-            if record.state == S.PENDING and record.node is None:
-                await self.placing.place_pending(record)
+        found = (await self.ctx.store.get_engines(waiting)).values()
+        return [r for r in oldest_first(found) if r.state == S.PENDING and r.node is None]

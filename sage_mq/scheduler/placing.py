@@ -130,7 +130,8 @@ class Placing:
             port=port,
             url=f"http://{placement.address}:{port}",
             gpus=list(placement.gpus),
-            generation=record.generation + 1,
+            generation=next_generation(record),
+            spent_generation=next_generation(record),
             gpu_memory_utilization=fraction,
             memory_gb=placement.memory_gb_per_gpu * max(len(placement.gpus), 1),
         )
@@ -172,7 +173,8 @@ class Placing:
             record.engine_id,
             current=record,
             state=S.STARTING,
-            generation=record.generation + 1,
+            generation=next_generation(record),
+            spent_generation=next_generation(record),
             pid=None,
         )
         assert relaunched is not None
@@ -221,17 +223,16 @@ class Placing:
     async def move(self, record: EngineRecord, why: str) -> None:
         """Place an engine again, away from its lost node; PENDING with the reason if none fits.
 
-        A terminate for the old copy waits in the lost node's stream: when its agent returns,
-        it stops that copy first thing.
+        Nothing is sent to the lost node: when its agent is back it reports what still runs
+        there, and the copy is taken back if no other serves yet, else stopped (Tracking).
         """
         old = record.node
         if old is not None:
             await self.ctx.fleet.release(old, record.engine_id, record.port)
-            stale = TerminateEngine(engine_id=record.engine_id, generation=record.generation)
-            await self.ctx.command(old, stale)
         pending = await self.ctx.store.update_engine(
             record.engine_id,
             state=S.PENDING,
+            lost_node=old,
             node=None,
             host=None,
             port=None,
@@ -295,6 +296,11 @@ def launch_command(record: EngineRecord) -> LaunchEngine:
         startup_timeout_s=record.startup_timeout_s,
         record=record.public(),
     )
+
+
+def next_generation(record: EngineRecord) -> int:
+    """The generation a new launch of the engine gets: never one launched before."""
+    return max(record.generation, record.spent_generation) + 1
 
 
 def new_record(req: StartEngine) -> EngineRecord:

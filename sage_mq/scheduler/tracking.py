@@ -61,6 +61,8 @@ class Tracking:
         )
         if record is not None and current and record.state in LIVE:
             await self.ctx.store.update_engine(ev.engine_id, pid=ev.pid)
+        elif record is not None and _moved_and_not_yet_served(record, ev):
+            await self._take_back(record, ev)
         elif not current or (record is not None and record.state.terminal):
             log.warning(
                 "%s generation %d on %s is a stale copy: stopping it",
@@ -71,6 +73,38 @@ class Tracking:
             await self.ctx.command(
                 ev.node, TerminateEngine(engine_id=ev.engine_id, generation=ev.generation)
             )
+
+    async def _take_back(self, record: EngineRecord, ev: EngineAdopted) -> None:
+        """A lost node is back and still runs the engine, whose replacement does not serve
+        yet: the original is kept as it is (same process, port and GPUs), the replacement is
+        withdrawn. Moving a model that loads for minutes costs more than it saves."""
+        original = launched_record(ev)
+        if original is None:
+            await self.ctx.command(
+                ev.node, TerminateEngine(engine_id=ev.engine_id, generation=ev.generation)
+            )
+            return
+        if record.node is not None:  # the replacement was placed: its port, GPUs and process go
+            replacement = TerminateEngine(engine_id=record.engine_id, generation=record.generation)
+            await self.release(record, replacement)
+        kept = original.model_copy(
+            update={
+                "spent_generation": max(record.spent_generation, record.generation),
+                "restarts": record.restarts,
+                "lost_node": None,
+                "last_error": f"taken back on {ev.node}: it ran there all along",
+            }
+        )
+        log.warning(
+            "%s: node %s is back with generation %d still running; it is kept, and the "
+            "replacement (%s on %s) withdrawn",
+            ev.engine_id,
+            ev.node,
+            ev.generation,
+            record.state.value,
+            record.node or "nowhere yet",
+        )
+        await self._rebuild(kept, None)
 
     async def _rebuild(self, rebuilt: EngineRecord, older: EngineRecord | None) -> None:
         """Make ``rebuilt`` the record again, with its port and GPUs reserved; an older copy
@@ -130,6 +164,8 @@ class Tracking:
         changes: dict[str, Any] = {"state": S.RUNNING, "url": ev.url, "probe_failures": 0}
         if record.state != S.RUNNING:
             changes["running_since"] = time.time()
+        if record.lost_node is not None:  # a replacement serves: the original is stale now
+            changes["lost_node"] = None
         await self.ctx.store.update_engine(ev.engine_id, current=record, **changes)
         self.ctx.steady.remember(ev.node, ev.engine_id, time.monotonic())
         log.info("%s RUNNING at %s (generation %d)", ev.engine_id, ev.url, ev.generation)
@@ -167,6 +203,13 @@ class Tracking:
         commands = [ReleaseGpus(engine_id=record.engine_id)] if record.gpus else []
         if commands or then:
             await self.ctx.command(record.node, *commands, *then)
+
+
+def _moved_and_not_yet_served(record: EngineRecord, ev: EngineAdopted) -> bool:
+    """Whether the reported copy is the one moved away from its lost node, and no other copy
+    serves in its place yet (the replacement waits, starts, or backs off)."""
+    waiting = (S.PENDING, S.STARTING, S.RESTARTING)
+    return record.lost_node == ev.node and record.state in waiting and ev.record is not None
 
 
 def launched_record(ev: EngineAdopted) -> EngineRecord | None:

@@ -13,7 +13,8 @@ from typing import Any
 import httpx
 import psutil
 
-from tests.chaos.harness import NODES, ChaosFleet
+from sage_mq.agent.processes import ENGINE_MARK
+from tests.chaos.harness import NODES, WORKERS_PER_ENGINE, ChaosFleet
 from tests.helpers.engines import engine_processes
 
 SETTLED = {"RUNNING", "FAILED", "STOPPED"}
@@ -51,19 +52,37 @@ def _states(records: dict[str, dict[str, Any]], expected: dict[str, str]) -> lis
 
 
 def _processes(fleet: ChaosFleet, records: dict[str, dict[str, Any]]) -> list[str]:
-    """One process per RUNNING engine, the one its record names; none other (no duplicate, no
-    stale copy, no hung process left)."""
-    running = Counter(proc.pid for proc in engine_processes(fleet.procs.state))
-    wanted = Counter(r["pid"] for r in records.values() if r["state"] == "RUNNING")
+    """Each RUNNING engine is its process (the one its record names) and the worker it
+    forked, and nothing else runs: no duplicate, no stale or hung copy, and nothing left of a
+    dead engine (a worker that outlived its engine still carries that engine's mark)."""
+    running = {
+        f"{r['node']}/{r['engine_id']}/{r['generation']}": r["pid"]
+        for r in records.values()
+        if r["state"] == "RUNNING"
+    }
+    procs = engine_processes(fleet.procs.state)
+    by_mark: dict[str, list[int]] = {}
+    for proc in procs:
+        by_mark.setdefault(_mark(proc), []).append(proc.pid)
     found = []
-    if running != wanted:
-        extra = sorted((running - wanted).elements())
-        missing = sorted((wanted - running).elements())
-        found.append(f"engine processes: extra pids {extra}, missing pids {missing}")
-    stopped = [p.pid for p in engine_processes(fleet.procs.state) if _stopped(p)]
+    left = sorted(pid for mark, pids in by_mark.items() if mark not in running for pid in pids)
+    if left:
+        found.append(f"engine processes of no RUNNING engine left: {left}")
+    for mark, pid in running.items():
+        pids = by_mark.get(mark, [])
+        if pid not in pids or len(pids) != WORKERS_PER_ENGINE + 1:
+            found.append(f"{mark}: processes {sorted(pids)}, want pid {pid} and its worker")
+    stopped = [p.pid for p in procs if _stopped(p)]
     if stopped:
         found.append(f"engine processes stopped (SIGSTOP) still there: {stopped}")
     return found
+
+
+def _mark(proc: psutil.Process) -> str:
+    try:
+        return str(proc.environ().get(ENGINE_MARK, "?"))
+    except psutil.Error:
+        return "?"
 
 
 def _stopped(proc: psutil.Process) -> bool:

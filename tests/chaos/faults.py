@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import redis
 from rq import SimpleWorker
 
-from tests.chaos.harness import NODES, WORKERS, ChaosFleet
+from tests.chaos.harness import LIVENESS_TTL_S, NODES, WORKERS, ChaosFleet
 
 
 @dataclass(frozen=True)
@@ -25,6 +25,8 @@ class Fault:
     """Recovered only once the round's batch has finished (the fault is in the batch path)."""
     restarts: int = 0
     """Engines it may leave with a new process (the one it hit); every other keeps its own."""
+    down_s: float = 1.0
+    """How long what it killed stays down before it is started again (systemd's RestartSec)."""
 
 
 def _running_engine(fleet: ChaosFleet, rng: random.Random) -> dict[str, object]:
@@ -83,9 +85,10 @@ def restart_redis_empty(fleet: ChaosFleet, rng: random.Random) -> str:
 
 
 FAULTS = (
-    Fault("kill -9 engine", kill_engine, restarts=1),
+    Fault("kill -9 engine with a child", kill_engine, restarts=1),
     Fault("SIGSTOP engine (hang)", hang_engine, restarts=1),
     Fault("kill -9 agent", kill_agent),
+    Fault("agent away 3x its TTL", kill_agent, down_s=3 * LIVENESS_TTL_S),
     Fault("kill -9 leader scheduler", kill_leader),
     Fault("kill -9 gateway", kill_gateway),
     Fault("kill -9 batch worker", kill_worker, recovery_includes_batch=True),

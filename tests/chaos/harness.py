@@ -28,6 +28,10 @@ from tests.helpers.servers import Processes, RedisServer, free_port
 from tests.test_gateway import wait_for
 
 NODES = ("n1", "n2")
+WORKERS_PER_ENGINE = 1
+"""Every engine forks a worker that leaves its process group (``--child``), as vLLM's
+EngineCore does: a killed engine must take it along."""
+LIVENESS_TTL_S = 5.0
 SCHEDULERS = ("s1", "s2")
 WORKERS = ("w1", "w2")
 SCHEDULER_ARGS = (
@@ -75,7 +79,7 @@ class ChaosFleet:
         for i, node in enumerate(NODES):
             low = 24000 + 1000 * i
             args = ["node", "run", "--node-id", node, "--fake-gpus", "2x24GiB"]
-            args += ["--liveness-ttl", "5", "--stop-grace", "2"]
+            args += ["--liveness-ttl", str(LIVENESS_TTL_S), "--stop-grace", "2"]
             args += ["--port-range", f"{low}-{low + 99}"]
             self._actor(node, args, SAGE_MQ_STATE_DIR=str(self.tmp / "state" / node))
         self._actor("gateway", ["gateway", "run", "--port", str(self.gateway_port)])
