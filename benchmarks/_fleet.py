@@ -36,11 +36,12 @@ class Fleet:
         self.procs: list[subprocess.Popen[bytes]] = []
         self.workdir = workdir
 
-    def start_scheduler_and_node(self) -> int:
+    def start_scheduler_and_node(self, *agent_args: str) -> int:
         """One scheduler and one agent (node n1), joined; returns the low end of its ports."""
         self.start("scheduler", "scheduler", "run")
         low = random.randrange(20000, 32000, 100)  # below the ephemeral range (32768+)
-        self.start("agent", "node", "run", "--node-id", "n1", "--port-range", f"{low}-{low + 9}")
+        ports = f"{low}-{low + 9}"
+        self.start("agent", "node", "run", "--node-id", "n1", "--port-range", ports, *agent_args)
         self.wait("node.joined", 0)
         return low
 
@@ -57,14 +58,14 @@ class Fleet:
         self.procs.append(proc)
         return proc
 
-    def cli(self, *args: str) -> Any:
+    def cli(self, *args: str, timeout: float = 120) -> Any:
         done = subprocess.run(
             [sys.executable, "-m", "sage_mq", "llm", *args, "--json"],
             env=self.env,
             capture_output=True,
             text=True,
             check=True,
-            timeout=120,
+            timeout=timeout,
         )
         return json.loads(done.stdout)
 
@@ -96,7 +97,9 @@ class Fleet:
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         for proc in psutil.process_iter():  # engines outlive agents by design: find them
-            with contextlib.suppress(psutil.Error):
+            with contextlib.suppress(psutil.Error, ProcessLookupError):
                 if proc.environ().get(BENCH_MARK) == str(self.workdir):
-                    proc.kill()
+                    if os.getpgid(proc.pid) == proc.pid:  # an engine: its group holds the rest
+                        os.killpg(proc.pid, signal.SIGKILL)  # (vLLM's EngineCore renames
+                    proc.kill()  # itself over its environment, so its mark is not read)
         self.redis.close()

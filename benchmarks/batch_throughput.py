@@ -21,6 +21,7 @@ import platform
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,9 @@ def _body(i: int) -> dict[str, Any]:
     return {"model": "demo", "messages": [{"role": "user", "content": f"question {i}"}]}
 
 
-async def direct(url: str, n: int, concurrency: int) -> dict[str, float]:
+async def direct(
+    url: str, n: int, concurrency: int, body: Callable[[int], dict[str, Any]] = _body
+) -> dict[str, float]:
     """(a): an async client, ``concurrency`` requests in flight, one connection each."""
     todo = iter(range(n))
     first: list[float] = []
@@ -46,7 +49,7 @@ async def direct(url: str, n: int, concurrency: int) -> dict[str, float]:
 
     async def one_client(client: httpx.AsyncClient) -> None:
         for i in todo:
-            (await client.post(url, json=_body(i))).raise_for_status()
+            (await client.post(url, json=body(i))).raise_for_status()
             if not first:
                 first.append(time.perf_counter() - started)
 
@@ -63,12 +66,14 @@ async def direct(url: str, n: int, concurrency: int) -> dict[str, float]:
     }
 
 
-def queued(redis_url: str, namespace: str, n: int) -> dict[str, float]:
+def queued(
+    redis_url: str, namespace: str, n: int, body: Callable[[int], dict[str, Any]] = _body
+) -> dict[str, float]:
     """(b): one batch of ``n`` requests through the queue and the workers."""
     os.environ["SAGE_MQ_NAMESPACE"] = namespace
     with UnifiedInferenceClient.create(control_plane_url=redis_url) as client:
         started = time.perf_counter()
-        handle = client.batch([_body(i) | {"custom_id": f"r{i}"} for i in range(n)])
+        handle = client.batch([body(i) | {"custom_id": f"r{i}"} for i in range(n)])
         first = 0.0
         while True:
             batch = handle.refresh()

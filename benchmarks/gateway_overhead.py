@@ -62,7 +62,9 @@ def _stats(ms: list[float]) -> dict[str, float]:
     }
 
 
-async def _load(url: str, n: int, concurrency: int) -> tuple[list[float], float]:
+async def _load(
+    url: str, n: int, concurrency: int, body: dict[str, Any] = BODY
+) -> tuple[list[float], float]:
     """``n`` chat requests from ``concurrency`` clients; (latencies in ms, seconds taken).
 
     Each client has its own ``httpx.AsyncClient``: one client's pool shared by 64 connections
@@ -76,7 +78,7 @@ async def _load(url: str, n: int, concurrency: int) -> tuple[list[float], float]
     async def one_client(client: httpx.AsyncClient) -> None:
         for _ in todo:
             started = time.perf_counter()
-            response = await client.post(url, json=BODY)
+            response = await client.post(url, json=body)
             response.raise_for_status()
             latencies.append((time.perf_counter() - started) * 1000)
 
@@ -129,6 +131,7 @@ def under_load(
     concurrency: int,
     procs: dict[str, psutil.Process],
     blocks: int = 5,
+    body: dict[str, Any] = BODY,
 ) -> Any:
     """(a): alternating blocks of n/blocks requests each way; also the CPU the gateway and the
     engine spent per request (on a small machine they share cores with the load generator)."""
@@ -137,7 +140,7 @@ def under_load(
     for _ in range(blocks):
         for name, url in (("direct", direct), ("gateway", gateway)):
             before = {p: _cpu_s(proc) for p, proc in procs.items()}
-            latencies, seconds = asyncio.run(_load(url, n // blocks, concurrency))
+            latencies, seconds = asyncio.run(_load(url, n // blocks, concurrency, body))
             for p, proc in procs.items():
                 cpu[name][p] += _cpu_s(proc) - before[p]
             sides[name] = (sides[name][0] + latencies, sides[name][1] + seconds)
@@ -155,15 +158,17 @@ def under_load(
     return result
 
 
-def one_at_a_time(direct: str, gateway: str, n: int) -> Any:
+def one_at_a_time(
+    direct: str, gateway: str, n: int, body: dict[str, Any] = BODY, warm_up: int = 50
+) -> Any:
     """(b): requests alternate between the two ways, one at a time."""
     times: dict[str, list[float]] = {"direct": [], "gateway": []}
-    with httpx.Client(timeout=30) as client, _no_collection():
-        for i in range(n + 50):
+    with httpx.Client(timeout=120) as client, _no_collection():
+        for i in range(n + warm_up):
             for name, url in (("direct", direct), ("gateway", gateway)):
                 started = time.perf_counter()
-                client.post(url, json=BODY).raise_for_status()
-                if i >= 50:  # the first 50 warm both up
+                client.post(url, json=body).raise_for_status()
+                if i >= warm_up:  # the first ones warm both up
                     times[name].append((time.perf_counter() - started) * 1000)
     result = {name: _stats(ms) for name, ms in times.items()}
     for q in ("p50", "p99"):
@@ -256,11 +261,11 @@ def main(
     }
 
 
-def _wait_until_served(url: str) -> None:
+def _wait_until_served(url: str, body: dict[str, Any] = BODY) -> None:
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         try:
-            if httpx.post(url, json=BODY, timeout=5).status_code == 200:
+            if httpx.post(url, json=body, timeout=60).status_code == 200:
                 return
         except httpx.TransportError:
             pass

@@ -10,7 +10,7 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from pydantic import ValidationError
@@ -80,6 +80,8 @@ class ControlPlaneManager:
         engine_label: str | None = None,
         max_concurrent_requests: int | None = None,
         metadata: dict[str, Any] | None = None,
+        served_model_name: str | None = None,
+        env: Mapping[str, str] | None = None,
         engine_id: str | None = None,
         wait: bool = False,
         timeout: float = 1800.0,
@@ -105,6 +107,8 @@ class ControlPlaneManager:
             engine_label=engine_label,
             max_concurrent_requests=max_concurrent_requests,
             metadata=metadata or {},
+            served_model_name=served_model_name,
+            env=dict(env or {}),
         )
         try:
             request = StartEngine.model_validate(fields)

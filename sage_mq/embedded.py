@@ -18,7 +18,8 @@ import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -109,6 +110,16 @@ class GatewayThread:
             self._socket.close()
 
 
+@dataclass(frozen=True)
+class NodeOptions:
+    """What the embedded node runs beyond the defaults: its operator's allowances
+    (``--allow-command``, ``--allow-engine-flag``) and runtimes (``--runtime``)."""
+
+    allowed_commands: tuple[str, ...] = ()
+    allowed_engine_flags: tuple[str, ...] = ()
+    runtimes: Mapping[str, str] = field(default_factory=dict)
+
+
 class EmbeddedControlPlane:
     """Every actor of a one-machine fleet, started and stopped together."""
 
@@ -124,8 +135,7 @@ class EmbeddedControlPlane:
         node_id: str | None = None,
         gateway: GatewayOptions | None = None,
         insecure: bool = False,
-        allowed_commands: tuple[str, ...] = (),
-        allowed_engine_flags: tuple[str, ...] = (),
+        node: NodeOptions | None = None,
     ) -> None:
         self.redis_url = redis_url
         self.host, self.port = host, port
@@ -135,9 +145,11 @@ class EmbeddedControlPlane:
         self.node_id = check_id("node id", node_id or socket.gethostname())
         self.options = gateway or GatewayOptions()
         self.insecure = insecure
-        self.allowed = (allowed_commands, allowed_engine_flags)
+        self.node = node or NodeOptions()
         self.local: LocalRedis | None = None
         self.started: list[str] = []
+        self.stopped = 0
+        """How many engines :meth:`stop` stopped on this host."""
         self._tasks: list[asyncio.Task[None]] = []
         self._parts: tuple[Scheduler, NodeAgent, GatewayThread, ControlPlaneManager] | None = None
         self._worker: subprocess.Popen[bytes] | None = None
@@ -176,7 +188,6 @@ class EmbeddedControlPlane:
             raise
 
     async def _start_actors(self, settings: Settings, ready_timeout_s: float) -> None:
-        commands, flags = self.allowed
         secrets = [*url_secrets(settings.redis_url), self.options.api_key, self.options.admin_key]
         scheduler = Scheduler(settings, name=f"{self.node_id}-embedded")
         agent = NodeAgent(
@@ -184,8 +195,9 @@ class EmbeddedControlPlane:
             AgentSettings(
                 node_id=self.node_id,
                 state_dir=self.state_dir or default_state_dir(),
-                allowed_commands=commands,
-                allowed_engine_flags=flags,
+                allowed_commands=self.node.allowed_commands,
+                allowed_engine_flags=self.node.allowed_engine_flags,
+                runtimes=self.node.runtimes,
             ),
             gpus=GPUResourceManager.detect(self.fake_gpus or fake_gpus_from_env()),
             base_env=engine_base_env(secrets=secrets),
@@ -233,7 +245,7 @@ class EmbeddedControlPlane:
             else:  # our own Redis, gone next with every record: no one need keep them right
                 scheduler.stop()
             with contextlib.suppress(SageMQError):  # what still runs here, all at once
-                await agent.stop_all_engines(None if self.local else self.started)
+                self.stopped = await agent.stop_all_engines(None if self.local else self.started)
             agent.stop()
             scheduler.stop()
             await gateway.stop()

@@ -15,13 +15,12 @@ from pydantic import (
 )
 
 from sage_mq.engines.argv_policy import checked_for_model
-from sage_mq.fields import Label, Metadata
+from sage_mq.fields import Backend, EngineEnv, Label, Metadata, ServedModelName
 from sage_mq.ids import EngineId, NodeId
 
 SCHEMA_VERSION = 1
 
 EngineKind = Literal["llm", "embedding"]
-BACKENDS = ("vllm", "embedding", "command", "fake")
 
 
 class Message(BaseModel):
@@ -44,7 +43,7 @@ class StartEngine(Message):
     engine_id: EngineId
     model: str = Field(min_length=1)
     kind: EngineKind = "llm"
-    backend: Literal["vllm", "embedding", "command", "fake"] | None = None
+    backend: Backend | None = None
     use_gpu: bool | None = None
     tensor_parallel_size: int = Field(1, ge=1, le=64)
     pipeline_parallel_size: int = Field(1, ge=1, le=64)
@@ -56,6 +55,11 @@ class StartEngine(Message):
     max_concurrent_requests: int | None = Field(None, ge=1)
     metadata: Metadata = Field(default_factory=dict)
     startup_timeout_s: float | None = Field(None, gt=0)
+    served_model_name: ServedModelName | None = None
+    """The name clients use (vLLM's ``--served-model-name``, llama.cpp's alias); the model
+    id or path when not given."""
+    env: EngineEnv = Field(default_factory=dict)
+    """Variables for the engine process; their values are shown to no one."""
 
     @model_validator(mode="after")
     def _runnable(self) -> StartEngine:
@@ -126,6 +130,8 @@ class LaunchEngine(Message):
     extra_args: tuple[str, ...] = ()
     gpu_memory_utilization: float | None = None
     startup_timeout_s: float | None = Field(None, gt=0)
+    served_model_name: str | None = None
+    env: dict[str, str] = Field(default_factory=dict)
     record: dict[str, Any] | None = None
     """The engine record this launch carries out, as the scheduler wrote it. The agent keeps it
     beside the process and hands it back in ``engine.adopted``, so a scheduler that finds no

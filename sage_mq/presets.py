@@ -26,6 +26,7 @@ from sage_mq.errors import (
     RequestRejectedError,
     WaitTimeout,
 )
+from sage_mq.fields import Backend, EngineEnv, ServedModelName
 
 if TYPE_CHECKING:
     from sage_mq.control import ControlPlaneManager, EventCallback
@@ -67,13 +68,15 @@ class PresetEngine(BaseModel):
     model: str = Field(min_length=1)
     tensor_parallel: int = Field(1, ge=1, le=64)
     use_gpu: bool | None = None
-    backend: Literal["vllm", "embedding", "command", "fake"] | None = None
+    backend: Backend | None = None
     port: int | None = Field(None, ge=1, le=65535)
     node: str | None = None
     extra_args: tuple[str, ...] = ()
     required_memory_gb: float | None = Field(None, gt=0)
     max_concurrent_requests: int | None = Field(None, ge=1)
     metadata: dict[str, Any] = Field(default_factory=dict)
+    served_model_name: ServedModelName | None = None
+    env: EngineEnv = Field(default_factory=dict)
 
     @field_validator("extra_args", mode="before")
     @classmethod
@@ -257,6 +260,8 @@ async def apply(
                     engine_label=engine.name,
                     max_concurrent_requests=engine.max_concurrent_requests,
                     metadata={"preset": preset.name, **engine.metadata},
+                    served_model_name=engine.served_model_name,
+                    env=engine.env,
                     wait=wait,
                     timeout=timeout,
                     on_event=on_event,

@@ -50,7 +50,7 @@ class _Load:
 def running_replica(record: EngineRecord) -> Replica | None:
     """The replica an engine record stands for, if the engine is RUNNING at a known URL."""
     if record.state == EngineState.RUNNING and record.url:
-        return Replica(record.engine_id, record.model, record.url, record.kind)
+        return Replica(record.engine_id, record.served_name, record.url, record.kind)
     return None
 
 

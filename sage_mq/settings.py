@@ -18,6 +18,7 @@ ENV_REDIS_URL = "SAGE_MQ_REDIS_URL"
 ENV_NAMESPACE = "SAGE_MQ_NAMESPACE"
 ENV_FAKE_GPUS = "SAGE_MQ_FAKE_GPUS"
 ENV_STATE_DIR = "SAGE_MQ_STATE_DIR"
+ENV_RUNTIME_PREFIX = "SAGE_MQ_RUNTIME_"
 ENV_CONTROL_PLANE_URL = "SAGE_CONTROL_PLANE_URL"
 DEFAULT_CONTROL_PLANE_URL = "http://localhost:8000/v1"
 ENV_API_KEY = "SAGE_MQ_API_KEY"
@@ -106,6 +107,9 @@ class AgentSettings:
     allowed_engine_flags: tuple[str, ...] = ()
     """Gated engine flags requests may use here (``--allow-engine-flag``), e.g. vLLM's
     ``--trust-remote-code``."""
+    runtimes: Mapping[str, str] = field(default_factory=dict)
+    """The interpreter each backend runs in here (``--runtime vllm=PYTHON``); a backend not
+    named runs in the agent's own if its modules are there."""
 
     @property
     def node_dir(self) -> Path:
@@ -165,6 +169,16 @@ class Settings:
             redis_url=redis_url or env.get(ENV_REDIS_URL) or DEFAULT_REDIS_URL,
             namespace=env.get(ENV_NAMESPACE) or DEFAULT_NAMESPACE,
         )
+
+
+def runtimes_from_env(env: Mapping[str, str] | None = None) -> list[str]:
+    """``--runtime`` values from ``SAGE_MQ_RUNTIME_<BACKEND>=PYTHON`` variables."""
+    env = os.environ if env is None else env
+    return [
+        f"{name[len(ENV_RUNTIME_PREFIX) :].lower()}={value}"
+        for name, value in sorted(env.items())
+        if name.startswith(ENV_RUNTIME_PREFIX) and value
+    ]
 
 
 def fake_gpus_from_env(env: Mapping[str, str] | None = None) -> str | None:

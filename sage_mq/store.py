@@ -6,114 +6,14 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterable
-from enum import StrEnum
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
-
 from sage_mq.connection import Redis, redis_errors
-from sage_mq.gpu import GpuInfo
 from sage_mq.hashes import from_hash, to_hash
 from sage_mq.keys import Keys
+from sage_mq.records import EngineRecord, EngineState, NodeRecord, Reservation
 
-
-class EngineState(StrEnum):
-    """Engine states (contract)."""
-
-    PENDING = "PENDING"
-    STARTING = "STARTING"
-    RUNNING = "RUNNING"
-    UNHEALTHY = "UNHEALTHY"
-    RESTARTING = "RESTARTING"
-    STOPPING = "STOPPING"
-    STOPPED = "STOPPED"
-    FAILED = "FAILED"
-
-    @property
-    def terminal(self) -> bool:
-        """FAILED and STOPPED engines hold no GPU and no port."""
-        return self in (EngineState.FAILED, EngineState.STOPPED)
-
-
-class EngineRecord(BaseModel):
-    """The engine record: contract fields first, then what restarts and placement need."""
-
-    model_config = ConfigDict(frozen=True, extra="ignore")
-    engine_id: str
-    model: str
-    kind: str = "llm"
-    backend: str = "vllm"
-    state: EngineState = EngineState.PENDING
-    node: str | None = None
-    host: str | None = None
-    port: int | None = None
-    url: str | None = None
-    gpus: list[int] = Field(default_factory=list)
-    use_gpu: bool | None = None
-    argv: list[str] = Field(default_factory=list)
-    pid: int | None = None
-    restarts: int = 0
-    last_error: str | None = None
-    created_at: float = Field(default_factory=time.time)
-    updated_at: float = Field(default_factory=time.time)
-    # -- beyond the contract --
-    generation: int = 0
-    tensor_parallel_size: int = 1
-    pipeline_parallel_size: int = 1
-    extra_args: list[str] = Field(default_factory=list)
-    required_memory_gb: float | None = None
-    memory_gb: float = 0.0
-    engine_label: str | None = None
-    max_concurrent_requests: int | None = None
-    metadata: dict[str, Any] = Field(default_factory=dict)
-    requested_port: int | None = None
-    requested_node: str | None = None
-    startup_timeout_s: float | None = None
-    gpu_memory_utilization: float | None = None
-    restart_attempt: int = 0
-    """Restart attempts in the current streak (reset after the stability window)."""
-    running_since: float | None = None
-    probe_failures: int = 0
-    spent_generation: int = 0
-    """The highest generation ever launched: a launch takes the next (after a copy was taken
-    back, ``generation`` is lower)."""
-    lost_node: str | None = None
-    """The node it was moved away from when that node was lost: if that node's agent reports
-    it still running before another copy serves, it is taken back."""
-
-    def public(self) -> dict[str, Any]:
-        """The JSON shape of ``engine list --json`` and the REST API."""
-        return self.model_dump(mode="json")
-
-
-class NodeRecord(BaseModel):
-    """The node record an agent writes when it registers."""
-
-    model_config = ConfigDict(frozen=True, extra="ignore")
-    node_id: str
-    address: str
-    gpus: list[GpuInfo] = Field(default_factory=list)
-    epoch: int = 0
-    last_seen: float = Field(default_factory=time.time)
-    started_at: float = Field(default_factory=time.time)
-    port_range_start: int = 40000
-    port_range_end: int = 40999
-    hostname: str = ""
-    agent_pid: int | None = None
-    allowed_commands: list[str] = Field(default_factory=list)
-    """Executables its operator lets the ``command`` backend run: names as given, and paths."""
-    allowed_engine_flags: list[str] = Field(default_factory=list)
-    """Gated engine flags its operator allows (``--allow-engine-flag``)."""
-    status: str = "up"
-    """``up``, or ``lost`` once the scheduler saw its liveness key expire."""
-
-
-class Reservation(BaseModel):
-    """GPUs and memory (GiB per GPU) held by one engine on a node."""
-
-    model_config = ConfigDict(frozen=True)
-    gpus: list[int]
-    memory_gb: float
+__all__ = ["EngineRecord", "EngineState", "NodeRecord", "Reservation", "Store", "oldest_first"]
 
 
 _EACH = """

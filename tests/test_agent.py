@@ -38,6 +38,7 @@ from sage_mq.store import Store
 from sage_mq.wire import envelope
 from tests.helpers.engines import engine_processes, fake_launch, marked_env
 from tests.helpers.events import Events
+from tests.helpers.runtimes import venv_with
 from tests.helpers.servers import RedisServer, free_port
 
 PYTHON3 = os.path.abspath(shutil.which("python3") or "python3")
@@ -128,17 +129,19 @@ async def test_launch_reports_starting_then_ready_and_kill_9_reports_exited_at_o
 
 
 async def test_the_agent_runs_only_what_its_operator_allowed(
-    aredis: Redis, settings: Settings, engines_cleanup: Path
+    aredis: Redis, settings: Settings, engines_cleanup: Path, tmp_path: Path
 ) -> None:
     events = Events(aredis, settings.namespace)
     marker = engines_cleanup / "pwned"
+    vllm = venv_with(tmp_path, ("vllm", "0.32.0"))  # a vLLM runtime: its flags are judged
     refused = {
+        "absent": fake_launch("absent", backend="llamacpp"),
         "sh": fake_launch("sh", backend="command", extra_args=("/bin/sh", "-c", f"touch {marker}")),
         "remote": fake_launch("remote", backend="vllm", extra_args=("--trust-remote-code",)),
         "flag": fake_launch("flag", model="--trust-remote-code"),
         "far": fake_launch("far", port=80),  # outside this node's range (1024-65535)
     }
-    async with RunningAgent(settings, engines_cleanup):
+    async with RunningAgent(settings, engines_cleanup, runtimes={"vllm": vllm}):
         for launch in refused.values():
             await command(aredis, settings, launch)
         reasons = {}
@@ -146,6 +149,7 @@ async def test_the_agent_runs_only_what_its_operator_allowed(
             failed = (await events.wait("engine.launch_failed", engine_id)).payload
             assert isinstance(failed, EngineLaunchFailed) and failed.refused
             reasons[engine_id] = failed.reason
+    assert "no llamacpp runtime" in reasons["absent"]
     assert "--allow-command /bin/sh" in reasons["sh"]
     assert "--allow-engine-flag --trust-remote-code" in reasons["remote"]
     assert "like a flag" in reasons["flag"]

@@ -125,3 +125,31 @@ def test_our_engines_flags_are_what_their_parsers_take(backend: str, server: obj
     flags = {flag for action in parser._actions for flag in action.option_strings}
     taken = argv_policy._OWN_FLAGS[backend] | argv_policy._SET_BY_US[backend]
     assert flags - {"-h", "--help"} == taken
+
+
+@pytest.mark.parametrize(
+    ("args", "why"),
+    [
+        (["--model", "/other.gguf"], "--model cannot be given"),
+        (["--n_gpu_layers", "99"], "--n-gpu-layers cannot be given"),
+        (["--model_alias=x"], "--model-alias cannot be given"),
+        (["--embedding", "true"], "--embedding cannot be given"),
+        (["--port", "1"], "--port cannot be given"),
+        (["--api_key", "k"], "--api-key cannot be given"),
+    ],
+)
+def test_llamacpp_flags_sage_mq_sets_are_refused_in_either_spelling(
+    args: list[str], why: str
+) -> None:
+    with pytest.raises(InvalidRequest, match=why):
+        check_engine_args("llamacpp", "/m.gguf", args)
+
+
+def test_llamacpp_flags_that_load_files_are_gated_by_their_normalized_names() -> None:
+    check_engine_args("llamacpp", "/m.gguf", ["--n_ctx", "2048", "--chat_format", "gemma"])
+    args = ["--lora_path", "/x.bin", "--config_file=/etc/c.json", "--n_ctx", "512"]
+    assert gated_flags("llamacpp", args) == ["--config-file", "--lora-path"]
+    refused = node_refusal("llamacpp", args, NodeAllowances())
+    assert refused is not None and "--allow-engine-flag --config-file" in refused
+    allowed = NodeAllowances(engine_flags=frozenset({"--config-file", "--lora-path"}))
+    assert node_refusal("llamacpp", args, allowed) is None

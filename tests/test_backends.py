@@ -172,3 +172,68 @@ def test_vllm_gets_the_fraction_of_the_gpu_that_was_reserved(
     need: float, total: float, fraction: float
 ) -> None:
     assert gpu_memory_utilization(need, total) == fraction
+
+
+@pytest.mark.parametrize(
+    ("kind", "use_gpu", "gpus", "layers", "embedding"),
+    [
+        ("llm", True, (0,), "-1", False),
+        ("llm", False, (), "0", False),
+        ("embedding", False, (), "0", True),
+    ],
+)
+def test_llamacpp_argv_puts_every_layer_on_given_gpus_and_serves_embeddings_when_asked(
+    kind: str, use_gpu: bool, gpus: tuple[int, ...], layers: str, embedding: bool
+) -> None:
+    cmd = launch(
+        kind=kind,
+        backend="llamacpp",
+        model="/m/gemma.gguf",
+        use_gpu=use_gpu,
+        gpus=gpus,
+        served_model_name="gemma",
+        extra_args=("--n_ctx", "2048"),
+    )
+    argv = build_argv(cmd, python="/venvs/llama/bin/python")
+    assert argv[:11] == [
+        "/venvs/llama/bin/python",
+        "-m",
+        "llama_cpp.server",
+        "--model",
+        "/m/gemma.gguf",
+        "--host",
+        "10.1.2.3",
+        "--port",
+        "40001",
+        "--n_gpu_layers",
+        layers,
+    ]
+    assert (argv[11:13] == ["--embedding", "true"]) is embedding
+    assert argv[-4:] == ["--model_alias", "gemma", "--n_ctx", "2048"]
+
+
+def test_served_model_name_reaches_vllm_and_our_engines() -> None:
+    for backend in ("vllm", "fake", "embedding"):
+        argv = build_argv(launch(backend=backend, served_model_name="chat"))
+        assert argv[argv.index("--served-model-name") + 1] == "chat"
+        assert "--served-model-name" not in build_argv(launch(backend=backend))
+    template = ("srv", "--name", "{served_model_name}")
+    assert build_argv(launch(backend="command", extra_args=template))[-1] == (
+        "Qwen/Qwen2.5-1.5B-Instruct"
+    )
+
+
+def test_engine_env_is_the_requests_variables_and_nothing_that_moves_the_engine() -> None:
+    base = {"PATH": "/bin", "PORT": "8080", "HOST": "0.0.0.0", "VLLM_API_KEY": "k", "TZ": "UTC"}
+    env = build_env(launch(env={"HF_TOKEN": "hf_1", "OMP_NUM_THREADS": "2"}), base)
+    assert env["HF_TOKEN"] == "hf_1" and env["OMP_NUM_THREADS"] == "2" and env["TZ"] == "UTC"
+    assert "PORT" not in env and "HOST" not in env and "VLLM_API_KEY" not in env
+    assert env["VLLM_HOST_IP"] == "10.1.2.3"  # vLLM's own address: the one it was placed on
+    assert "VLLM_HOST_IP" not in build_env(launch(backend="llamacpp"), base)
+
+
+def test_llamacpp_usage_errors_are_permanent_and_it_may_load_for_minutes() -> None:
+    from sage_mq.engines.backends import permanent_exit
+
+    assert permanent_exit("llamacpp", 2) is not None and permanent_exit("llamacpp", 1) is None
+    assert startup_timeout_s("llamacpp") >= 600

@@ -23,11 +23,15 @@ pytestmark = pytest.mark.fleet
 
 
 def run_gateway(
-    processes: Processes, redis_server: RedisServer, tmp_path: Path, *args: str
+    processes: Processes,
+    redis_server: RedisServer,
+    tmp_path: Path,
+    *args: str,
+    agent_args: tuple[str, ...] = (),
 ) -> tuple[FleetProcs, str]:
     fleet = FleetProcs(processes, redis_server, tmp_path / "state")
     fleet.start_scheduler("--backoff-base", "0.2", "--health-interval", "0.5")
-    fleet.start_agent()
+    fleet.start_agent("n1", *agent_args)
     fleet.wait_node()
     port = free_port()
     processes.sage("gateway", ["llm", "gateway", "run", "--port", str(port), *args], fleet.env)
@@ -275,3 +279,65 @@ def test_bad_requests_get_openai_errors_and_a_caller_leaving_mid_stream_frees_th
     for _ in range(10):  # and for good: the stream had 5 s to go
         assert to_engine() == 0
         time.sleep(0.05)
+
+
+def test_an_engine_is_asked_for_by_its_served_name_and_its_env_values_stay_hidden(
+    gateway: tuple[FleetProcs, str],
+) -> None:
+    fleet, url = gateway
+    secret = "hf_sekrit_0451"
+    fleet.env["FROM_SHELL"] = "shell-value-77"  # --env NAME passes this shell's value
+    record = start(
+        fleet,
+        "/weights/gemma-3-270m",
+        "--served-model-name",
+        "gemma",
+        "--env",
+        f"HF_TOKEN={secret}",
+        "--env",
+        "FROM_SHELL",
+    )
+    assert record["served_model_name"] == "gemma"
+    assert record["env"] == {"FROM_SHELL": "***", "HF_TOKEN": "***"}
+    environ = Path(f"/proc/{record['pid']}/environ").read_bytes().split(b"\0")
+    assert f"HF_TOKEN={secret}".encode() in environ and b"FROM_SHELL=shell-value-77" in environ
+    wait_for(lambda: models(url) == ["gemma"])
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
+    answer = client.chat.completions.create(
+        model="gemma", messages=[{"role": "user", "content": "hi"}]
+    )
+    assert answer.choices[0].message.content == "[gemma] You said: hi"
+    with pytest.raises(openai.NotFoundError):  # the weights' path is not what clients use
+        client.chat.completions.create(
+            model="/weights/gemma-3-270m", messages=[{"role": "user", "content": "hi"}]
+        )
+    assert fleet.agent is not None
+    os.killpg(fleet.agent.pid, signal.SIGKILL)  # the next agent adopts it, record and all
+    fleet.start_agent()
+    fleet.wait_event("engine.adopted", str(record["engine_id"]), timeout=20)
+    shown = [
+        fleet.cli("llm", "engine", "list").stdout,
+        fleet.cli("llm", "engine", "list", "--json").stdout,
+        fleet.cli("llm", "events", "--json").stdout,
+        httpx.get(f"{url}/v1/management/engines/{record['engine_id']}").text,
+        fleet.procs.log("gateway"),
+        fleet.procs.log("scheduler"),
+        fleet.procs.log("agent-n1"),
+    ]
+    assert "engine.adopted" in shown[2] and "***" in shown[2] and "***" in shown[3]
+    for text in shown:
+        assert secret not in text and "shell-value-77" not in text
+    refused = fleet.cli(
+        "llm",
+        "engine",
+        "start",
+        "m",
+        "--backend",
+        "fake",
+        "--env",
+        "LD_PRELOAD=/x.so",
+        check=False,
+    )
+    assert (
+        refused.returncode != 0 and "LD_PRELOAD cannot be given" in refused.stdout + refused.stderr
+    )

@@ -8,6 +8,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.helpers.runtimes import venv_with
 from tests.helpers.servers import Processes, RedisServer
 from tests.test_gateway import run_gateway
 
@@ -98,7 +99,15 @@ def test_engines_nodes_gpus_status_and_presets_over_rest(
 def test_a_request_never_chooses_what_a_node_runs(
     processes: Processes, redis_server: RedisServer, tmp_path: Path
 ) -> None:
-    _fleet, url = run_gateway(processes, redis_server, tmp_path, "--admin-key", ADMIN)
+    vllm = venv_with(tmp_path, ("vllm", "0.32.0"))  # a node with vLLM: its flags are judged
+    _fleet, url = run_gateway(
+        processes,
+        redis_server,
+        tmp_path,
+        "--admin-key",
+        ADMIN,
+        agent_args=("--runtime", f"vllm={vllm}"),
+    )
     marker = tmp_path / "pwned"
     admin = {"authorization": f"Bearer {ADMIN}"}
     with httpx.Client(base_url=f"{url}/v1/management", headers=admin, timeout=60) as api:

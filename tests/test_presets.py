@@ -129,3 +129,30 @@ def test_apply_starts_every_engine_once_and_rolls_back_when_one_cannot_start(
     fleet.wait_event("engine.stopped", "big-small")
     states = {r["engine_id"]: r["state"] for r in fleet.json("llm", "engine", "list")}
     assert states["big-small"] in ("STOPPING", "STOPPED") and states["big-huge"] == "FAILED"
+
+
+def test_a_preset_names_what_clients_ask_for_and_hands_engines_hidden_variables(
+    processes: Processes, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    preset = tmp_path / "named.yaml"
+    preset.write_text(
+        "version: 1\nname: named\nengines:\n"
+        "  - name: chat\n    model: /weights/demo\n    backend: fake\n    use_gpu: false\n"
+        "    served_model_name: chatty\n    env: {HF_TOKEN: hf_preset_9z8y, OMP_NUM_THREADS: '1'}\n"
+    )
+    fleet = FleetProcs(processes, redis_server, tmp_path / "state")
+    shown = fleet.cli("llm", "preset", "show", str(preset)).stdout
+    assert "hf_preset_9z8y" not in shown and "HF_TOKEN: '***'" in shown
+    fleet.start_scheduler()
+    fleet.start_agent()
+    fleet.wait_node()
+    (record,) = fleet.json("llm", "preset", "apply", str(preset))
+    assert record["served_model_name"] == "chatty" and record["env"]["HF_TOKEN"] == "***"
+    environ = Path(f"/proc/{record['pid']}/environ").read_bytes().split(b"\0")
+    assert b"HF_TOKEN=hf_preset_9z8y" in environ and b"OMP_NUM_THREADS=1" in environ
+    with pytest.raises(PresetError, match="PYTHONPATH cannot be given"):
+        parse_preset(
+            {"version": 1, "name": "p", "engines": [{"name": "e", "model": "m",
+                                                     "env": {"PYTHONPATH": "/tmp"}}]},
+            source="p.yaml",
+        )  # fmt: skip

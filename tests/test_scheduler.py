@@ -225,3 +225,20 @@ async def test_a_redelivered_start_does_not_place_twice_and_a_reused_id_is_refus
         "exists"
         in (await fleet.events.wait("request.rejected", "e")).payload.model_dump()["reason"]
     )
+
+
+async def test_an_engine_goes_only_to_a_node_with_its_backends_runtime(fleet: Fleet) -> None:
+    await fleet.node("plain", "2x24GiB", runtimes={"fake": "0.1", "embedding": "0.1"})
+    await fleet.request(StartEngine(engine_id="e", model="m-1B", use_gpu=False))
+    rejected = await fleet.events.wait("request.rejected", "e")
+    reason = rejected.payload.model_dump()["reason"]
+    assert (
+        "none of 1 live node(s) will take it: it has no vllm runtime" in reason
+        and "--runtime vllm=PYTHON" in reason
+    )
+    await fleet.node("served", runtimes={"vllm": "0.32.0", "llamacpp": "0.3.36"})
+    await fleet.request(
+        StartEngine(engine_id="g", model="/m/g.gguf", backend="llamacpp", use_gpu=False)
+    )
+    assert (await fleet.record("g")).node == "served"
+    assert (await fleet.launch_of("g", "served")).backend == "llamacpp"

@@ -115,12 +115,17 @@ class EngineLifecycleManager:
 
     # -- spawn and stop ------------------------------------------------------------------
     async def launch(
-        self, cmd: LaunchEngine, executables: Mapping[str, str] | None = None
+        self,
+        cmd: LaunchEngine,
+        executables: Mapping[str, str] | None = None,
+        *,
+        python: str | None = None,
     ) -> ManagedEngine:
         """Spawn the engine described by ``cmd`` and start watching it (``executables``: the
-        paths the ``command`` backend's allowed executables resolve to)."""
+        paths the ``command`` backend's allowed executables resolve to; ``python``: the
+        interpreter its backend runs in, the agent's own if None)."""
         await self.settle(cmd.engine_id)  # none of an earlier generation may be left
-        argv = build_argv(cmd, executables=executables)
+        argv = build_argv(cmd, python, executables)
         log_path = self.log_dir / f"{cmd.engine_id}.log"
         logs.rotate(log_path, self.log_backups)
         mark = f"{self.node_id}/{cmd.engine_id}/{cmd.generation}"

@@ -14,7 +14,7 @@ from collections.abc import Coroutine, Mapping
 from pathlib import Path
 from typing import Any
 
-from sage_mq.agent import logs
+from sage_mq.agent import logs, runtimes
 from sage_mq.agent.fencing import LeaderFence
 from sage_mq.agent.lifecycle import EngineLifecycleManager, ManagedEngine
 from sage_mq.agent.logship import LogShipper
@@ -82,7 +82,8 @@ class NodeAgent:
         self.bus = Bus(self.redis, self.keys, settings.bus)
         self.store = Store(self.redis, self.keys)
         self.gpus = gpus or GPUResourceManager()
-        self.executables, self.allowances = node_allowances(agent)
+        self.runtimes = runtimes.detect(agent.runtimes)
+        self.executables, self.allowances = node_allowances(agent, self.runtimes)
         self.lifecycle = EngineLifecycleManager(
             agent.node_dir,
             on_exit=self._on_engine_exit,
@@ -93,7 +94,9 @@ class NodeAgent:
         self.outbox = Outbox(self.bus, self.keys.events)
         self.logship = LogShipper(self.redis, self.keys, agent.log_stream_maxlen)
         self.allocations: dict[str, tuple[int, ...]] = {}
-        self.presence = Presence(self.store, self.outbox, agent, self.gpus, self.allowances)
+        self.presence = Presence(
+            self.store, self.outbox, agent, self.gpus, self.allowances, self.runtimes
+        )
         self._stopping = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
         self._probing: set[asyncio.Task[None]] = set()
@@ -149,11 +152,11 @@ class NodeAgent:
         if self._owns_redis:
             await self.redis.aclose()
 
-    async def stop_all_engines(self, only: list[str] | None = None) -> None:
-        """Stop every engine of this node (or ``only`` these), all at once (all-in-one mode
-        shutting down)."""
+    async def stop_all_engines(self, only: list[str] | None = None) -> int:
+        """Stop this node's engines (or ``only`` these) at once, for up's Ctrl-C: how many."""
         ids = [i for i in self.lifecycle.engines if only is None or i in only]
         await asyncio.gather(*(self._terminate(TerminateEngine(engine_id=i)) for i in ids))
+        return len(ids)
 
     # -- registration, liveness, recovery ------------------------------------------------
     def _back_in_touch(self, why: str) -> None:
@@ -290,7 +293,8 @@ class NodeAgent:
         await self.lifecycle.settle(cmd.engine_id)  # what an exited generation left: gone
         try:
             check_launch(cmd, self.gpus.gpus(), self.agent, self.allowances)
-            engine = await self.lifecycle.launch(cmd, self.executables)
+            python = self.runtimes[cmd.backend].python if cmd.backend in self.runtimes else None
+            engine = await self.lifecycle.launch(cmd, self.executables, python=python)
         except (LaunchError, InvalidRequest) as exc:
             await self._launch_failed(cmd, exc)
             return

@@ -11,12 +11,13 @@ from collections.abc import Iterable, Sequence
 import psutil
 
 from sage_mq.engines.argv_policy import (
-    VLLM_GATED_FLAGS,
+    GATED_FLAGS,
     NodeAllowances,
     check_engine_args,
     node_refusal,
 )
 from sage_mq.engines.backends import BACKEND_NAMES
+from sage_mq.engines.env_policy import check_engine_env
 from sage_mq.errors import ConfigError, InvalidRequest, LaunchError, LaunchRefused, PortInUse
 from sage_mq.gpu import GpuInfo
 from sage_mq.messages import LaunchEngine
@@ -36,6 +37,7 @@ def check_launch(
         raise LaunchRefused(f"unknown backend {cmd.backend!r}; node {node_id} runs {BACKEND_NAMES}")
     try:
         check_engine_args(cmd.backend, cmd.model, cmd.extra_args)
+        check_engine_env(cmd.env)
     except InvalidRequest as exc:
         raise LaunchRefused(str(exc)) from None
     refusal = node_refusal(cmd.backend, cmd.extra_args, allowances)
@@ -53,12 +55,17 @@ def check_launch(
     check_bind(cmd.host, cmd.port, node_id)
 
 
-def node_allowances(agent: AgentSettings) -> tuple[dict[str, str], NodeAllowances]:
+def node_allowances(
+    agent: AgentSettings, backends: Iterable[str]
+) -> tuple[dict[str, str], NodeAllowances]:
     """What this node's operator allowed (``--allow-command``, ``--allow-engine-flag``),
-    checked: the paths the allowed executables resolve to, and the allowances."""
+    checked: the paths the allowed executables resolve to, and the allowances (with the
+    ``backends`` it has runtimes for)."""
     executables = allowed_executables(agent.allowed_commands)
     flags = check_engine_flags(agent.allowed_engine_flags)
-    return executables, NodeAllowances(frozenset(executables), frozenset(flags))
+    return executables, NodeAllowances(
+        frozenset(executables), frozenset(flags), backends=frozenset(backends)
+    )
 
 
 def allowed_executables(names: Iterable[str]) -> dict[str, str]:
@@ -75,15 +82,17 @@ def allowed_executables(names: Iterable[str]) -> dict[str, str]:
 
 
 def check_engine_flags(flags: Iterable[str]) -> tuple[str, ...]:
-    """``--allow-engine-flag`` values (``trust-remote-code`` or ``--trust-remote-code``), each
-    one of the gated flags: a typo would allow nothing and say nothing."""
+    """``--allow-engine-flag`` values (``trust-remote-code`` or ``--trust-remote-code``; llama.cpp's
+    ``lora_path`` as ``lora-path``), each one of the gated flags: a typo would allow nothing and
+    say nothing."""
+    gated = frozenset().union(*GATED_FLAGS.values())
     checked = []
     for given in flags:
-        flag = given if given.startswith("-") else f"--{given}"
-        if flag not in VLLM_GATED_FLAGS:
+        flag = (given if given.startswith("-") else f"--{given}").replace("_", "-").lower()
+        if flag not in gated:
             raise ConfigError(
                 f"--allow-engine-flag {given!r}: not a gated flag; only "
-                f"{', '.join(sorted(VLLM_GATED_FLAGS))} need an allowance"
+                f"{', '.join(sorted(gated))} need an allowance"
             )
         checked.append(flag)
     return tuple(checked)

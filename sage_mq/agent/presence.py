@@ -8,10 +8,11 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from sage_mq.agent.outbox import Outbox
 from sage_mq.agent.preflight import refuse_a_second_agent
+from sage_mq.agent.runtimes import Runtime
 from sage_mq.connection import raise_if_cancelled
 from sage_mq.engines.argv_policy import NodeAllowances
 from sage_mq.errors import ControlPlaneUnavailable
@@ -35,12 +36,14 @@ class Presence:
         agent: AgentSettings,
         gpus: GPUResourceManager,
         allowances: NodeAllowances | None = None,
+        runtimes: Mapping[str, Runtime] | None = None,
     ) -> None:
         self.store = store
         self.outbox = outbox
         self.agent = agent
         self.gpus = gpus
         self.allowances = allowances or NodeAllowances()
+        self.runtimes = {b: r.version for b, r in (runtimes or {}).items()}
         self.node_id = agent.node_id
         self.epoch = 0
         self.beats = 0
@@ -84,6 +87,7 @@ class Presence:
             agent_pid=os.getpid(),
             allowed_commands=sorted(self.allowances.commands),
             allowed_engine_flags=sorted(self.allowances.engine_flags),
+            runtimes=self.runtimes,
         )
         await self.store.put_node(record, self.agent.liveness_ttl_s)
 

@@ -167,9 +167,9 @@ class _Sender:
                 self._known = set()
                 for r in records:
                     if r.state not in (EngineState.STOPPED, EngineState.FAILED):
-                        self._known.add(r.model)
+                        self._known.add(r.served_name)
                     if (replica := running_replica(r)) is not None:
-                        by_model.setdefault(r.model, []).append(replica)
+                        by_model.setdefault(r.served_name, []).append(replica)
                 self._replicas = {m: tuple(found) for m, found in by_model.items()}
                 self._read_at = time.monotonic()
         return self._replicas.get(model, ())

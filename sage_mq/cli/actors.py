@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from sage_mq.agent.node import NodeAgent
+from sage_mq.agent.runtimes import parse_runtimes
 from sage_mq.cli.common import (
     DEFAULT_URL,
     AllowCommand,
@@ -16,6 +17,7 @@ from sage_mq.cli.common import (
     AllowEngineFlag,
     LogLevel,
     RedisUrl,
+    Runtime,
     allowed_commands,
     checked_node_id,
     on_signals,
@@ -34,6 +36,7 @@ from sage_mq.settings import (
     default_state_dir,
     engine_base_env,
     fake_gpus_from_env,
+    runtimes_from_env,
     url_secrets,
 )
 
@@ -120,6 +123,7 @@ def node_run(
     allow_command: AllowCommand = None,
     allow_commands_from: AllowCommandsFrom = None,
     allow_engine_flag: AllowEngineFlag = None,
+    runtime: Runtime = None,
     redis_url: RedisUrl = DEFAULT_URL,
     log_level: LogLevel = "INFO",
 ) -> None:
@@ -128,6 +132,7 @@ def node_run(
     settings = settings_for(redis_url)
     node = checked_node_id(node_id or socket.gethostname())
     commands = allowed_commands(allow_command, allow_commands_from)
+    runtimes = parse_runtimes([*runtimes_from_env(), *(runtime or [])])
 
     async def main() -> None:
         agent_settings = AgentSettings(
@@ -139,6 +144,7 @@ def node_run(
             stop_grace_s=stop_grace,
             allowed_commands=commands,
             allowed_engine_flags=tuple(allow_engine_flag or ()),
+            runtimes=runtimes,
         )
         gpus = GPUResourceManager.detect(fake_gpus or fake_gpus_from_env())
         base_env = engine_base_env(secrets=url_secrets(settings.redis_url))

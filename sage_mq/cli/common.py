@@ -49,6 +49,15 @@ AllowCommandsFrom = Annotated[
         "--allow-commands-from", help="A file of such executables, one a line (# comments)."
     ),
 ]
+Runtime = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--runtime",
+        help="BACKEND=PYTHON: run that backend's engines in this interpreter, e.g. "
+        "vllm=/opt/venvs/vllm/bin/python (repeat per backend; env SAGE_MQ_RUNTIME_<BACKEND>).",
+    ),
+]
+
 AllowEngineFlag = Annotated[
     list[str] | None,
     typer.Option(

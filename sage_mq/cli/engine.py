@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import shlex
+from collections.abc import Mapping
 from typing import Annotated
 
 import typer
@@ -30,7 +32,8 @@ _STATE_STYLE = {"RUNNING": "green", "FAILED": "red", "UNHEALTHY": "yellow", "STO
 
 def show_progress(env: Envelope) -> None:
     data = env.payload.model_dump(mode="json")
-    detail = {k: v for k, v in data.items() if k not in ("engine_id", "argv", "last_lines")}
+    hidden = ("engine_id", "argv", "last_lines", "record")
+    detail = {k: v for k, v in data.items() if k not in hidden}
     console.print(f"  [cyan]{env.type}[/cyan] {detail}", highlight=False)
 
 
@@ -49,12 +52,25 @@ def start(
         int | None, typer.Option(help="Fixed port (default: from the node's range).")
     ] = None,
     node: Annotated[str | None, typer.Option(help="Pin to this node id.")] = None,
-    backend: Annotated[str | None, typer.Option(help="vllm, embedding, command or fake.")] = None,
+    backend: Annotated[
+        str | None, typer.Option(help="vllm, llamacpp, embedding, command or fake.")
+    ] = None,
     extra_args: Annotated[
         str, typer.Option(help='Extra engine arguments, e.g. "--max-model-len 4096".')
     ] = "",
     required_memory_gb: Annotated[
         float | None, typer.Option(help="Override the memory estimate.")
+    ] = None,
+    served_model_name: Annotated[
+        str | None, typer.Option(help="The name clients use (default: the model id or path).")
+    ] = None,
+    env: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--env",
+            help="KEY=VALUE for the engine's environment (repeatable); KEY alone passes this "
+            "shell's value. Values are never shown or logged.",
+        ),
     ] = None,
     wait: Annotated[bool, typer.Option("--wait", help="Show progress until RUNNING.")] = False,
     timeout: Annotated[float, typer.Option(help="Seconds --wait waits.")] = 1800.0,
@@ -68,6 +84,7 @@ def start(
         args = shlex.split(extra_args)
     except ValueError as exc:
         fail(f"cannot split --extra-args: {exc}")
+    variables = env_options(env or [])
 
     async def main() -> EngineRecord:
         async with ControlPlaneManager(settings_for(redis_url)) as cp:
@@ -81,12 +98,29 @@ def start(
                 backend=backend,
                 extra_args=args,
                 required_memory_gb=required_memory_gb,
+                served_model_name=served_model_name,
+                env=variables,
                 wait=wait,
                 timeout=timeout,
                 on_event=None if json_output else show_progress,
             )
 
     _report(run(main), json_output=json_output, waited=wait, requested="start")
+
+
+def env_options(given: list[str], environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """``--env`` values: ``KEY=VALUE``, or ``KEY`` for the value this shell has (so a token
+    need not be typed where shell history keeps it)."""
+    environ = os.environ if environ is None else environ
+    variables: dict[str, str] = {}
+    for item in given:
+        name, sep, value = item.partition("=")
+        if not sep:
+            if name not in environ:
+                fail(f"--env {name}: give KEY=VALUE, or set {name} in this shell to pass its value")
+            value = environ[name]
+        variables[name] = value
+    return variables
 
 
 def _report(record: EngineRecord, *, json_output: bool, waited: bool, requested: str) -> None:
@@ -134,7 +168,7 @@ def list_engines(json_output: JsonFlag = False, redis_url: RedisUrl = DEFAULT_UR
         style = _STATE_STYLE.get(r.state.value, "")
         table.add_row(
             r.engine_id,
-            r.model,
+            r.served_name,
             r.kind,
             r.backend,
             f"[{style}]{r.state.value}[/{style}]" if style else r.state.value,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import json
 from typing import Annotated, Any
 
 import typer
@@ -18,6 +19,7 @@ from sage_mq.cli.common import (
     settings_for,
 )
 from sage_mq.control import ControlPlaneManager
+from sage_mq.engines.env_policy import masked
 from sage_mq.errors import DecodeError
 from sage_mq.wire import decode, to_json
 
@@ -46,6 +48,20 @@ def status(json_output: JsonFlag = False, redis_url: RedisUrl = DEFAULT_URL) -> 
     )
 
 
+def _hide_env(fields: dict[str, str]) -> dict[str, str]:
+    """An event as it may be shown: the engine record an ``engine.adopted`` carries keeps its
+    env values for the scheduler, not for a screen or a log."""
+    try:
+        data = json.loads(fields.get("data") or "{}")
+    except json.JSONDecodeError:
+        return fields
+    record = data.get("record") if isinstance(data, dict) else None
+    if not isinstance(record, dict) or not isinstance(record.get("env"), dict):
+        return fields
+    data["record"] = record | {"env": masked(record["env"])}
+    return fields | {"data": json.dumps(data)}
+
+
 def _event_line(entry_id: str, fields: dict[str, str]) -> str:
     try:
         env = decode(fields)
@@ -70,6 +86,7 @@ def events(
     """Recent events from ``sage:events`` (every step of every engine)."""
 
     def show(entry_id: str, fields: dict[str, str]) -> None:
+        fields = _hide_env(fields)
         if json_output:
             print_json({"entry_id": entry_id, **fields})
         else:

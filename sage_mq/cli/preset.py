@@ -20,6 +20,7 @@ from sage_mq.cli.common import (
 )
 from sage_mq.cli.engine import show_progress
 from sage_mq.control import ControlPlaneManager
+from sage_mq.engines.env_policy import masked
 from sage_mq.presets import BUILTIN_DIR, Preset, PresetError, builtin_names, load_preset
 from sage_mq.store import EngineRecord
 
@@ -44,9 +45,12 @@ def list_presets(json_output: JsonFlag = False) -> None:
 
 @preset_app.command("show")
 def show(name: NameOrFile, json_output: JsonFlag = False) -> None:
-    """A preset as YAML, with the engine id each engine gets."""
+    """A preset as YAML, with the engine id each engine gets (env values hidden)."""
     preset = _load(name)
     data = {"version": preset.version, **preset.model_dump(mode="json", exclude_defaults=True)}
+    for engine in data["engines"]:
+        if "env" in engine:
+            engine["env"] = masked(engine["env"])
     if json_output:
         print_json(data)
         return

@@ -9,12 +9,14 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from sage_mq.agent.runtimes import parse_runtimes
 from sage_mq.cli.common import (
     AllowCommand,
     AllowCommandsFrom,
     AllowEngineFlag,
     Insecure,
     LogLevel,
+    Runtime,
     allowed_commands,
     console,
     exposed,
@@ -23,9 +25,15 @@ from sage_mq.cli.common import (
     setup_logging,
 )
 from sage_mq.connection import redact_url
-from sage_mq.embedded import EmbeddedControlPlane
+from sage_mq.embedded import EmbeddedControlPlane, NodeOptions
 from sage_mq.gateway.app import freeze_startup_heap
-from sage_mq.settings import ENV_ADMIN_KEY, ENV_API_KEY, ENV_REDIS_URL, GatewayOptions
+from sage_mq.settings import (
+    ENV_ADMIN_KEY,
+    ENV_API_KEY,
+    ENV_REDIS_URL,
+    GatewayOptions,
+    runtimes_from_env,
+)
 
 
 def up(
@@ -58,6 +66,7 @@ def up(
     allow_command: AllowCommand = None,
     allow_commands_from: AllowCommandsFrom = None,
     allow_engine_flag: AllowEngineFlag = None,
+    runtime: Runtime = None,
     log_level: LogLevel = "WARNING",
 ) -> None:
     """Run Redis, a scheduler, a node agent and the gateway here, and apply a preset; Ctrl-C
@@ -76,8 +85,11 @@ def up(
             state_dir=state_dir,
             gateway=keys,
             insecure=insecure,
-            allowed_commands=allowed_commands(allow_command, allow_commands_from),
-            allowed_engine_flags=tuple(allow_engine_flag or ()),
+            node=NodeOptions(
+                allowed_commands=allowed_commands(allow_command, allow_commands_from),
+                allowed_engine_flags=tuple(allow_engine_flag or ()),
+                runtimes=parse_runtimes([*runtimes_from_env(), *(runtime or [])]),
+            ),
         )
         async with plane:
             on_signals(stopping.set)
@@ -91,12 +103,12 @@ def up(
             console.print(f"  keys         {_keys_line(keys)}", highlight=False)
             table = Table("ENGINE", "MODEL", "KIND", "STATE", "URL")
             for r in records:
-                table.add_row(r.engine_id, r.model, r.kind, r.state.value, r.url or "-")
+                table.add_row(r.engine_id, r.served_name, r.kind, r.state.value, r.url or "-")
             console.print(table)
             console.print("Ctrl-C stops everything.", highlight=False)
             await stopping.wait()
             console.print("stopping…", highlight=False)
-        return len(records)
+        return plane.stopped
 
     count = run(main)
     console.print(f"stopped {count} engine(s) and every process; nothing is left", highlight=False)

@@ -6,9 +6,9 @@ loads. So:
 - every argument is text a process can receive (no NUL, valid UTF-8), and there are not too many;
 - flags sage-mq sets itself (model, host, port, parallelism, the device) cannot be given again;
 - the fake engine and our embedding server take only their own flags;
-- vLLM takes its flags except those that load code, read or write files the request names, or
-  change how the engine is reached; a node's operator may allow one of those on that node
-  (``sage llm node run --allow-engine-flag --trust-remote-code``);
+- vLLM and llama.cpp take their flags except those that load code, read or write files the
+  request names, or change how the engine is reached; a node's operator may allow one of those
+  on that node (``sage llm node run --allow-engine-flag --trust-remote-code``);
 - the ``command`` backend runs only an executable the node's operator allowed
   (``sage llm node run --allow-command EXECUTABLE``).
 
@@ -28,7 +28,7 @@ from sage_mq.errors import InvalidRequest
 MAX_ARGS = 256
 MAX_ARG_CHARS = 8192
 MAX_MODEL_CHARS = 512
-PLACEHOLDERS = ("{model}", "{host}", "{port}", "{device}")
+PLACEHOLDERS = ("{model}", "{host}", "{port}", "{device}", "{served_model_name}")
 
 _OWN_FLAGS = {
     "fake": frozenset(
@@ -48,8 +48,8 @@ _OWN_FLAGS = {
 """The flags our own engines take (tests hold these to their argument parsers)."""
 
 _SET_BY_US = {
-    "fake": frozenset({"--model", "--host", "--port", "--kind"}),
-    "embedding": frozenset({"--model", "--host", "--port", "--device"}),
+    "fake": frozenset({"--model", "--host", "--port", "--kind", "--served-model-name"}),
+    "embedding": frozenset({"--model", "--host", "--port", "--device", "--served-model-name"}),
     "vllm": frozenset(
         {
             "--model",
@@ -61,6 +61,19 @@ _SET_BY_US = {
             "--pipeline-parallel-size",
             "-tp",
             "-pp",
+            "--served-model-name",
+        }
+    ),
+    "llamacpp": frozenset(
+        {
+            "--model",
+            "--host",
+            "--port",
+            "--model-alias",
+            "--n-gpu-layers",
+            "--embedding",
+            "--api-key",
+            "--root-path",
         }
     ),
 }
@@ -96,6 +109,25 @@ VLLM_GATED_FLAGS = frozenset(
 (an import path, a plugin file, remote model code, a logging config), reads or writes a path of
 the request's choosing, or (TLS) changes how the engine is reached."""
 
+LLAMACPP_GATED_FLAGS = frozenset(
+    {
+        "--config-file",  # a file of settings: any model, any path, any address
+        "--lora-base",
+        "--lora-path",
+        "--clip-model-path",
+        "--hf-tokenizer-config-path",
+        "--hf-pretrained-model-name-or-path",  # fetches and loads a tokenizer's files
+        "--hf-model-repo-id",  # downloads weights
+        "--rpc-servers",  # sends the model's work to other hosts
+        "--ssl-keyfile",
+        "--ssl-certfile",
+    }
+)
+"""llama.cpp (llama-cpp-python's server) flags gated the same way, by their normalized names
+(the server spells them with underscores: ``--lora_path``)."""
+
+GATED_FLAGS = {"vllm": VLLM_GATED_FLAGS, "llamacpp": LLAMACPP_GATED_FLAGS}
+
 _VLLM_EXACT = frozenset({"--reasoning-parser"})
 """Real vLLM flags that happen to begin another one's name (so they are not abbreviations)."""
 
@@ -114,7 +146,9 @@ class NodeAllowances:
     commands: frozenset[str] = frozenset()
     """Executables for the ``command`` backend: the names the operator gave and their paths."""
     engine_flags: frozenset[str] = frozenset()
-    """Gated engine flags (:data:`VLLM_GATED_FLAGS`) allowed on the node."""
+    """Gated engine flags (:data:`GATED_FLAGS`) allowed on the node."""
+    backends: frozenset[str] | None = None
+    """The backends it has a runtime for (``--runtime``); None: not said (an older agent)."""
 
 
 def check_engine_args(backend: str, model: str, args: Sequence[str]) -> None:
@@ -125,8 +159,8 @@ def check_engine_args(backend: str, model: str, args: Sequence[str]) -> None:
         _check_template(args)
     elif backend in _OWN_FLAGS:
         _check_own_flags(backend, args)
-    elif backend == "vllm":
-        _check_vllm(args)
+    elif backend in GATED_FLAGS:
+        _check_reserved(backend, args)
 
 
 def checked_for_model(backend: str | None, kind: str, model: str, args: Sequence[str]) -> None:
@@ -145,20 +179,27 @@ def check_model(model: str) -> None:
         raise InvalidRequest(f"the model name must have 1 to {MAX_MODEL_CHARS} characters")
     if model.startswith("-"):
         raise InvalidRequest(f"the model name {model[:60]!r} begins with '-', like a flag")
-    if not _MODEL.fullmatch(model) or not _encodable(model):
+    if not _MODEL.fullmatch(model) or not encodable(model):
         raise InvalidRequest("the model name holds control characters or unpaired surrogates")
 
 
 def gated_flags(backend: str, args: Sequence[str]) -> list[str]:
-    """The flags in ``args`` that a node must allow (vLLM's gated flags, by their full names)."""
-    if backend != "vllm":
+    """The flags in ``args`` that a node must allow (gated flags, by their full names)."""
+    gated = GATED_FLAGS.get(backend)
+    if gated is None:
         return []
-    found = (_vllm_match(name, VLLM_GATED_FLAGS) for name in _flag_names(args))
+    found = (_match(name, gated) for name in _flag_names(args))
     return sorted({flag for flag in found if flag is not None})
 
 
 def node_refusal(backend: str, args: Sequence[str], allowances: NodeAllowances) -> str | None:
     """Why a node with ``allowances`` will not run these arguments, or None if it will."""
+    runs = allowances.backends
+    if backend != "command" and runs is not None and backend not in runs:
+        return (
+            f"it has no {backend} runtime (it runs {', '.join(sorted(runs)) or 'none'}; its "
+            f"operator adds one with `sage llm node run --runtime {backend}=PYTHON`)"
+        )
     if backend == "command":
         executable = args[0] if args else ""
         if executable not in allowances.commands:
@@ -186,7 +227,7 @@ def _check_text(args: Sequence[str]) -> None:
             raise InvalidRequest(
                 f"extra argument {position} has {len(arg)} characters; at most {MAX_ARG_CHARS}"
             )
-        if "\x00" in arg or not _encodable(arg):
+        if "\x00" in arg or not encodable(arg):
             raise InvalidRequest(
                 f"extra argument {position} holds a NUL byte or an unpaired surrogate; "
                 "a process cannot receive it"
@@ -220,17 +261,18 @@ def _check_own_flags(backend: str, args: Sequence[str]) -> None:
             )
 
 
-def _check_vllm(args: Sequence[str]) -> None:
+def _check_reserved(backend: str, args: Sequence[str]) -> None:
     for name in _flag_names(args):
-        reserved = _vllm_match(name, _SET_BY_US["vllm"])
+        reserved = _match(name, _SET_BY_US[backend])
         if reserved is not None:
-            raise InvalidRequest(_set_by_us("vllm", reserved))
+            raise InvalidRequest(_set_by_us(backend, reserved))
 
 
 def _set_by_us(backend: str, flag: str) -> str:
     return (
         f"{flag} cannot be given to backend {backend!r}: sage-mq sets it (model, host and port "
-        "come from the request and its placement; use tensor_parallel_size and the port field)"
+        "come from the request and its placement, GPU use from use_gpu; use the "
+        "tensor_parallel_size, port and served_model_name fields)"
     )
 
 
@@ -245,7 +287,7 @@ def _flag_names(args: Iterable[str]) -> Iterable[str]:
             yield arg.split("=", 1)[0]
 
 
-def _vllm_match(name: str, flags: frozenset[str]) -> str | None:
+def _match(name: str, flags: frozenset[str]) -> str | None:
     """The flag of ``flags`` that ``name`` stands for: itself; a prefix argparse would expand
     to it (``--trust-remote``); or, for one-dash flags, one with its value attached (``-tp2``)."""
     if name in flags:
@@ -258,7 +300,8 @@ def _vllm_match(name: str, flags: frozenset[str]) -> str | None:
     return next((f for f in short if name.startswith(f) or f.startswith(name)), None)
 
 
-def _encodable(text: str) -> bool:
+def encodable(text: str) -> bool:
+    """Text a process can receive: no unpaired surrogate (valid JSON escapes can carry one)."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:

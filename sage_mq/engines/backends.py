@@ -8,13 +8,29 @@ from __future__ import annotations
 import math
 import sys
 from collections.abc import Mapping
+from typing import get_args
 
 from sage_mq.engines.argv_policy import PLACEHOLDERS
+from sage_mq.engines.env_policy import REACH
 from sage_mq.errors import InvalidRequest
+from sage_mq.fields import Backend
 from sage_mq.messages import LaunchEngine
 
-BACKEND_NAMES = ("vllm", "embedding", "command", "fake")
-_STARTUP_TIMEOUT_S = {"vllm": 1800.0, "embedding": 600.0, "command": 600.0, "fake": 60.0}
+BACKEND_NAMES: tuple[str, ...] = get_args(Backend)
+_STARTUP_TIMEOUT_S = {
+    "vllm": 1800.0,
+    "llamacpp": 600.0,
+    "embedding": 600.0,
+    "command": 600.0,
+    "fake": 60.0,
+}
+MODULES = {
+    "vllm": "vllm.entrypoints.openai.api_server",
+    "llamacpp": "llama_cpp.server",
+    "embedding": "sage_mq.engines.embedding_server",
+    "fake": "sage_mq.engines.fake_server",
+}
+"""The module each Python backend runs as ``python -m``."""
 
 
 def default_backend(kind: str) -> str:
@@ -29,6 +45,7 @@ def device(cmd: LaunchEngine) -> str:
 
 _PERMANENT = {
     "vllm": {2: "its arguments were refused (vLLM exits 2 on a usage error)"},
+    "llamacpp": {2: "its arguments were refused (llama.cpp's server exits 2 on a usage error)"},
     "embedding": {2: "sentence-transformers is missing, or its arguments were refused"},
     "fake": {2: "its arguments were refused"},
 }
@@ -60,7 +77,7 @@ def build_argv(
     py = python or sys.executable
     if cmd.backend == "command":
         return _command(cmd, executables or {})
-    builders = {"vllm": _vllm, "embedding": _embedding, "fake": _fake}
+    builders = {"vllm": _vllm, "llamacpp": _llamacpp, "embedding": _embedding, "fake": _fake}
     builder = builders.get(cmd.backend)
     if builder is None:
         raise InvalidRequest(f"unknown backend {cmd.backend!r}; choose one of {BACKEND_NAMES}")
@@ -68,24 +85,28 @@ def build_argv(
 
 
 def build_env(cmd: LaunchEngine, base: Mapping[str, str]) -> dict[str, str]:
-    """The engine's environment: the base plus ``CUDA_VISIBLE_DEVICES`` (empty for CPU)."""
-    env = dict(base)
+    """The engine's environment: the base less what would change how the engine is reached
+    (a ``PORT`` a container platform set would move llama.cpp's server), the request's own
+    variables, ``CUDA_VISIBLE_DEVICES`` (empty for CPU), and for vLLM its address
+    (``VLLM_HOST_IP``: found otherwise by routing a packet towards a public address)."""
+    env = {name: value for name, value in base.items() if name.upper() not in REACH}
+    env.update(cmd.env)
     env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in cmd.gpus) if cmd.use_gpu else ""
     env["PYTHONUNBUFFERED"] = "1"
+    if cmd.backend == "vllm":
+        env["VLLM_HOST_IP"] = cmd.host
     return env
+
+
+def _server(cmd: LaunchEngine, py: str) -> list[str]:
+    """``PY -m MODULE --model M --host H --port P``: how every Python backend begins."""
+    return [py, "-m", MODULES[cmd.backend], "--model", cmd.model, "--host", cmd.host,
+            "--port", str(cmd.port)]  # fmt: skip
 
 
 def _vllm(cmd: LaunchEngine, py: str) -> list[str]:
     argv = [
-        py,
-        "-m",
-        "vllm.entrypoints.openai.api_server",
-        "--model",
-        cmd.model,
-        "--host",
-        cmd.host,
-        "--port",
-        str(cmd.port),
+        *_server(cmd, py),
         "--tensor-parallel-size",
         str(cmd.tensor_parallel_size),
         "--pipeline-parallel-size",
@@ -93,39 +114,45 @@ def _vllm(cmd: LaunchEngine, py: str) -> list[str]:
     ]
     if cmd.gpu_memory_utilization is not None and "--gpu-memory-utilization" not in cmd.extra_args:
         argv += ["--gpu-memory-utilization", f"{cmd.gpu_memory_utilization:.2f}"]
+    if cmd.served_model_name:
+        argv += ["--served-model-name", cmd.served_model_name]
     return argv + list(cmd.extra_args)
+
+
+def _llamacpp(cmd: LaunchEngine, py: str) -> list[str]:
+    """llama-cpp-python's OpenAI server: every layer on the GPUs it was given, none without."""
+    argv = [
+        *_server(cmd, py),
+        "--n_gpu_layers",
+        "-1" if device(cmd) == "cuda" else "0",
+    ]
+    if cmd.kind == "embedding":
+        argv += ["--embedding", "true"]
+    if cmd.served_model_name:
+        argv += ["--model_alias", cmd.served_model_name]
+    return argv + list(cmd.extra_args)
+
+
+def _served(cmd: LaunchEngine) -> list[str]:
+    return ["--served-model-name", cmd.served_model_name] if cmd.served_model_name else []
 
 
 def _embedding(cmd: LaunchEngine, py: str) -> list[str]:
     return [
-        py,
-        "-m",
-        "sage_mq.engines.embedding_server",
-        "--model",
-        cmd.model,
-        "--host",
-        cmd.host,
-        "--port",
-        str(cmd.port),
+        *_server(cmd, py),
         "--device",
         device(cmd),
+        *_served(cmd),
         *cmd.extra_args,
     ]
 
 
 def _fake(cmd: LaunchEngine, py: str) -> list[str]:
     return [
-        py,
-        "-m",
-        "sage_mq.engines.fake_server",
-        "--model",
-        cmd.model,
-        "--host",
-        cmd.host,
-        "--port",
-        str(cmd.port),
+        *_server(cmd, py),
         "--kind",
         cmd.kind,
+        *_served(cmd),
         *cmd.extra_args,
     ]
 
@@ -138,6 +165,7 @@ def _command(cmd: LaunchEngine, executables: Mapping[str, str]) -> list[str]:
         "{host}": cmd.host,
         "{port}": str(cmd.port),
         "{device}": device(cmd),
+        "{served_model_name}": cmd.served_model_name or cmd.model,
     }
     executable, *template = cmd.extra_args
     argv = [executables.get(executable, executable)]

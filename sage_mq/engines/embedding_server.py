@@ -78,6 +78,7 @@ def parser() -> argparse.ArgumentParser:
     """The embedding server's flags (what a request may pass is held to these)."""
     p = argparse.ArgumentParser(prog="sage-mq-embedding-server", description=__doc__)
     p.add_argument("--model", required=True)
+    p.add_argument("--served-model-name", help="the name it answers to (default: --model)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--device", choices=("cuda", "cpu"), default="cpu")
@@ -109,7 +110,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"embedding server: loading {args.model} on {args.device}", flush=True)
     encoder = load_encoder(args.model, args.device)
     print(f"embedding server: serving {args.model} on http://{args.host}:{args.port}", flush=True)
-    app = build_app(args.model, encoder, max_batch=args.max_batch)
+    app = build_app(args.served_model_name or args.model, encoder, max_batch=args.max_batch)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
 
 

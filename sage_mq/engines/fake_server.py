@@ -186,6 +186,7 @@ def parser() -> argparse.ArgumentParser:
     """The fake engine's flags (what a request may pass is held to these, see argv_policy)."""
     p = argparse.ArgumentParser(prog="sage-mq-fake-engine", description=__doc__)
     p.add_argument("--model", required=True)
+    p.add_argument("--served-model-name", help="the name it answers to (default: --model)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--kind", choices=("llm", "embedding"), default="llm")
@@ -242,7 +243,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"fake engine: loading {args.model} for {args.startup_delay}s", flush=True)
         time.sleep(args.startup_delay)
     engine = FakeEngine(
-        args.model, dim=args.dim, latency_ms=args.latency_ms, stream_delay_ms=args.stream_delay_ms
+        args.served_model_name or args.model,
+        dim=args.dim,
+        latency_ms=args.latency_ms,
+        stream_delay_ms=args.stream_delay_ms,
     )
     app = build_app(engine, on_start=lambda: _schedule_faults(args))
     print(f"fake engine: serving {args.model} on http://{args.host}:{args.port}", flush=True)

@@ -6,14 +6,16 @@ from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Path
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints
 
 from sage_mq.control import ControlPlaneManager
 from sage_mq.engines.argv_policy import ARG_PATTERN, MAX_ARG_CHARS, MAX_ARGS, MODEL_PATTERN
+from sage_mq.engines.env_policy import MAX_VALUE_CHARS, MAX_VARIABLES
+from sage_mq.engines.env_policy import NAME_PATTERN as ENV_NAME_PATTERN
 from sage_mq.errors import (
     InvalidRequest,
 )
-from sage_mq.fields import Label, Metadata
+from sage_mq.fields import Backend, Label, Metadata
 from sage_mq.ids import ENGINE_ID_PATTERN, NodeId
 from sage_mq.presets import PRESET_NAME_PATTERN, Preset, load_builtin, parse_preset
 
@@ -29,6 +31,8 @@ AtLeastOne = Annotated[int, Field(ge=1), BeforeValidator(_whole)]
 ModelId = Annotated[str, Field(min_length=1, max_length=512, pattern=MODEL_PATTERN)]
 ExtraArg = Annotated[str, Field(max_length=MAX_ARG_CHARS, pattern=ARG_PATTERN)]
 EnginePath = Annotated[str, Path(pattern=ENGINE_ID_PATTERN)]
+EnvName = Annotated[str, StringConstraints(pattern=ENV_NAME_PATTERN)]
+EnvValue = Annotated[str, StringConstraints(max_length=MAX_VALUE_CHARS, pattern=ARG_PATTERN)]
 
 
 class EngineStartRequest(BaseModel):
@@ -42,12 +46,21 @@ class EngineStartRequest(BaseModel):
     pipeline_parallel_size: JsonInt = Field(1, ge=1, le=64)
     port: Port | None = None
     node: NodeId | None = None
-    backend: Literal["vllm", "embedding", "command", "fake"] | None = None
+    backend: Backend | None = None
     required_memory_gb: float | None = Field(None, gt=0, le=1_000_000)
     engine_label: Label | None = None
     max_concurrent_requests: AtLeastOne | None = None
     extra_args: list[ExtraArg] = Field(default_factory=list, max_length=MAX_ARGS)
     metadata: Metadata = Field(default_factory=dict)
+    served_model_name: ModelId | None = None
+    """The name clients use; checked further as the start is made (a 400 says why)."""
+    env: dict[EnvName, EnvValue] = Field(
+        default_factory=dict,
+        max_length=MAX_VARIABLES,
+        json_schema_extra={"additionalProperties": False},  # every name matches the pattern
+    )
+    """Names a process can take; which ones an engine may be given is a rule of the start
+    (:mod:`sage_mq.engines.env_policy`): one it refuses is a 400 naming why."""
     wait: bool = False
     """Answer once the engine is RUNNING (or say why it is not) instead of at once."""
 

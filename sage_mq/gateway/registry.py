@@ -89,7 +89,7 @@ class Registry:
         self._coming = frozenset(m for e, m in self._models.items() if e not in self._ended)
 
     def _apply(self, record: EngineRecord) -> None:
-        self._models[record.engine_id] = record.model
+        self._models[record.engine_id] = record.served_name
         if record.state.terminal:
             self._ended.add(record.engine_id)
         else:
@@ -147,10 +147,10 @@ class Registry:
             self._ended.discard(engine_id)
         elif kind == "engine.ready" and isinstance(data, dict) and data.get("url"):
             # The agent saw it healthy; the scheduler's record may not say RUNNING yet.
-            self._models[engine_id] = record.model
+            self._models[engine_id] = record.served_name
             self._ended.discard(engine_id)
             self._replicas[engine_id] = Replica(
-                engine_id, record.model, str(data["url"]), record.kind
+                engine_id, record.served_name, str(data["url"]), record.kind
             )
         else:
             self._apply(record)

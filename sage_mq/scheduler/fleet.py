@@ -208,5 +208,6 @@ def node_view(
         allowances=NodeAllowances(
             commands=frozenset(record.allowed_commands),
             engine_flags=frozenset(record.allowed_engine_flags),
+            backends=None if record.runtimes is None else frozenset(record.runtimes),
         ),
     )

@@ -294,7 +294,9 @@ def launch_command(record: EngineRecord) -> LaunchEngine:
         extra_args=tuple(record.extra_args),
         gpu_memory_utilization=record.gpu_memory_utilization,
         startup_timeout_s=record.startup_timeout_s,
-        record=record.public(),
+        served_model_name=record.served_model_name,
+        env=record.env,
+        record=record.model_dump(mode="json"),  # whole: an agent's report may rebuild it
     )
 
 
@@ -322,4 +324,6 @@ def new_record(req: StartEngine) -> EngineRecord:
         requested_port=req.port,
         requested_node=req.node,
         startup_timeout_s=req.startup_timeout_s,
+        served_model_name=req.served_model_name,
+        env=req.env,
     )

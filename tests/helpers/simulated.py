@@ -29,9 +29,16 @@ class Fleet:
         self.scheduler = Scheduler(settings, redis=redis, name="s1", scheduler=scheduler)
         self.events = Events(redis, settings.namespace)
 
-    async def node(self, node_id: str, gpus: str | None = None, address: str = "127.0.0.1") -> None:
+    async def node(
+        self,
+        node_id: str,
+        gpus: str | None = None,
+        address: str = "127.0.0.1",
+        runtimes: dict[str, str] | None = None,
+    ) -> None:
         inventory = FakeGpus(gpus).snapshot() if gpus else []
-        await self.store.put_node(NodeRecord(node_id=node_id, address=address, gpus=inventory), 60)
+        record = NodeRecord(node_id=node_id, address=address, gpus=inventory, runtimes=runtimes)
+        await self.store.put_node(record, 60)
 
     async def request(self, *messages: Message) -> None:
         await self.bus.publish_many(self.keys.requests, list(messages))
