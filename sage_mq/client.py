@@ -34,7 +34,6 @@ from sage_mq.batch.handles import (
 from sage_mq.batch.service import BatchService
 from sage_mq.bus import Bus
 from sage_mq.connection import connect
-from sage_mq.embedded import EmbeddedControlPlane
 from sage_mq.errors import ConfigError, InvalidRequest
 from sage_mq.gateway.registry import Registry
 from sage_mq.keys import Keys
@@ -113,6 +112,8 @@ class UnifiedInferenceClient:
         self._closers = []
         try:
             if embedded:
+                from sage_mq.embedded import EmbeddedControlPlane  # a whole fleet: only on ask
+
                 join = control_plane_url if url.startswith(("redis://", "rediss://")) else None
                 plane = EmbeddedControlPlane(redis_url=join, port=_free_port(), fake_gpus=fake_gpus)
                 self._loop.run(plane.start())

@@ -9,11 +9,14 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import openai
 import pytest
 
 from sage_mq.connection import Redis, connect
 from sage_mq.settings import BusSettings, Settings
 from tests.helpers.engines import engine_processes
+from tests.helpers.fleetprocs import FleetProcs
+from tests.helpers.gateway import models, run_gateway, start, wait_for
 from tests.helpers.servers import Processes, RedisServer, free_port
 from tests.helpers.simulated import Fleet
 
@@ -74,3 +77,14 @@ def processes(tmp_path: Path) -> Iterator[Processes]:
 async def fleet(aredis: Redis, settings: Settings) -> Fleet:
     """A scheduler over simulated nodes (see tests/helpers/simulated.py)."""
     return Fleet(aredis, settings)
+
+
+@pytest.fixture
+def batch_fleet(
+    processes: Processes, redis_server: RedisServer, tmp_path: Path
+) -> tuple[FleetProcs, openai.OpenAI]:
+    """A gateway over a fleet serving ``demo`` (a fake engine), and an OpenAI client on it."""
+    fleet, url = run_gateway(processes, redis_server, tmp_path)
+    start(fleet, "demo", "--extra-args", "--latency-ms 5")
+    wait_for(lambda: models(url) == ["demo"])
+    return fleet, openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)

@@ -20,8 +20,8 @@ import httpx
 import pytest
 
 from tests.helpers.fleetprocs import FleetProcs
+from tests.helpers.gateway import wait_for
 from tests.helpers.servers import Processes, RedisServer, free_port
-from tests.test_gateway import wait_for
 
 pytestmark = pytest.mark.fleet
 CONFIG = Path(__file__).parent / "conformance" / "schemathesis.toml"

@@ -7,72 +7,25 @@ import io
 import json
 import os
 import signal
-import time
 from collections import Counter
-from pathlib import Path
-from typing import Any
 
 import openai
 import pytest
 
 from sage_mq import UnifiedInferenceClient
 from sage_mq.errors import InvalidRequest
+from tests.helpers.batches import batch_under_way, jsonl, wait_batch
 from tests.helpers.fleetprocs import FleetProcs
-from tests.helpers.servers import Processes, RedisServer
-from tests.test_gateway import models, run_gateway, start, wait_for
+from tests.helpers.gateway import start, wait_for
+from tests.helpers.servers import Processes
 
 pytestmark = pytest.mark.fleet
 
 
-def jsonl(n: int, model: str = "demo", url: str = "/v1/chat/completions") -> bytes:
-    rows = [
-        {
-            "custom_id": f"req-{i}",
-            "method": "POST",
-            "url": url,
-            "body": {"model": model, "messages": [{"role": "user", "content": f"question {i}"}]},
-        }
-        for i in range(n)
-    ]
-    return "".join(json.dumps(row) + "\n" for row in rows).encode()
-
-
-def wait_batch(client: openai.OpenAI, batch_id: str, until: set[str], timeout: float = 90) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        batch = client.batches.retrieve(batch_id)
-        if batch.status in until:
-            return batch
-        time.sleep(0.2)
-    raise AssertionError(f"batch still {batch.status}: {batch.request_counts}")
-
-
-def batch_under_way(fleet: tuple[FleetProcs, openai.OpenAI], processes: Processes) -> str:
-    """A batch of 400 requests with one slow worker on it, 20 of them done."""
-    procs, client = fleet
-    processes.sage("worker", ["llm", "worker", "run", "--concurrency", "2"], procs.env)
-    uploaded = client.files.create(file=("in.jsonl", io.BytesIO(jsonl(400))), purpose="batch")
-    batch = client.batches.create(
-        input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
-    )
-    wait_for(lambda: client.batches.retrieve(batch.id).request_counts.completed >= 20, 30)
-    return batch.id
-
-
-@pytest.fixture
-def fleet(
-    processes: Processes, redis_server: RedisServer, tmp_path: Path
-) -> tuple[FleetProcs, openai.OpenAI]:
-    fleet, url = run_gateway(processes, redis_server, tmp_path)
-    start(fleet, "demo", "--extra-args", "--latency-ms 5")
-    wait_for(lambda: models(url) == ["demo"])
-    return fleet, openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
-
-
 def test_a_batch_of_240_requests_completes_each_custom_id_once(
-    fleet: tuple[FleetProcs, openai.OpenAI], processes: Processes
+    batch_fleet: tuple[FleetProcs, openai.OpenAI], processes: Processes
 ) -> None:
-    procs, client = fleet
+    procs, client = batch_fleet
     for i in range(2):
         processes.sage(f"worker{i}", ["llm", "worker", "run", "--concurrency", "16"], procs.env)
     uploaded = client.files.create(file=("in.jsonl", io.BytesIO(jsonl(240))), purpose="batch")
@@ -95,9 +48,9 @@ def test_a_batch_of_240_requests_completes_each_custom_id_once(
 
 
 def test_a_bad_file_fails_the_batch_with_every_line_named_before_any_work(
-    fleet: tuple[FleetProcs, openai.OpenAI],
+    batch_fleet: tuple[FleetProcs, openai.OpenAI],
 ) -> None:
-    _, client = fleet
+    _, client = batch_fleet
     good = jsonl(3).decode().splitlines()
     bad = [good[0], "{oops", good[0], good[2].replace("/v1/chat/completions", "/v1/embeddings")]
     uploaded = client.files.create(
@@ -125,10 +78,10 @@ def test_a_bad_file_fails_the_batch_with_every_line_named_before_any_work(
 
 
 def test_a_cancelled_batch_keeps_what_finished(
-    fleet: tuple[FleetProcs, openai.OpenAI], processes: Processes
+    batch_fleet: tuple[FleetProcs, openai.OpenAI], processes: Processes
 ) -> None:
-    _, client = fleet
-    batch_id = batch_under_way(fleet, processes)
+    _, client = batch_fleet
+    batch_id = batch_under_way(batch_fleet, processes)
     assert client.batches.cancel(batch_id).status in ("cancelling", "cancelled")
     done = wait_batch(client, batch_id, {"cancelled"})
     kept = done.request_counts.completed
@@ -138,9 +91,9 @@ def test_a_cancelled_batch_keeps_what_finished(
 
 
 def test_a_worker_killed_mid_batch_costs_nothing_and_repeats_nothing(
-    fleet: tuple[FleetProcs, openai.OpenAI], processes: Processes
+    batch_fleet: tuple[FleetProcs, openai.OpenAI], processes: Processes
 ) -> None:
-    procs, client = fleet
+    procs, client = batch_fleet
     victim = processes.sage("victim", ["llm", "worker", "run", "--concurrency", "4"], procs.env)
     uploaded = client.files.create(file=("in.jsonl", io.BytesIO(jsonl(300))), purpose="batch")
     batch = client.batches.create(
@@ -158,9 +111,9 @@ def test_a_worker_killed_mid_batch_costs_nothing_and_repeats_nothing(
 
 
 def test_an_engine_killed_mid_batch_is_waited_for_and_nothing_fails(
-    fleet: tuple[FleetProcs, openai.OpenAI], processes: Processes
+    batch_fleet: tuple[FleetProcs, openai.OpenAI], processes: Processes
 ) -> None:
-    procs, client = fleet
+    procs, client = batch_fleet
     processes.sage("worker", ["llm", "worker", "run", "--concurrency", "8"], procs.env)
     engine = procs.json("llm", "engine", "list")[0]
     uploaded = client.files.create(file=("in.jsonl", io.BytesIO(jsonl(300))), purpose="batch")
@@ -179,9 +132,9 @@ def test_an_engine_killed_mid_batch_is_waited_for_and_nothing_fails(
 
 
 def test_the_client_queues_requests_and_batches_through_gateway_and_redis(
-    fleet: tuple[FleetProcs, openai.OpenAI], processes: Processes
+    batch_fleet: tuple[FleetProcs, openai.OpenAI], processes: Processes
 ) -> None:
-    procs, client = fleet
+    procs, client = batch_fleet
     start(procs, "mini-embed", "--engine-kind", "embedding")
     processes.sage("worker", ["llm", "worker", "run", "--concurrency", "4"], procs.env)
     gateway_url = str(client.base_url).rstrip("/")

@@ -22,9 +22,9 @@ from sage_mq.batch.sweeper import sweep
 from sage_mq.connection import Redis
 from sage_mq.keys import Keys
 from sage_mq.settings import Settings
+from tests.helpers.batches import batch_under_way, jsonl, wait_batch
 from tests.helpers.fleetprocs import FleetProcs
 from tests.helpers.servers import Processes
-from tests.test_batch import batch_under_way, fleet, jsonl, wait_batch  # noqa: F401
 
 
 def window_ran_out(procs: FleetProcs, batch_id: str) -> None:
@@ -42,11 +42,11 @@ def lines_of(client: openai.OpenAI, file_id: str | None) -> list[dict[str, Any]]
 
 @pytest.mark.fleet
 def test_a_batch_past_its_window_expires_keeping_what_finished(
-    fleet: tuple[FleetProcs, openai.OpenAI],  # noqa: F811
+    batch_fleet: tuple[FleetProcs, openai.OpenAI],
     processes: Processes,
 ) -> None:
-    procs, client = fleet
-    batch_id = batch_under_way(fleet, processes)
+    procs, client = batch_fleet
+    batch_id = batch_under_way(batch_fleet, processes)
     window_ran_out(procs, batch_id)
     done = wait_batch(client, batch_id, {"expired", "completed"}, timeout=30)
     assert done.status == "expired" and done.expired_at is not None
@@ -63,9 +63,9 @@ def test_a_batch_past_its_window_expires_keeping_what_finished(
 
 @pytest.mark.fleet
 def test_a_batch_no_worker_ever_took_expires_when_read(
-    fleet: tuple[FleetProcs, openai.OpenAI],  # noqa: F811
+    batch_fleet: tuple[FleetProcs, openai.OpenAI],
 ) -> None:
-    procs, client = fleet  # and no worker: nothing will run it, nothing sweeps
+    procs, client = batch_fleet  # and no worker: nothing will run it, nothing sweeps
     uploaded = client.files.create(file=("in.jsonl", io.BytesIO(jsonl(3))), purpose="batch")
     batch = client.batches.create(
         input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
@@ -82,10 +82,10 @@ def test_a_batch_no_worker_ever_took_expires_when_read(
 
 @pytest.mark.fleet
 def test_results_come_as_requests_finish_and_batches_and_files_are_listed(
-    fleet: tuple[FleetProcs, openai.OpenAI],  # noqa: F811
+    batch_fleet: tuple[FleetProcs, openai.OpenAI],
     processes: Processes,
 ) -> None:
-    procs, client = fleet
+    procs, client = batch_fleet
     processes.sage("worker", ["llm", "worker", "run", "--concurrency", "1"], procs.env)
     bodies = [
         {"custom_id": f"q{i}", "model": "demo", "messages": [{"role": "user", "content": "hi"}]}

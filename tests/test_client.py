@@ -12,8 +12,8 @@ import pytest
 from sage_mq import UnifiedInferenceClient
 from sage_mq.errors import ConfigError, InvalidRequest, ModelNotFound
 from tests.helpers.fleetprocs import FleetProcs
+from tests.helpers.gateway import run_gateway, start, wait_for
 from tests.helpers.servers import Processes, RedisServer
-from tests.test_gateway import run_gateway, start, wait_for
 
 pytestmark = pytest.mark.fleet
 

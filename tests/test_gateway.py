@@ -17,32 +17,10 @@ import psutil
 import pytest
 
 from tests.helpers.fleetprocs import FleetProcs
-from tests.helpers.servers import Processes, RedisServer, free_port
+from tests.helpers.gateway import models, run_gateway, start, wait_for
+from tests.helpers.servers import Processes, RedisServer
 
 pytestmark = pytest.mark.fleet
-
-
-def run_gateway(
-    processes: Processes,
-    redis_server: RedisServer,
-    tmp_path: Path,
-    *args: str,
-    agent_args: tuple[str, ...] = (),
-) -> tuple[FleetProcs, str]:
-    fleet = FleetProcs(processes, redis_server, tmp_path / "state")
-    fleet.start_scheduler("--backoff-base", "0.2", "--health-interval", "0.5")
-    fleet.start_agent("n1", *agent_args)
-    fleet.wait_node()
-    port = free_port()
-    processes.sage("gateway", ["llm", "gateway", "run", "--port", str(port), *args], fleet.env)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(200):
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                break
-        except httpx.TransportError:
-            time.sleep(0.05)
-    return fleet, url
 
 
 @pytest.fixture
@@ -50,26 +28,6 @@ def gateway(
     processes: Processes, redis_server: RedisServer, tmp_path: Path
 ) -> Iterator[tuple[FleetProcs, str]]:
     yield run_gateway(processes, redis_server, tmp_path)
-
-
-def start(fleet: FleetProcs, model: str, *args: str) -> dict[str, object]:
-    record: dict[str, object] = fleet.json(
-        "llm", "engine", "start", model, "--backend", "fake", "--no-gpu", "--wait", *args
-    )
-    return record
-
-
-def models(url: str) -> list[str]:
-    return [m["id"] for m in httpx.get(f"{url}/v1/models", timeout=5).json()["data"]]
-
-
-def wait_for(check: object, timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():  # type: ignore[operator]
-            return
-        time.sleep(0.05)
-    raise AssertionError("condition never held")
 
 
 def test_the_openai_sdk_works_unchanged_and_requests_spread_over_replicas(

@@ -19,10 +19,10 @@ import redis
 
 from sage_mq.keys import Keys
 from sage_mq.wire import decode
+from tests.helpers.batches import jsonl
+from tests.helpers.gateway import run_gateway, wait_for
 from tests.helpers.servers import Processes, RedisServer
 from tests.helpers.up import running_up
-from tests.test_batch import jsonl
-from tests.test_gateway import run_gateway, wait_for
 
 pytestmark = pytest.mark.fleet
 MIB = 1024 * 1024

@@ -8,9 +8,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.helpers.gateway import run_gateway
 from tests.helpers.runtimes import venv_with
 from tests.helpers.servers import Processes, RedisServer
-from tests.test_gateway import run_gateway
 
 pytestmark = pytest.mark.fleet
 API, ADMIN = "inference-key-1b2c", "admin-key-9f8e"

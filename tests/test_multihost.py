@@ -16,9 +16,9 @@ import psutil
 import pytest
 
 from tests.helpers.fleetprocs import FleetProcs
+from tests.helpers.gateway import models, wait_for
 from tests.helpers.netns import Host, hosts, listening, why_no_namespaces
 from tests.helpers.servers import Processes, RedisServer, free_port
-from tests.test_gateway import models, wait_for
 
 pytestmark = pytest.mark.fleet
 CHAT = {"model": "demo", "messages": [{"role": "user", "content": "hi"}]}

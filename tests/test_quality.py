@@ -41,3 +41,30 @@ def test_no_module_is_over_400_lines_and_nothing_pickles_or_uses_a_shell() -> No
         assert len(text.splitlines()) <= 400, f"{path} is over 400 lines: split it"
         assert "import pickle" not in text and "shell=True" not in text, path
         assert "os.system(" not in text, path
+
+
+FLEET_MODULES = ("sage_mq.agent", "sage_mq.scheduler.core", "sage_mq.embedded",
+                 "sage_mq.gateway.app", "sage_mq.control")  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("statement", "loads_none_of"),
+    [
+        ("import sage_mq", ("sage_mq.messages", "pydantic", "redis", *FLEET_MODULES)),
+        ("from sage_mq import UnifiedInferenceClient", FLEET_MODULES),
+        ("from sage_mq.scheduler.placement import check_request", FLEET_MODULES),
+    ],
+)
+def test_a_program_loads_only_the_parts_it_uses(
+    statement: str, loads_none_of: tuple[str, ...]
+) -> None:
+    probe = f"{statement}; import sys; print(sorted(set(sys.modules) & set({loads_none_of!r})))"
+    done = subprocess.run(
+        [sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]", f"{statement} loaded {done.stdout.strip()}"
+    import sage_mq
+
+    assert sage_mq.NodeAgent.__name__ == "NodeAgent"  # every name is still there, on first use
+    assert set(sage_mq.__all__) == set(sage_mq._MODULE_OF)

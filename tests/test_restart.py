@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from sage_mq.messages import EngineStopped, LaunchEngine, RestartEngine, StartEngine, StopEngine
 from sage_mq.store import EngineState
+from tests.helpers.lives import exits, fire, launches, running
 from tests.helpers.simulated import Fleet
-from tests.test_healing import exits, fire, launches, running
 
 
 async def test_a_running_engine_gets_a_new_process_where_it_is(fleet: Fleet) -> None:

@@ -25,12 +25,12 @@ from sage_mq.gateway import create_app
 from sage_mq.gateway.auth import check_exposure
 from sage_mq.gateway.inference import PATHS
 from sage_mq.settings import Settings
+from tests.helpers.batches import jsonl, wait_batch
 from tests.helpers.engines import engine_processes
 from tests.helpers.fleetprocs import FleetProcs
+from tests.helpers.gateway import start, wait_for
 from tests.helpers.servers import Processes, RedisServer, free_port
 from tests.helpers.tls import make_certs
-from tests.test_batch import jsonl, wait_batch
-from tests.test_gateway import start, wait_for
 
 pytestmark = pytest.mark.fleet
 

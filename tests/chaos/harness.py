@@ -24,8 +24,8 @@ from sage_mq.keys import Keys
 from sage_mq.settings import Settings
 from sage_mq.store import Store
 from tests.helpers.fleetprocs import FleetProcs
+from tests.helpers.gateway import wait_for
 from tests.helpers.servers import Processes, RedisServer, free_port
-from tests.test_gateway import wait_for
 
 NODES = ("n1", "n2")
 WORKERS_PER_ENGINE = 1

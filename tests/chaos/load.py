@@ -15,7 +15,7 @@ import openai
 
 from tests.chaos.checks import CHAT, batch_problems
 from tests.chaos.harness import ChaosFleet
-from tests.test_batch import jsonl
+from tests.helpers.batches import jsonl
 
 BATCH_SIZE = 600
 

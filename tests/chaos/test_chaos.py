@@ -27,8 +27,8 @@ from tests.chaos.checks import dead_letters, problems
 from tests.chaos.faults import FAULTS, Fault
 from tests.chaos.harness import ChaosFleet
 from tests.chaos.load import Batches, Load
+from tests.helpers.gateway import wait_for
 from tests.helpers.servers import Processes
-from tests.test_gateway import wait_for
 
 pytestmark = [pytest.mark.chaos, pytest.mark.timeout(1500)]
 SEED = int(os.environ.get("SAGE_MQ_CHAOS_SEED", "6"))
