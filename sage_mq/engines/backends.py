@@ -114,9 +114,7 @@ def _vllm(cmd: LaunchEngine, py: str) -> list[str]:
     ]
     if cmd.gpu_memory_utilization is not None and "--gpu-memory-utilization" not in cmd.extra_args:
         argv += ["--gpu-memory-utilization", f"{cmd.gpu_memory_utilization:.2f}"]
-    if cmd.served_model_name:
-        argv += ["--served-model-name", cmd.served_model_name]
-    return argv + list(cmd.extra_args)
+    return argv + _served(cmd) + list(cmd.extra_args)
 
 
 def _llamacpp(cmd: LaunchEngine, py: str) -> list[str]:
