@@ -1,4 +1,4 @@
-"""The figures of each benchmark's JSON that go in BENCHMARKS.md, each beside what it is measured
+"""The figures of each benchmark's JSON that go in docs/results.md, each beside what it is measured
 against: the floor (the same work without us, in the same run), a peer's documented figure, or
 the target the issues set."""
 
@@ -142,6 +142,26 @@ def real_engine(r: dict[str, Any]) -> list[Row]:
     ]  # fmt: skip
 
 
+def upstream_client(r: dict[str, Any]) -> list[Row]:
+    sides = r["sides"]
+    ours = sides["ours"]["cpu_ms_per_request"]
+    rows = []
+    for peer, what in (("aiohttp", "aiohttp's ClientSession"), ("httpx", "httpx's AsyncClient")):
+        if peer in sides:
+            rows.append(
+                Row(
+                    f"engine hop: CPU per request vs {peer}",
+                    ours,
+                    "ms",
+                    sides[peer]["cpu_ms_per_request"],
+                    f"floor: {what}, same hop",
+                    target="≤ 1x (else use it)",
+                    met=ours <= sides[peer]["cpu_ms_per_request"],
+                )
+            )
+    return rows  # fmt: skip
+
+
 HEADLINES = {
     "bus_roundtrip": bus_roundtrip,
     "recovery": recovery,
@@ -149,4 +169,5 @@ HEADLINES = {
     "gateway_overhead": gateway_overhead,
     "batch_throughput": batch_throughput,
     "real_engine": real_engine,
+    "upstream_client": upstream_client,
 }

@@ -2,9 +2,9 @@
 
 Each simulated node registers like a real agent (node record, liveness key, ``node.joined``),
 heartbeats, and answers its command stream as an agent whose engines always start and stay
-healthy: a launch gets ``engine.starting`` then ``engine.ready``, a GPU allocation
-``gpu.allocated``, a terminate ``engine.stopped``, a health tick one ``node.health`` with every
-engine it holds. Nothing is spawned; the scheduler on the other side is the real one.
+healthy: a launch gets ``engine.starting`` then ``engine.ready``, a terminate
+``engine.stopped``, a health tick one ``node.health`` with every engine it holds. Nothing is
+spawned; the scheduler on the other side is the real one.
 """
 
 from __future__ import annotations
@@ -22,11 +22,9 @@ from sage_mq.hashes import to_hash
 from sage_mq.keys import Keys
 from sage_mq.messages import (
     SCHEMA_VERSION,
-    AllocateGpus,
     EngineReady,
     EngineStarting,
     EngineStopped,
-    GpusAllocated,
     HealthTick,
     LaunchEngine,
     Message,
@@ -166,8 +164,6 @@ class SimulatedFleet:
         }
 
     def _answer(self, node: SimulatedNode, cmd: Message, received: float) -> list[Message]:
-        if isinstance(cmd, AllocateGpus):
-            return [GpusAllocated(node=node.node_id, engine_id=cmd.engine_id, gpus=cmd.gpus)]
         if isinstance(cmd, LaunchEngine):
             self.launched_at.setdefault(cmd.engine_id, received)
             node.engines[cmd.engine_id] = cmd.generation

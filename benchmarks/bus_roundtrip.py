@@ -27,9 +27,8 @@ import redis.asyncio as aioredis
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks._redis import percentile, redis_server
-from sage_mq.bus import Bus
+from sage_mq.bus import Bus, Outgoing
 from sage_mq.connection import connect
-from sage_mq.consumer import Outgoing
 from sage_mq.keys import Keys
 from sage_mq.messages import EngineStopped, TerminateEngine
 from sage_mq.settings import BusSettings, Settings

@@ -1,11 +1,11 @@
-"""Every benchmark, one after another, then BENCHMARKS.md from what they wrote.
+"""Every benchmark, one after another, then docs/results.md from what they wrote.
 
 Each benchmark runs as its own process (as its README command does) and writes its JSON under
 ``benchmarks/results/``; the report puts each headline figure beside what it is measured against
 (the floor measured in the same run, a peer's documented figure, or the issue's target), as a
 ratio, with the machine, the date and the command.
 
-    python benchmarks/run_all.py [--quick] [--out BENCHMARKS.md]
+    python benchmarks/run_all.py [--quick] [--out docs/results.md]
 
 ``--quick`` runs each with a small load, to check that the whole chain works (its figures are
 not the ones to quote); ``--skip NAME`` leaves one out (``real_engine`` needs the engines
@@ -38,6 +38,7 @@ QUICK: dict[str, list[str]] = {
     "scale": ["--nodes", "50", "--engines", "200", "--steady", "3"],
     "gateway_overhead": ["--requests", "500"],
     "batch_throughput": ["--requests", "200"],
+    "upstream_client": ["--requests", "600", "--blocks", "2"],
     "real_engine": [
         "--trials",
         "0",
@@ -69,7 +70,7 @@ def run(name: str, args: list[str], results: Path) -> dict[str, Any]:
 
 
 def report(runs: list[dict[str, Any]], quick: bool) -> str:
-    """BENCHMARKS.md."""
+    """docs/results.md."""
     lines = [
         "# Benchmarks",
         "",
@@ -100,8 +101,8 @@ def report(runs: list[dict[str, Any]], quick: bool) -> str:
         took = f"{r['seconds']:.0f} s"
         lines.append(
             f"- `{' '.join(r['command'])}` ({took}): JSON in `{r['json']}`;"
-            " what it measures and how is in the script's docstring and the README's Benchmark"
-            " section."
+            " what it measures and how is in the script's docstring and in"
+            " [Benchmarks and chaos](benchmarks.md)."
         )
     return "\n".join(lines) + "\n"
 
@@ -134,7 +135,7 @@ def _machine() -> str:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="small loads: check the chain")
-    parser.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md")
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "results.md")
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument(
         "--skip", action="append", default=[], choices=sorted(FULL), help="leave one out"

@@ -1,6 +1,6 @@
 """UnifiedInferenceClient: one Python entry point to every model the fleet serves.
 
-``UnifiedInferenceClient.create()`` is the only way in (DESIGN.md §4)::
+``UnifiedInferenceClient.create()`` is the only way in (docs/contract.md §4)::
 
     client = UnifiedInferenceClient.create()                       # SAGE_CONTROL_PLANE_URL
     client = UnifiedInferenceClient.create(control_plane_url="http://host:8000/v1")  # gateway
@@ -32,14 +32,11 @@ from sage_mq.batch.handles import (
     request_lines,
 )
 from sage_mq.batch.service import BatchService
-from sage_mq.bus import Bus
-from sage_mq.connection import connect
+from sage_mq.broker import Broker
 from sage_mq.errors import ConfigError, InvalidRequest
-from sage_mq.gateway.registry import Registry
-from sage_mq.keys import Keys
+from sage_mq.registry import Registry
 from sage_mq.routing import POLICIES, Router
 from sage_mq.settings import Settings, control_plane_url_from_env
-from sage_mq.store import Store
 from sage_mq.transports import DirectTransport, GatewayTransport, Transport
 
 T = TypeVar("T")
@@ -145,13 +142,12 @@ class UnifiedInferenceClient:
         settings = Settings.from_env(redis_url=url)
         if namespace:
             settings = Settings(redis_url=url, namespace=namespace, bus=settings.bus)
-        redis = connect(settings)
-        keys = Keys(settings.namespace)
-        registry = Registry(Store(redis, keys), Bus(redis, keys, settings.bus))
+        broker = Broker(settings)
+        registry = Registry(broker.store, broker.bus)
         await registry.load()
         follow = asyncio.get_running_loop().create_task(registry.follow())
-        self._closers += [follow.cancel, redis.aclose]
-        self._batches = RedisBatches(BatchService(settings, redis), self._loop.run)
+        self._closers += [follow.cancel, broker.aclose]
+        self._batches = RedisBatches(BatchService(settings, broker.redis), self._loop.run)
         return DirectTransport(registry, router, timeout)
 
     # -- queued work -----------------------------------------------------------------------

@@ -68,7 +68,7 @@ def redis_errors(what: str) -> Iterator[None]:
     except NoPermissionError as exc:
         raise ControlPlaneUnavailable(
             f"Redis refused {what}: {exc}; the ACL user needs the fleet's keys "
-            "(~<namespace>:*), rq's (~rq:*) and channels (&*): see the README's Security section"
+            "(~<namespace>:*), rq's (~rq:*) and channels (&*): see docs/security.md"
         ) from exc
 
 

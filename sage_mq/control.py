@@ -10,13 +10,13 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from pydantic import ValidationError
 
-from sage_mq.bus import Bus
-from sage_mq.connection import Redis, connect, redis_errors
+from sage_mq.broker import Broker
+from sage_mq.connection import Redis
 from sage_mq.errors import (
     DecodeError,
     EngineFailedError,
@@ -26,13 +26,12 @@ from sage_mq.errors import (
     WaitTimeout,
 )
 from sage_mq.gpu import GIB
-from sage_mq.keys import Keys
 from sage_mq.messages import RestartEngine, StartEngine, StopEngine
 from sage_mq.presets import Preset, apply
 from sage_mq.scheduler.placement import check_request
-from sage_mq.scheduler.placing import new_record
 from sage_mq.settings import Settings
-from sage_mq.store import EngineRecord, EngineState, NodeRecord, Store
+from sage_mq.spec import EngineSpec
+from sage_mq.store import EngineRecord, EngineState, NodeRecord
 from sage_mq.wire import Envelope, decode, envelope
 
 log = logging.getLogger(__name__)
@@ -44,13 +43,18 @@ _REACHED_BY = {"engine.ready": EngineState.RUNNING, "engine.stopped": EngineStat
 class ControlPlaneManager:
     """Start, stop, list and inspect engines across the fleet."""
 
-    def __init__(self, settings: Settings | None = None, *, redis: Redis | None = None) -> None:
-        self.settings = settings or Settings()
-        self.redis = redis or connect(self.settings)
-        self._owns_redis = redis is None
-        self.keys = Keys(self.settings.namespace)
-        self.bus = Bus(self.redis, self.keys, self.settings.bus)
-        self.store = Store(self.redis, self.keys)
+    def __init__(
+        self,
+        settings: Settings | None = None,
+        *,
+        redis: Redis | None = None,
+        broker: Broker | None = None,
+    ) -> None:
+        self.settings = settings or (broker.settings if broker else Settings())
+        self.broker = broker or Broker(self.settings, redis=redis)
+        self._owns_broker = broker is None
+        self.redis, self.keys = self.broker.redis, self.broker.keys
+        self.bus, self.store = self.broker.bus, self.broker.store
 
     async def __aenter__(self) -> ControlPlaneManager:
         return self
@@ -60,8 +64,8 @@ class ControlPlaneManager:
 
     async def close(self) -> None:
         """Release the Redis connection if this manager made it."""
-        if self._owns_redis:
-            await self.redis.aclose()
+        if self._owns_broker:
+            await self.broker.aclose()
 
     # -- engines -------------------------------------------------------------------------
     async def request_engine_startup(
@@ -69,57 +73,51 @@ class ControlPlaneManager:
         model_id: str,
         *,
         engine_kind: str = "llm",
-        use_gpu: bool | None = None,
-        tensor_parallel_size: int = 1,
-        pipeline_parallel_size: int = 1,
-        port: int | None = None,
-        node: str | None = None,
-        backend: str | None = None,
-        extra_args: Sequence[str] = (),
-        required_memory_gb: float | None = None,
-        engine_label: str | None = None,
-        max_concurrent_requests: int | None = None,
-        metadata: dict[str, Any] | None = None,
-        served_model_name: str | None = None,
-        env: Mapping[str, str] | None = None,
+        engine_id: str | None = None,
+        wait: bool = False,
+        timeout: float = 1800.0,
+        on_event: EventCallback | None = None,
+        **spec: Any,
+    ) -> EngineRecord:
+        """Ask the scheduler to start an engine of ``model_id``; ``spec`` holds the other
+        fields of :class:`~sage_mq.spec.EngineSpec` (``use_gpu``, ``tensor_parallel_size``,
+        ``port``, ``node``, ``backend``, ``extra_args``, ``required_memory_gb``, ...). See
+        :meth:`start_engine`. ``metadata`` and ``env`` may be None (none)."""
+        given = {k: v for k, v in spec.items() if v is not None or k not in ("metadata", "env")}
+        try:
+            checked = EngineSpec.model_validate({"model": model_id, "kind": engine_kind, **given})
+        except ValidationError as exc:
+            raise InvalidRequest(_explain(exc)) from None
+        return await self.start_engine(
+            checked, engine_id=engine_id, wait=wait, timeout=timeout, on_event=on_event
+        )
+
+    async def start_engine(
+        self,
+        spec: EngineSpec,
+        *,
         engine_id: str | None = None,
         wait: bool = False,
         timeout: float = 1800.0,
         on_event: EventCallback | None = None,
     ) -> EngineRecord:
-        """Ask the scheduler to start an engine; with ``wait``, return once it is RUNNING.
+        """Ask the scheduler to start an engine of ``spec``, as ``engine_id`` (default: one made
+        from its label or model); with ``wait``, return once it is RUNNING.
 
         Raises :class:`InvalidRequest` for a request that can never succeed, and (when waiting)
         :class:`RequestRejectedError`, :class:`EngineFailedError` or :class:`WaitTimeout`.
         """
-        fields = dict(
-            engine_id=engine_id or new_engine_id(engine_label or model_id),
-            model=model_id,
-            kind=engine_kind,
-            backend=backend,
-            use_gpu=use_gpu,
-            tensor_parallel_size=tensor_parallel_size,
-            pipeline_parallel_size=pipeline_parallel_size,
-            port=port,
-            node=node,
-            extra_args=tuple(extra_args),
-            required_memory_gb=required_memory_gb,
-            engine_label=engine_label,
-            max_concurrent_requests=max_concurrent_requests,
-            metadata=metadata or {},
-            served_model_name=served_model_name,
-            env=dict(env or {}),
-        )
+        engine_id = engine_id or new_engine_id(spec.engine_label or spec.model)
         try:
-            request = StartEngine.model_validate(fields)
+            request = StartEngine(engine_id=engine_id, **spec.model_dump())
         except ValidationError as exc:
             raise InvalidRequest(_explain(exc)) from None
         check_request(request)
         cursor = await self.bus.last_id(self.keys.events)
-        record = new_record(request)
+        record = EngineRecord.pending(request.engine_id, request.spec)
         await self.store.add_engine(record)  # PENDING at once: accepted, not yet placed
         await self.bus.publish(self.keys.requests, envelope(request))
-        log.info("requested start of %s (%s)", request.engine_id, model_id)
+        log.info("requested start of %s (%s)", request.engine_id, spec.model)
         if not wait:
             return record
         return await self.wait_for_engine(
@@ -236,15 +234,8 @@ class ControlPlaneManager:
         by_state: dict[str, int] = {}
         for record in engines:
             by_state[record.state.value] = by_state.get(record.state.value, 0) + 1
-        with redis_errors("reading stream lengths"):
-            streams = {
-                name: int(await self.redis.xlen(key))
-                for name, key in (
-                    ("requests", self.keys.requests),
-                    ("events", self.keys.events),
-                    ("dead", self.keys.dead),
-                )
-            }
+        names = {"requests": self.keys.requests, "events": self.keys.events, "dead": self.keys.dead}
+        streams = dict(zip(names, await self.bus.lengths(list(names.values())), strict=True))
         gpus = [g for record, alive in nodes if alive for g in record.gpus]
         return {
             "namespace": self.keys.namespace,

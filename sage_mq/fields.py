@@ -1,4 +1,4 @@
-"""Field types a request fills: the backends, and free text a record can store, bounded.
+"""Field types a request fills: the backends and kinds, and free text a record can store, bounded.
 
 Valid JSON can carry an unpaired surrogate (``"\\ud800"``), which no UTF-8 store takes: a
 field that ends up in Redis is refused with one here, at the door, not in the scheduler.
@@ -11,14 +11,16 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, StringConstraints
 
-from sage_mq.engines.argv_policy import check_model
-from sage_mq.engines.env_policy import checked_env
-from sage_mq.errors import InvalidRequest
-
 MAX_METADATA_CHARS = 16_384
 
 Backend = Literal["vllm", "llamacpp", "embedding", "command", "fake"]
-"""The backends (contract names; DESIGN.md section 3)."""
+"""The backends (contract names; docs/contract.md §3): the one list of them."""
+EngineKind = Literal["llm", "embedding"]
+
+
+def default_backend(kind: str) -> str:
+    """``vllm`` for LLM engines, ``embedding`` for embedding engines."""
+    return "embedding" if kind == "embedding" else "vllm"
 
 
 def storable_text(text: str) -> str:
@@ -45,17 +47,3 @@ def _storable(metadata: dict[str, Any]) -> dict[str, Any]:
 Label = Annotated[str, StringConstraints(max_length=200), AfterValidator(storable_text)]
 """Free text a person gives an engine (a label): bounded and storable."""
 Metadata = Annotated[dict[str, Any], AfterValidator(_storable)]
-
-
-def _served_name(name: str) -> str:
-    try:
-        check_model(name)
-    except InvalidRequest as exc:
-        raise ValueError(str(exc).replace("the model name", "the served model name")) from None
-    return name
-
-
-EngineEnv = Annotated[dict[str, str], AfterValidator(checked_env)]
-"""Environment variables for one engine process (see :mod:`sage_mq.engines.env_policy`)."""
-ServedModelName = Annotated[str, AfterValidator(_served_name)]
-"""The name clients use for an engine's model, when it is not the weights' id or path."""

@@ -152,6 +152,11 @@ class Keys:
         """String with a short TTL, kept alive by the worker running that chunk."""
         return self._k("batch", batch_id, "lease", str(chunk))
 
+    def queue(self, name: str) -> str:
+        """The name of one of our rq queues (``sage:batch``; rq keeps it as
+        ``rq:queue:sage:batch``)."""
+        return self._k(name)
+
     @property
     def batch_sweeper(self) -> str:
         """Lock (with TTL) of the worker that looks for stranded chunks right now."""

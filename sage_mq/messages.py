@@ -5,22 +5,14 @@ Requests go to the scheduler, commands (imperative) to one node agent, events (p
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    model_validator,
-)
+from pydantic import BaseModel, ConfigDict, Field
 
-from sage_mq.engines.argv_policy import checked_for_model
-from sage_mq.fields import Backend, EngineEnv, Label, Metadata, ServedModelName
 from sage_mq.ids import EngineId, NodeId
+from sage_mq.spec import CheckedSpec, EngineSpec
 
 SCHEMA_VERSION = 1
-
-EngineKind = Literal["llm", "embedding"]
 
 
 class Message(BaseModel):
@@ -36,36 +28,12 @@ class Message(BaseModel):
 # -- requests to the scheduler (sage:requests) -------------------------------------------
 
 
-class StartEngine(Message):
-    """Start an engine somewhere in the fleet."""
+class StartEngine(Message, CheckedSpec):
+    """Start an engine somewhere in the fleet: its spec (:class:`~sage_mq.spec.EngineSpec`,
+    fields flat on the wire) under the id it gets."""
 
     TYPE: ClassVar[str] = "engine.start"
     engine_id: EngineId
-    model: str = Field(min_length=1)
-    kind: EngineKind = "llm"
-    backend: Backend | None = None
-    use_gpu: bool | None = None
-    tensor_parallel_size: int = Field(1, ge=1, le=64)
-    pipeline_parallel_size: int = Field(1, ge=1, le=64)
-    port: int | None = Field(None, ge=1, le=65535)
-    node: NodeId | None = None
-    extra_args: tuple[str, ...] = ()
-    required_memory_gb: float | None = Field(None, gt=0)
-    engine_label: Label | None = None
-    max_concurrent_requests: int | None = Field(None, ge=1)
-    metadata: Metadata = Field(default_factory=dict)
-    startup_timeout_s: float | None = Field(None, gt=0)
-    served_model_name: ServedModelName | None = None
-    """The name clients use (vLLM's ``--served-model-name``, llama.cpp's alias); the model
-    id or path when not given."""
-    env: EngineEnv = Field(default_factory=dict)
-    """Variables for the engine process; their values are shown to no one."""
-
-    @model_validator(mode="after")
-    def _runnable(self) -> StartEngine:
-        """The model and arguments are ones some node could run (see argv_policy)."""
-        checked_for_model(self.backend, self.kind, self.model, self.extra_args)
-        return self
 
 
 class StopEngine(Message):
@@ -110,28 +78,21 @@ class RelaunchEngine(Message):
 # -- commands to one node agent (sage:node:<id>:commands) --------------------------------
 
 
-class LaunchEngine(Message):
-    """Spawn an engine process with exactly these parameters."""
+class LaunchEngine(Message, EngineSpec):
+    """Spawn an engine process with exactly these parameters: its spec as placed (``port`` the
+    one assigned, ``backend`` resolved, judged by the agent by its node's rules) and where."""
 
     TYPE: ClassVar[str] = "engine.launch"
     epoch: int = Field(0, ge=0)
     """The epoch of the leader that sent it; agents ignore older ones (0: unfenced)."""
     engine_id: EngineId
     generation: int = Field(ge=1)
-    model: str
-    kind: EngineKind
-    backend: str
+    backend: str  # type: ignore[assignment]  # a newer scheduler's backend: the agent says no
     host: str
-    port: int = Field(ge=1, le=65535)
+    port: int = Field(ge=1, le=65535)  # assigned: never None
     gpus: tuple[int, ...] = ()
-    use_gpu: bool = False
-    tensor_parallel_size: int = 1
-    pipeline_parallel_size: int = 1
-    extra_args: tuple[str, ...] = ()
+    use_gpu: bool = False  # resolved: it has GPUs or not
     gpu_memory_utilization: float | None = None
-    startup_timeout_s: float | None = Field(None, gt=0)
-    served_model_name: str | None = None
-    env: dict[str, str] = Field(default_factory=dict)
     record: dict[str, Any] | None = None
     """The engine record this launch carries out, as the scheduler wrote it. The agent keeps it
     beside the process and hands it back in ``engine.adopted``, so a scheduler that finds no
@@ -148,26 +109,6 @@ class TerminateEngine(Message):
     grace_s: float | None = None
     generation: int | None = None
     """Only this generation of the engine (a stale copy), or whichever runs (None)."""
-
-
-class AllocateGpus(Message):
-    """Record that these GPUs of the node are reserved for an engine."""
-
-    TYPE: ClassVar[str] = "gpu.allocate"
-    epoch: int = Field(0, ge=0)
-    """The epoch of the leader that sent it; agents ignore older ones (0: unfenced)."""
-    engine_id: EngineId
-    gpus: tuple[int, ...]
-    memory_gb: float
-
-
-class ReleaseGpus(Message):
-    """Drop an engine's GPU reservation on the node."""
-
-    TYPE: ClassVar[str] = "gpu.release"
-    epoch: int = Field(0, ge=0)
-    """The epoch of the leader that sent it; agents ignore older ones (0: unfenced)."""
-    engine_id: EngineId
 
 
 class ReportEngines(Message):
@@ -358,23 +299,6 @@ class NodeHealth(Message):
     PERIODIC: ClassVar[bool] = True
     node_id: NodeId
     results: dict[EngineId, bool]
-
-
-class GpusAllocated(Message):
-    """The agent recorded a GPU reservation."""
-
-    TYPE: ClassVar[str] = "gpu.allocated"
-    node: NodeId
-    engine_id: EngineId
-    gpus: tuple[int, ...]
-
-
-class GpusReleased(Message):
-    """The agent dropped a GPU reservation."""
-
-    TYPE: ClassVar[str] = "gpu.released"
-    node: NodeId
-    engine_id: EngineId
 
 
 class RequestRejected(Message):

@@ -1,4 +1,5 @@
-"""Presets: a named set of engines in one YAML file (DESIGN.md §7), checked before anything starts.
+"""Presets: a named set of engines in one YAML file (docs/contract.md §7), checked before anything
+starts.
 
 Built-in presets live in ``presets/`` at the top of the checkout; a wheel installs them as data
 files under ``<prefix>/share/sage-mq/presets``. A file that cannot be used is refused with the
@@ -15,9 +16,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from sage_mq.engines.argv_policy import checked_for_model
 from sage_mq.errors import (
     ConfigError,
     EngineFailedError,
@@ -26,7 +26,7 @@ from sage_mq.errors import (
     RequestRejectedError,
     WaitTimeout,
 )
-from sage_mq.fields import Backend, EngineEnv, ServedModelName
+from sage_mq.spec import CheckedSpec, EngineSpec, WholeNumber
 
 if TYPE_CHECKING:
     from sage_mq.control import ControlPlaneManager, EventCallback
@@ -59,36 +59,27 @@ class PresetNotFound(PresetError):
     """No built-in preset (and no file) of that name."""
 
 
-class PresetEngine(BaseModel):
-    """One engine of a preset."""
+class PresetEngine(CheckedSpec):
+    """One engine of a preset: its name and its spec (``tensor_parallel`` is the preset's
+    spelling of ``tensor_parallel_size``; ``extra_args`` may be one string, split like a shell
+    would, though no shell runs)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
     name: str = Field(min_length=1, max_length=60, pattern=_NAME)
-    kind: Literal["llm", "embedding"] = "llm"
-    model: str = Field(min_length=1)
-    tensor_parallel: int = Field(1, ge=1, le=64)
-    use_gpu: bool | None = None
-    backend: Backend | None = None
-    port: int | None = Field(None, ge=1, le=65535)
-    node: str | None = None
-    extra_args: tuple[str, ...] = ()
-    required_memory_gb: float | None = Field(None, gt=0)
-    max_concurrent_requests: int | None = Field(None, ge=1)
-    metadata: dict[str, Any] = Field(default_factory=dict)
-    served_model_name: ServedModelName | None = None
-    env: EngineEnv = Field(default_factory=dict)
+    tensor_parallel_size: WholeNumber = Field(1, ge=1, le=64, alias="tensor_parallel")
 
     @field_validator("extra_args", mode="before")
     @classmethod
     def _split(cls, value: Any) -> Any:
-        """``extra_args`` as a list, or as one string split like a shell would (no shell runs)."""
         return shlex.split(value) if isinstance(value, str) else value
 
-    @model_validator(mode="after")
-    def _runnable(self) -> PresetEngine:
-        """The model and arguments are ones some node could run (see argv_policy)."""
-        checked_for_model(self.backend, self.kind, self.model, self.extra_args)
-        return self
+    def spec_in(self, preset: str) -> EngineSpec:
+        """Its spec as the preset starts it: labelled with its name, the preset in metadata."""
+        return self.spec.model_copy(
+            update={
+                "engine_label": self.engine_label or self.name,
+                "metadata": {"preset": preset, **self.metadata},
+            }
+        )
 
 
 class Preset(BaseModel):
@@ -201,7 +192,7 @@ def parse_preset(data: Any, *, source: str = "preset") -> Preset:
 
 def _where(exc: ValidationError, data: dict[str, Any]) -> str:
     """The first error as 'engine 'chat' (engines[0]), field 'port': message'."""
-    err = exc.errors()[0]
+    err = min(exc.errors(), key=lambda e: e.get("loc", ())[2:3] != ("name",))  # the name first
     loc = list(err.get("loc", ()))
     message = err.get("msg", "invalid")
     if len(loc) >= 2 and loc[0] == "engines" and isinstance(loc[1], int):
@@ -246,22 +237,9 @@ async def apply(
                 started.append(engine_id)
                 continue
             records.append(
-                await cp.request_engine_startup(
-                    engine.model,
+                await cp.start_engine(
+                    engine.spec_in(preset.name),
                     engine_id=engine_id,
-                    engine_kind=engine.kind,
-                    use_gpu=engine.use_gpu,
-                    tensor_parallel_size=engine.tensor_parallel,
-                    port=engine.port,
-                    node=engine.node,
-                    backend=engine.backend,
-                    extra_args=engine.extra_args,
-                    required_memory_gb=engine.required_memory_gb,
-                    engine_label=engine.name,
-                    max_concurrent_requests=engine.max_concurrent_requests,
-                    metadata={"preset": preset.name, **engine.metadata},
-                    served_model_name=engine.served_model_name,
-                    env=engine.env,
                     wait=wait,
                     timeout=timeout,
                     on_event=on_event,

@@ -1,4 +1,4 @@
-"""The records sage-mq keeps of engines and nodes (DESIGN.md §2): their fields and states.
+"""The records sage-mq keeps of engines and nodes (docs/contract.md §2): their fields and states.
 :mod:`sage_mq.store` reads and writes them in Redis."""
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from sage_mq.engines.env_policy import masked
 from sage_mq.gpu import GpuInfo
+from sage_mq.spec import EngineSpec
 
 
 class EngineState(StrEnum):
@@ -82,6 +83,29 @@ class EngineRecord(BaseModel):
     """Variables for its process. The values stay in Redis and the launch: :meth:`public` hides
     them."""
 
+    @classmethod
+    def pending(cls, engine_id: str, spec: EngineSpec) -> EngineRecord:
+        """A PENDING record of an engine asked for with ``spec`` (its backend resolved)."""
+        fields = spec.model_dump(exclude={"port", "node", "backend"})
+        return cls(
+            engine_id=engine_id,
+            backend=spec.resolved_backend,
+            requested_port=spec.port,
+            requested_node=spec.node,
+            **fields,
+        )
+
+    @property
+    def spec(self) -> EngineSpec:
+        """The spec it was asked for with (its backend resolved); read back, not judged again."""
+        fields = {name: getattr(self, name) for name in _KEPT_AS_ASKED}
+        return EngineSpec.model_construct(
+            **fields,
+            extra_args=tuple(self.extra_args),
+            port=self.requested_port,
+            node=self.requested_node,
+        )
+
     @property
     def served_name(self) -> str:
         """The model name clients ask for: ``served_model_name``, else ``model``."""
@@ -90,6 +114,13 @@ class EngineRecord(BaseModel):
     def public(self) -> dict[str, Any]:
         """The JSON shape of ``engine list --json`` and the REST API (env values hidden)."""
         return self.model_dump(mode="json") | {"env": masked(self.env)}
+
+
+_KEPT_AS_ASKED = tuple(
+    name for name in EngineSpec.model_fields if name not in ("port", "node", "extra_args")
+)
+"""Spec fields a record keeps under their own names (the port and node it was asked for are
+``requested_port`` and ``requested_node``: ``port`` and ``node`` say where it is)."""
 
 
 class NodeRecord(BaseModel):

@@ -1,5 +1,5 @@
-"""Engine and node records in Redis hashes (DESIGN.md §2), readable with ``redis-cli HGETALL``
-(the field encoding is in :mod:`sage_mq.hashes`)."""
+"""Engine and node records in Redis hashes (docs/contract.md §2), readable with
+``redis-cli HGETALL`` (the field encoding is in :mod:`sage_mq.hashes`)."""
 
 from __future__ import annotations
 

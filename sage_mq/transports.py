@@ -16,9 +16,8 @@ from typing import Any, Protocol
 import httpx
 
 from sage_mq.errors import InferenceError, ModelNotFound
+from sage_mq.failover import Failover, worth_another
 from sage_mq.routing import NoReplica, Replica, Router
-
-_RETRY_STATUS = {502, 503, 504}
 
 
 class Transport(Protocol):
@@ -88,19 +87,19 @@ class DirectTransport:
         return models
 
     def post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
-        tried: set[str] = set()
+        walk = Failover(self.router, str(body.get("model")))
         while True:
-            replica = self._start(str(body.get("model")), tried)
+            replica = self._start(walk)
             started = time.monotonic()
             try:
                 response = self.http.post(f"{replica.url}/v1{path}", json=body)
-            except httpx.TransportError:
+            except httpx.TransportError as exc:
                 self._finish(replica, None)
-                tried.add(replica.engine_id)
+                walk.failed(replica, str(exc))
                 continue
-            if response.status_code in _RETRY_STATUS:
+            if worth_another(response.status_code):
                 self._finish(replica, None)
-                tried.add(replica.engine_id)
+                walk.failed(replica, f"HTTP {response.status_code}")
                 continue
             self._finish(replica, time.monotonic() - started)
             if response.status_code >= 400:
@@ -109,14 +108,14 @@ class DirectTransport:
             return answer
 
     def stream(self, path: str, body: dict[str, Any]) -> Iterator[dict[str, Any]]:
-        tried: set[str] = set()
+        walk = Failover(self.router, str(body.get("model")))
         while True:
-            replica = self._start(str(body.get("model")), tried)
+            replica = self._start(walk)
             started, began = time.monotonic(), False
             try:
                 with self.http.stream("POST", f"{replica.url}/v1{path}", json=body) as resp:
-                    if resp.status_code in _RETRY_STATUS:
-                        tried.add(replica.engine_id)
+                    if worth_another(resp.status_code):
+                        walk.failed(replica, f"HTTP {resp.status_code}")
                         continue
                     if resp.status_code >= 400:
                         resp.read()
@@ -130,16 +129,16 @@ class DirectTransport:
                     raise InferenceError(
                         f"{replica.engine_id} broke off its answer: {exc}", retryable=True
                     ) from None
-                tried.add(replica.engine_id)
+                walk.failed(replica, str(exc))
             finally:
                 self._finish(replica, time.monotonic() - started if began else None)
 
     def close(self) -> None:
         self.http.close()
 
-    def _start(self, model: str, tried: set[str]) -> Replica:
+    def _start(self, walk: Failover) -> Replica:
         with self._lock:
-            replica = self._choose(model, tried)
+            replica = self._choose(walk)
             self.router.started(replica)
         return replica
 
@@ -147,7 +146,8 @@ class DirectTransport:
         with self._lock:
             self.router.finished(replica, latency_s)
 
-    def _choose(self, model: str, tried: set[str]) -> Replica:
+    def _choose(self, walk: Failover) -> Replica:
+        model = walk.model
         replicas = self.registry.replicas(model)
         if not replicas:
             if self.registry.coming(model):
@@ -159,14 +159,9 @@ class DirectTransport:
             served = ", ".join(self.registry.models()) or "none yet"
             raise ModelNotFound(f"no engine serves {model!r}; models being served: {served}")
         try:
-            return self.router.choose(replicas, exclude=tried)
-        except NoReplica:
-            raise InferenceError(
-                f"every RUNNING replica of {model!r} failed ({len(tried)} tried); "
-                "try again shortly (engines restart on their own)",
-                status=503,
-                retryable=True,
-            ) from None
+            return walk.choose(replicas)
+        except NoReplica as exc:
+            raise InferenceError(str(exc), status=503, retryable=True) from None
 
 
 def sse_events(response: httpx.Response) -> Iterator[dict[str, Any]]:
@@ -193,7 +188,7 @@ def _error(response: httpx.Response, where: str) -> Exception:
     message = error.get("message") or response.text[:300] or response.reason_phrase
     if response.status_code == 404 and error.get("code") == "model_not_found":
         return ModelNotFound(message)
-    retryable = response.status_code in _RETRY_STATUS
+    retryable = worth_another(response.status_code)
     return InferenceError(
         f"{where} answered HTTP {response.status_code}: {message}",
         status=response.status_code,

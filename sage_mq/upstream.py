@@ -1,17 +1,27 @@
-"""An HTTP/1.1 client to engines, for the gateway and the batch workers: keep-alive connections per
-parsed by httptools (the parser uvicorn serves with), bodies streamed with flow control.
+"""An HTTP/1.1 client to engines, for the gateway and the batch workers: keep-alive connections
+per replica, answers parsed by httptools (the parser uvicorn serves with), bodies streamed with
+flow control.
 
-Why not httpx here: on this hop httpx and httpcore cost the gateway more CPU than everything
-else it does per request, and httpcore's pool work per request grows with the square of its
-connections (``benchmarks/gateway_overhead.py`` measured both). This client does only what
-the hop needs: POST a JSON body to ``http(s)://host:port/path`` and hand back the status, the
-headers and the body as it comes.
+Why not httpx or aiohttp here: this hop's CPU per request bounds the gateway's throughput, and
+``benchmarks/upstream_client.py`` measures the three clients on it in one run (see
+docs/results.md): 0.16 ms of CPU per request for ours, 0.23-0.25 for aiohttp, 2.4-2.8 for
+httpx (16 in flight on uvloop, two runs on the 2-core VM, 2026-11-30). This client does only
+what the hop needs: POST a JSON body to ``http(s)://host:port/path`` and hand back the status,
+the headers and the body as it comes. It has at most :data:`MAX_CONNECTIONS_PER_REPLICA`
+requests in flight to one replica (one beyond waits for a slot, up to the connect timeout),
+closes connections idle for :data:`IDLE_TIMEOUT_S`, and forgets the replicas gone.
+
+Elsewhere one HTTP client per role: httpx where a person or a test waits on one call (the
+client's transports, the CLI, health probes), this one on the gateway's and the batch
+workers' hop.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ssl
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import cast
@@ -23,6 +33,13 @@ CONNECT_TIMEOUT_S = 5.0
 READ_TIMEOUT_S = 600.0
 """Longest wait for the next bytes of an answer (a long generation streams, so this is rare)."""
 MAX_IDLE_PER_REPLICA = 256
+MAX_CONNECTIONS_PER_REPLICA = 1024
+"""Requests in flight to one replica at most, each on a connection of its own (idle ones are
+kept up to :data:`MAX_IDLE_PER_REPLICA`): a flood waits, it does not spend the gateway's file
+descriptors."""
+IDLE_TIMEOUT_S = 60.0
+"""An idle connection older than this is closed (engines close theirs after a while too)."""
+_SWEEP_EVERY_S = 15.0
 _HIGH_WATER, _LOW_WATER = 64, 16
 """Body chunks held for a slow reader before the socket is paused, and when it resumes."""
 
@@ -41,6 +58,12 @@ class _Origin:
     scheme: str
     host: str
     port: int
+
+    @property
+    def authority(self) -> str:
+        """``host:port`` as a Host header writes it (an IPv6 address in brackets)."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
 
     @classmethod
     def parse(cls, url: str) -> _Origin:
@@ -73,6 +96,7 @@ class _Connection(asyncio.Protocol):
         self.exchange: _Exchange | None = None
         self.closed = False
         self.paused = False
+        self.idle_since = 0.0
 
     # -- asyncio.Protocol ----------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -147,6 +171,7 @@ class UpstreamResponse:
     """An engine's answer: status and headers now, the body as it comes."""
 
     def __init__(self, client: Upstream, origin: _Origin, conn: _Connection, ex: _Exchange):
+        """``conn`` holds one of ``origin``'s slots until :meth:`close`."""
         self._client, self._origin, self._conn, self._exchange = client, origin, conn, ex
         self.status = ex.status
         self.headers = ex.headers
@@ -183,6 +208,16 @@ class UpstreamResponse:
         """The whole body."""
         return b"".join([chunk async for chunk in self.chunks()])
 
+    def __del__(self) -> None:
+        # An answer dropped unread (a streamed one whose caller left before it began): its
+        # connection cannot serve again, and its slot must not stay taken.
+        if getattr(self, "_done", True):
+            return
+        self._done = True
+        with contextlib.suppress(RuntimeError):  # the loop may be closed already, at exit
+            self._conn.close()
+            self._client._release(self._origin)
+
     def close(self) -> None:
         """Done with the answer: the connection goes back to the pool if it can be reused."""
         if self._done:
@@ -192,15 +227,27 @@ class UpstreamResponse:
         if ex.complete and ex.keep_alive and ex.error is None and not self._conn.closed:
             self._client._idle(self._origin, self._conn)
         else:
-            self._conn.close()
+            self._client._drop(self._origin, self._conn)
 
 
 class Upstream:
     """Keep-alive connections to every replica the gateway sends to."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_connections_per_replica: int = MAX_CONNECTIONS_PER_REPLICA) -> None:
         self._pools: dict[_Origin, list[_Connection]] = {}
+        self._slots: dict[_Origin, asyncio.Semaphore] = {}
+        self._max = max_connections_per_replica
         self._tls = ssl.create_default_context()
+        self._swept = time.monotonic()
+
+    def in_flight(self, url: str) -> int:
+        """Requests to ``url``'s replica whose answers are not closed yet."""
+        slots = self._slots.get(_Origin.parse(url))
+        return 0 if slots is None else self._max - slots._value
+
+    def idle(self, url: str) -> int:
+        """Connections to ``url``'s replica kept open for the next request."""
+        return len(self._pools.get(_Origin.parse(url), ()))
 
     async def post(self, url: str, body: bytes) -> UpstreamResponse:
         """POST ``body`` (JSON) to ``url``; returns once the answer's head is in."""
@@ -208,18 +255,32 @@ class Upstream:
         target = urlsplit(url)
         path = (target.path or "/") + (f"?{target.query}" if target.query else "")
         request = (
-            f"POST {path} HTTP/1.1\r\nhost: {origin.host}:{origin.port}\r\n"
+            f"POST {path} HTTP/1.1\r\nhost: {origin.authority}\r\n"
             f"content-type: application/json\r\ncontent-length: {len(body)}\r\n\r\n"
         ).encode("latin-1") + body
-        conn, reused = await self._connection(origin)
+        self._sweep()
+        slots = self._slots.setdefault(origin, asyncio.Semaphore(self._max))
         try:
-            exchange = await self._exchange(conn, request)
-        except UpstreamError as exc:
-            if not (reused and not exc.answered):
-                raise
-            # A kept-alive connection the engine had just closed: once more on a new one.
-            conn, _ = await self._connection(origin, fresh=True)
-            exchange = await self._exchange(conn, request)
+            async with asyncio.timeout(CONNECT_TIMEOUT_S):
+                await slots.acquire()
+        except TimeoutError:
+            raise UpstreamError(
+                f"all {self._max} connections to {origin.authority} stayed busy for "
+                f"{CONNECT_TIMEOUT_S:.0f} s"
+            ) from None
+        try:
+            conn, reused = await self._connection(origin)
+            try:
+                exchange = await self._exchange(conn, request)
+            except UpstreamError as exc:
+                if not (reused and not exc.answered):
+                    raise
+                # A kept-alive connection the engine had just closed: once more on a new one.
+                conn, _ = await self._connection(origin, fresh=True)
+                exchange = await self._exchange(conn, request)
+        except BaseException:
+            slots.release()
+            raise
         return UpstreamResponse(self, origin, conn, exchange)
 
     async def aclose(self) -> None:
@@ -227,6 +288,7 @@ class Upstream:
             for conn in pool:
                 conn.close()
         self._pools.clear()
+        self._slots.clear()
         await asyncio.sleep(0)  # let the transports finish closing while the loop runs
 
     async def _exchange(self, conn: _Connection, request: bytes) -> _Exchange:
@@ -259,15 +321,46 @@ class Upstream:
                 )
         except (OSError, TimeoutError) as exc:
             reason = "timed out" if isinstance(exc, TimeoutError) else str(exc)
-            raise UpstreamError(
-                f"cannot connect to {origin.host}:{origin.port}: {reason}"
-            ) from None
+            raise UpstreamError(f"cannot connect to {origin.authority}: {reason}") from None
         return conn, False
 
     def _idle(self, origin: _Origin, conn: _Connection) -> None:
+        """An answer is done and its connection can serve again: keep it (bounded)."""
         conn.exchange = None
         pool = self._pools.setdefault(origin, [])
         if len(pool) < MAX_IDLE_PER_REPLICA:
+            conn.idle_since = time.monotonic()
             pool.append(conn)
         else:
             conn.close()
+        self._release(origin)
+
+    def _drop(self, origin: _Origin, conn: _Connection) -> None:
+        """An answer is done and its connection cannot serve again."""
+        conn.close()
+        self._release(origin)
+
+    def _release(self, origin: _Origin) -> None:
+        slots = self._slots.get(origin)
+        if slots is not None:
+            slots.release()
+
+    def _sweep(self) -> None:
+        """Now and then: close connections idle too long, or closed by their engine, and
+        forget the replicas left with none open (those that went away)."""
+        now = time.monotonic()
+        if now - self._swept < _SWEEP_EVERY_S:
+            return
+        self._swept = now
+        for origin, pool in list(self._pools.items()):
+            kept = []
+            for conn in pool:
+                if conn.closed or now - conn.idle_since > IDLE_TIMEOUT_S:
+                    conn.close()
+                else:
+                    kept.append(conn)
+            pool[:] = kept
+            slots = self._slots.get(origin)
+            if not kept and (slots is None or slots._value == self._max):
+                del self._pools[origin]
+                self._slots.pop(origin, None)

@@ -53,7 +53,6 @@ def test_start_call_list_watch_and_stop_an_engine_from_the_cli(fleet: FleetProcs
     for step in (
         "node.joined",
         "engine.placed",
-        "gpu.allocated",
         "engine.starting",
         "engine.ready",
     ):

@@ -38,7 +38,7 @@ from sage_mq.settings import Settings
 from sage_mq.wire import Envelope, decode
 
 CASES = 300
-"""Examples per property (recorded in the README)."""
+"""Examples per property (recorded in docs/development.md)."""
 QUICK = hypothesis_settings(
     max_examples=CASES, deadline=None, suppress_health_check=list(HealthCheck)
 )

@@ -27,8 +27,6 @@ SAMPLES = {
         "port": 40000,
     },
     "engine.terminate": {"engine_id": "e1"},
-    "gpu.allocate": {"engine_id": "e1", "gpus": [0, 1], "memory_gb": 3.5},
-    "gpu.release": {"engine_id": "e1"},
     "health.tick": {},
     "engine.placed": {"engine_id": "e1", "node": "n", "port": 1},
     "engine.starting": {"engine_id": "e1", "node": "n", "generation": 1, "pid": 5, "argv": ["x"]},
@@ -73,8 +71,6 @@ SAMPLES = {
     "node.lost": {"node_id": "n"},
     "scheduler.elected": {"name": "s1", "epoch": 3},
     "node.health": {"node_id": "n", "results": {"e1": True}},
-    "gpu.allocated": {"node": "n", "engine_id": "e1", "gpus": [0]},
-    "gpu.released": {"node": "n", "engine_id": "e1"},
     "engine.restored": {"engine_id": "e1", "node": "n", "generation": 2, "state": "RUNNING"},
     "request.rejected": {"request_id": "r", "request_type": "engine.start", "reason": "no GPU"},
 }

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import pytest
 import uvicorn
 
+from sage_mq import upstream
 from sage_mq.engines.fake_server import FakeEngine, build_app
 from sage_mq.upstream import Upstream, UpstreamError
 from tests.helpers.servers import free_port
@@ -186,3 +187,71 @@ async def test_a_kept_alive_connection_dropped_as_a_request_goes_out_is_retried_
     server.close()
     await server.wait_closed()
     await upstream.aclose()
+
+
+async def test_an_ipv6_engine_is_sent_a_host_header_in_brackets() -> None:
+    heads: list[bytes] = []
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        heads.append(await reader.readuntil(b"\r\n\r\n"))
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{}")
+        await writer.drain()
+        writer.close()
+        await writer.wait_closed()
+
+    try:
+        server = await asyncio.start_server(answer, "::1", 0)
+    except OSError:
+        pytest.skip("this machine has no IPv6 loopback")
+    port = server.sockets[0].getsockname()[1]
+    client = Upstream()
+    try:
+        reply = await client.post(f"http://[::1]:{port}/v1/chat/completions", CHAT)
+        assert reply.status == 200 and await reply.read() == b"{}"
+    finally:
+        await client.aclose()
+        server.close()
+        await server.wait_closed()
+    assert f"host: [::1]:{port}\r\n".encode() in heads[0]
+
+
+async def test_requests_beyond_the_cap_wait_for_a_connection_and_none_is_left_taken(
+    engine: str,
+) -> None:
+    client = Upstream(max_connections_per_replica=2)
+    url = f"{engine}/v1/chat/completions"
+    first, second = await client.post(url, CHAT), await client.post(url, CHAT)
+    assert client.in_flight(url) == 2
+    third = asyncio.create_task(client.post(url, CHAT))
+    await asyncio.sleep(0.3)
+    assert not third.done()  # no third connection while two answers are open
+    await first.read()
+    reply = await third  # the first one's connection serves it
+    assert client.in_flight(url) == 2 and client.idle(url) == 0
+    await second.read()
+    await reply.read()
+    dropped = await client.post(url, CHAT)
+    del dropped  # an answer nobody reads gives its slot back
+    assert client.in_flight(url) == 0 and client.idle(url) == 1  # its connection is closed
+    await client.aclose()
+
+
+async def test_idle_connections_age_out_and_a_replica_gone_is_forgotten(engine: str) -> None:
+    client = Upstream()
+    url = f"{engine}/v1/chat/completions"
+    await (await client.post(url, CHAT)).read()
+    assert client.idle(url) == 1
+
+    def age(seconds: float) -> None:  # as if that much time had passed
+        client._swept -= seconds
+        for pool in client._pools.values():
+            for conn in pool:
+                conn.idle_since -= seconds
+
+    age(upstream.IDLE_TIMEOUT_S + 1)
+    await (await client.post(url, CHAT)).read()  # the sweep closed the old one first
+    assert client.idle(url) == 1 and len(client._pools) == 1
+    age(upstream.IDLE_TIMEOUT_S + 1)
+    client._sweep()
+    assert client._pools == {} and client.idle(url) == 0
+    await client.aclose()

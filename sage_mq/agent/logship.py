@@ -12,12 +12,10 @@ import contextlib
 import logging
 import os
 from pathlib import Path
-from typing import Any
 
-from redis.exceptions import RedisError
-
-from sage_mq.connection import Redis, raise_if_cancelled
-from sage_mq.keys import Keys
+from sage_mq.bus import Bus
+from sage_mq.connection import raise_if_cancelled
+from sage_mq.errors import ControlPlaneUnavailable
 
 log = logging.getLogger(__name__)
 _CHUNK = 256 * 1024
@@ -26,9 +24,9 @@ _CHUNK = 256 * 1024
 class LogShipper:
     """One task per engine, tailing its log file into ``<ns>:engine:<id>:log``."""
 
-    def __init__(self, redis: Redis, keys: Keys, maxlen: int, interval_s: float = 0.5) -> None:
-        self.redis: Any = redis
-        self.keys = keys
+    def __init__(self, bus: Bus, maxlen: int, interval_s: float = 0.5) -> None:
+        self.bus = bus
+        self.keys = bus.keys
         self.maxlen = maxlen
         self.interval_s = interval_s
         self._tasks: dict[str, tuple[asyncio.Task[None], asyncio.Event]] = {}
@@ -79,14 +77,14 @@ class LogShipper:
         while True:
             raise_if_cancelled()
             try:
-                newest = await self.redis.xrevrange(self.keys.engine_log(engine_id), count=1)
+                newest = await self.bus.newest(self.keys.engine_log(engine_id))
                 break
-            except (RedisError, OSError) as exc:
+            except ControlPlaneUnavailable as exc:
                 log.debug("log shipping for %s waits for Redis: %s", engine_id, exc)
                 await asyncio.sleep(self.interval_s)
-        if not newest or newest[0][1].get("generation") != str(generation):
+        if newest is None or newest[1].get("generation") != str(generation):
             return 0
-        return int(newest[0][1].get("offset") or 0)
+        return int(newest[1].get("offset") or 0)
 
     async def _ship_once(
         self,
@@ -111,20 +109,11 @@ class LogShipper:
                 text = line.decode("utf-8", "replace")
                 entries.append({"line": text, "generation": str(generation), "offset": str(end)})
         try:
-            await self._append(engine_id, entries)
-        except (RedisError, OSError) as exc:
+            await self.bus.append(self.keys.engine_log(engine_id), entries, self.maxlen)
+        except ControlPlaneUnavailable as exc:
             log.debug("log shipping for %s paused: %s", engine_id, exc)
             return offset, partial  # nothing consumed: read the same bytes next round
         return offset + len(chunk), rest
-
-    async def _append(self, engine_id: str, entries: list[dict[str, str]]) -> None:
-        if not entries:
-            return
-        key = self.keys.engine_log(engine_id)
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for fields in entries:
-                pipe.xadd(key, fields, maxlen=self.maxlen, approximate=True)
-            await pipe.execute()
 
 
 def _read_from(path: Path, offset: int) -> bytes:

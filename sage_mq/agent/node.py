@@ -14,6 +14,7 @@ from collections.abc import Coroutine, Mapping
 from pathlib import Path
 from typing import Any
 
+from sage_mq.actor import Actor
 from sage_mq.agent import logs, runtimes
 from sage_mq.agent.fencing import LeaderFence
 from sage_mq.agent.lifecycle import EngineLifecycleManager, ManagedEngine
@@ -22,8 +23,9 @@ from sage_mq.agent.outbox import Outbox
 from sage_mq.agent.preflight import check_launch, node_allowances
 from sage_mq.agent.presence import Presence
 from sage_mq.agent.processes import describe_returncode
-from sage_mq.bus import Bus
-from sage_mq.connection import Redis, connect
+from sage_mq.broker import Broker
+from sage_mq.connection import Redis
+from sage_mq.dispatch import Handlers
 from sage_mq.engines.backends import startup_timeout_s
 from sage_mq.errors import (
     ControlPlaneUnavailable,
@@ -33,9 +35,7 @@ from sage_mq.errors import (
     PortInUse,
 )
 from sage_mq.gpu import GPUResourceManager
-from sage_mq.keys import Keys
 from sage_mq.messages import (
-    AllocateGpus,
     EngineAdopted,
     EngineExited,
     EngineLaunchFailed,
@@ -43,17 +43,13 @@ from sage_mq.messages import (
     EngineStarting,
     EngineStopped,
     EngineUnhealthy,
-    GpusAllocated,
-    GpusReleased,
     HealthTick,
     LaunchEngine,
     NodeHealth,
-    ReleaseGpus,
     ReportEngines,
     TerminateEngine,
 )
 from sage_mq.settings import AgentSettings, Settings
-from sage_mq.store import Store
 from sage_mq.wire import Envelope
 
 log = logging.getLogger(__name__)
@@ -61,7 +57,7 @@ AGENT_GROUP = "agent"
 _MAX_PROBE_ROUNDS = 2
 
 
-class NodeAgent:
+class NodeAgent(Actor):
     """The actor that runs engine processes on one host."""
 
     def __init__(
@@ -76,11 +72,9 @@ class NodeAgent:
         self.settings = settings
         self.agent = agent
         self.node_id = agent.node_id
-        self.redis = redis or connect(settings)
-        self._owns_redis = redis is None
-        self.keys = Keys(settings.namespace)
-        self.bus = Bus(self.redis, self.keys, settings.bus)
-        self.store = Store(self.redis, self.keys)
+        super().__init__(Broker(settings, redis=redis))
+        self.redis, self.keys = self.broker.redis, self.broker.keys
+        self.bus, self.store = self.broker.bus, self.broker.store
         self.gpus = gpus or GPUResourceManager()
         self.runtimes = runtimes.detect(agent.runtimes)
         self.executables, self.allowances = node_allowances(agent, self.runtimes)
@@ -92,15 +86,20 @@ class NodeAgent:
             log_backups=agent.log_backups,
         )
         self.outbox = Outbox(self.bus, self.keys.events)
-        self.logship = LogShipper(self.redis, self.keys, agent.log_stream_maxlen)
-        self.allocations: dict[str, tuple[int, ...]] = {}
+        self.logship = LogShipper(self.bus, agent.log_stream_maxlen)
         self.presence = Presence(
             self.store, self.outbox, agent, self.gpus, self.allowances, self.runtimes
         )
-        self._stopping = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
         self._probing: set[asyncio.Task[None]] = set()
         self.fence = LeaderFence(self.store, self.node_id)
+        self.handlers = (
+            Handlers()
+            .on(LaunchEngine, self._launch)
+            .on(TerminateEngine, self._terminate)
+            .on(HealthTick, self._tick)
+            .on(ReportEngines, self._report_again)
+        )
         self._consumer = self.bus.consumer(
             [self.keys.node_commands(self.node_id)],
             AGENT_GROUP,
@@ -110,22 +109,15 @@ class NodeAgent:
         )
 
     # -- actor shape ---------------------------------------------------------------------
-    async def __aenter__(self) -> NodeAgent:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        self.stop()
-        await self.close()
-
     def stop(self) -> None:
         """Ask :meth:`run` to return; engines keep running. Safe to call twice."""
-        self._stopping.set()
+        super().stop()
         self._consumer.stop()
 
     async def run(self, *, until_idle: bool = False) -> None:
         """Register, re-adopt engines, then carry out commands until stopped."""
         await self.presence.register(self._stopping)
-        if self._stopping.is_set():
+        if self.stopping:
             return
         await self._recover()
         heartbeat = asyncio.create_task(
@@ -149,8 +141,7 @@ class NodeAgent:
         await self.lifecycle.close()
         with contextlib.suppress(ControlPlaneUnavailable):
             await self.outbox.flush()
-        if self._owns_redis:
-            await self.redis.aclose()
+        await super().close()
 
     async def stop_all_engines(self, only: list[str] | None = None) -> int:
         """Stop this node's engines (or ``only`` these) at once, for up's Ctrl-C: how many."""
@@ -231,26 +222,15 @@ class NodeAgent:
     # -- commands ------------------------------------------------------------------------
     async def handle(self, env: Envelope) -> None:
         """Carry out one command from this node's stream (not a stale leader's)."""
-        payload = env.payload
-        if not await self.fence.admits(getattr(payload, "epoch", 0), env.type):
+        if not await self.fence.admits(getattr(env.payload, "epoch", 0), env.type):
             return
-        if isinstance(payload, LaunchEngine):
-            await self._launch(payload)
-        elif isinstance(payload, TerminateEngine):
-            await self._terminate(payload)
-        elif isinstance(payload, AllocateGpus):
-            await self._allocate(payload)
-        elif isinstance(payload, ReleaseGpus):
-            self.allocations.pop(payload.engine_id, None)
-            await self.outbox.send(GpusReleased(node=self.node_id, engine_id=payload.engine_id))
-        elif isinstance(payload, HealthTick):
-            self._tick(env, payload)
-        elif isinstance(payload, ReportEngines):
-            self._spawn(self._report_engines("the scheduler had lost this node"))
-        else:
+        if not await self.handlers.dispatch(env):
             log.warning("node %s ignores %s (not a node command)", self.node_id, env.type)
 
-    def _tick(self, env: Envelope, tick: HealthTick) -> None:
+    async def _report_again(self, _cmd: ReportEngines, _env: Envelope) -> None:
+        self._spawn(self._report_engines("the scheduler had lost this node"))
+
+    async def _tick(self, tick: HealthTick, env: Envelope) -> None:
         """Probe in the background, so a hung engine's timeout never holds up commands.
 
         Rounds may overlap (each ends within its timeout), so a hung engine is counted failed
@@ -267,7 +247,7 @@ class NodeAgent:
         results = await self.lifecycle.health_check_all(timeout_s)
         await self.outbox.send(NodeHealth(node_id=self.node_id, results=results))
 
-    async def _launch(self, cmd: LaunchEngine) -> None:
+    async def _launch(self, cmd: LaunchEngine, _env: Envelope | None = None) -> None:
         current = self.lifecycle.engines.get(cmd.engine_id)
         if current is not None and current.generation > cmd.generation:
             log.warning(
@@ -355,7 +335,7 @@ class NodeAgent:
                 )
             )
 
-    async def _terminate(self, cmd: TerminateEngine) -> None:
+    async def _terminate(self, cmd: TerminateEngine, _env: Envelope | None = None) -> None:
         current = self.lifecycle.engines.get(cmd.engine_id)
         if current is not None and cmd.generation not in (None, current.generation):
             log.info(
@@ -369,16 +349,6 @@ class NodeAgent:
         self.logship.stop(cmd.engine_id)
         await self.outbox.send(
             EngineStopped(engine_id=cmd.engine_id, node=self.node_id, returncode=returncode)
-        )
-
-    async def _allocate(self, cmd: AllocateGpus) -> None:
-        have = {g.index for g in self.gpus.gpus()}
-        if not set(cmd.gpus) <= have:
-            log.error("GPUs %s for %s: node has only %s", cmd.gpus, cmd.engine_id, sorted(have))
-            return
-        self.allocations[cmd.engine_id] = cmd.gpus
-        await self.outbox.send(
-            GpusAllocated(node=self.node_id, engine_id=cmd.engine_id, gpus=cmd.gpus)
         )
 
     async def _on_engine_exit(self, engine: ManagedEngine, returncode: int | None) -> None:

@@ -19,19 +19,19 @@ from typing import Any
 
 from sage_mq.batch.ending import error_line, finish_chunk
 from sage_mq.batch.records import Records
-from sage_mq.connection import connect, redis_errors
+from sage_mq.broker import Broker
+from sage_mq.connection import redis_errors
 from sage_mq.errors import ControlPlaneUnavailable
-from sage_mq.keys import Keys
-from sage_mq.routing import NoReplica, Replica, Router, running_replica
+from sage_mq.failover import Failover, worth_another
+from sage_mq.registry import Registry
+from sage_mq.routing import NoReplica, Replica, Router
 from sage_mq.settings import Settings
-from sage_mq.store import EngineState, Store
 from sage_mq.upstream import Upstream, UpstreamError
 
 log = logging.getLogger(__name__)
 LEASE_TTL_S = 6
 WAIT_FOR_ENGINE_S = 600.0
 """How long a request waits for a replica of its model to be RUNNING again before it fails."""
-_RETRY_STATUS = {502, 503, 504}
 _SERVER_ERROR_TRIES = 3
 
 
@@ -39,11 +39,13 @@ async def run_chunk(
     settings: Settings, batch_id: str, number: int, *, concurrency: int = 32
 ) -> dict[str, Any]:
     """Run chunk ``number`` of a batch; returns what it did."""
-    redis = connect(settings)
-    keys = Keys(settings.namespace)
+    broker = Broker(settings)
+    redis, keys = broker.redis, broker.keys
     records = Records(redis, keys)
     upstream = Upstream()
+    registry = Registry(broker.store, broker.bus)
     lease = asyncio.create_task(_keep_lease(redis, keys.batch_lease(batch_id, number)))
+    follow: asyncio.Task[None] | None = None
     try:
         batch = await records.raw_batch(batch_id)
         if not batch:
@@ -53,17 +55,23 @@ async def run_chunk(
             rows = await records.chunk(batch_id, number, int(batch["chunk_size"]))
             settled = await records.settled(batch_id, [r["custom_id"] for r in rows])
             todo = [row for row in rows if row["custom_id"] not in settled]
-            sender = _Sender(Store(redis, keys), upstream, str(batch["endpoint"]))
+            if todo:
+                with contextlib.suppress(ControlPlaneUnavailable):
+                    await registry.load()  # else none is known yet: each says so
+                follow = asyncio.create_task(registry.follow(), name="registry")
+            sender = _Sender(registry, upstream, str(batch["endpoint"]))
             sent = await _send_all(records, sender, batch_id, todo, concurrency)
         await finish_chunk(records, batch_id, number)
         return {"batch": batch_id, "chunk": number, "sent": sent}
     finally:
-        lease.cancel()
-        await asyncio.gather(lease, return_exceptions=True)
+        helpers = [lease] if follow is None else [lease, follow]
+        for task in helpers:
+            task.cancel()
+        await asyncio.gather(*helpers, return_exceptions=True)
         with contextlib.suppress(Exception):
             await redis.delete(keys.batch_lease(batch_id, number))
         await upstream.aclose()
-        await redis.aclose()
+        await broker.aclose()
 
 
 async def _send_all(
@@ -92,48 +100,48 @@ async def _send_all(
 
 
 class _Sender:
-    """Sends one request, waiting out restarts, to a RUNNING replica of its model."""
+    """Sends one request to a RUNNING replica of its model (from the registry, which follows
+    the events as the gateway's does), another replica when one fails, and waits out restarts."""
 
-    def __init__(self, store: Store, upstream: Upstream, endpoint: str) -> None:
-        self.store = store
+    def __init__(self, registry: Registry, upstream: Upstream, endpoint: str) -> None:
+        self.registry = registry
         self.upstream = upstream
         self.endpoint = endpoint
         self.router = Router("adaptive")
-        self._replicas: dict[str, tuple[Replica, ...]] = {}
-        self._known: set[str] = set()
-        self._read_at = 0.0
 
     async def send(self, custom_id: str, body: dict[str, Any]) -> tuple[bool, dict[str, Any]]:
         model = str(body["model"])
         payload = json.dumps(body).encode()
         deadline = time.monotonic() + WAIT_FOR_ENGINE_S
-        delay, server_errors, last = 0.5, 0, "no replica tried"
+        delay, server_errors = 0.5, 0
+        walk = Failover(self.router, model)
         while time.monotonic() < deadline:
-            replicas = await self._running(model, fresh=last != "no replica tried")
-            if not replicas and model not in self._known:
+            replicas = self.registry.replicas(model)
+            if not replicas and not self.registry.coming(model):
                 return False, error_line(
                     custom_id, "model_not_found", f"no engine serves {model!r}"
                 )
-            if replicas:
-                try:
-                    replica = self.router.choose(replicas)
-                except NoReplica:  # pragma: no cover - choose() never excludes here
-                    replica = replicas[0]
-                outcome = await self._try(replica, payload, custom_id)
-                if isinstance(outcome, tuple):
-                    status, line = outcome
-                    if status < 500 or server_errors + 1 >= _SERVER_ERROR_TRIES:
-                        return 200 <= status < 300, line
-                    server_errors += 1
-                    last = f"{replica.engine_id}: HTTP {status}"
-                else:
-                    last = f"{replica.engine_id}: {outcome}"
-            else:
-                last = f"no replica of {model!r} is RUNNING"
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 5.0)
+            try:
+                replica = walk.choose(replicas)
+            except NoReplica:  # none RUNNING, or each failed once: wait, then walk again
+                why = walk.last if replicas else f"no replica of {model!r} is RUNNING"
+                walk = Failover(self.router, model, last=why)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+                continue
+            outcome = await self._try(replica, payload, custom_id)
+            if isinstance(outcome, str):
+                walk.failed(replica, outcome)
+                continue
+            status, line = outcome
+            if status < 500 or server_errors + 1 >= _SERVER_ERROR_TRIES:
+                return 200 <= status < 300, line
+            server_errors += 1
+            walk.failed(replica, f"HTTP {status}")
         return False, error_line(
-            custom_id, "engine_unavailable", f"gave up after {WAIT_FOR_ENGINE_S:.0f} s: {last}"
+            custom_id,
+            "engine_unavailable",
+            f"gave up after {WAIT_FOR_ENGINE_S:.0f} s: {walk.last}",
         )
 
     async def _try(
@@ -144,7 +152,7 @@ class _Sender:
         started = time.monotonic()
         try:
             response = await self.upstream.post(f"{replica.url}{self.endpoint}", payload)
-            if response.status in _RETRY_STATUS:
+            if worth_another(response.status):
                 response.close()
                 self.router.finished(replica, None)
                 return f"HTTP {response.status}"
@@ -158,21 +166,6 @@ class _Sender:
         except ValueError:
             answer = {"error": {"message": raw[:300].decode("utf-8", "replace")}}
         return response.status, _response_line(custom_id, response.status, answer)
-
-    async def _running(self, model: str, fresh: bool) -> tuple[Replica, ...]:
-        if fresh or not self._read_at or time.monotonic() - self._read_at > 5:
-            with contextlib.suppress(ControlPlaneUnavailable):
-                records = await self.store.list_engines()
-                by_model: dict[str, list[Replica]] = {}
-                self._known = set()
-                for r in records:
-                    if r.state not in (EngineState.STOPPED, EngineState.FAILED):
-                        self._known.add(r.served_name)
-                    if (replica := running_replica(r)) is not None:
-                        by_model.setdefault(r.served_name, []).append(replica)
-                self._replicas = {m: tuple(found) for m, found in by_model.items()}
-                self._read_at = time.monotonic()
-        return self._replicas.get(model, ())
 
 
 async def _keep_lease(redis: Any, key: str) -> None:

@@ -23,6 +23,7 @@ from rq.serializers import JSONSerializer
 
 from sage_mq.connection import redact_url
 from sage_mq.errors import ConfigError
+from sage_mq.keys import Keys
 from sage_mq.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -46,7 +47,7 @@ def batch_queue(settings: Settings, connection: redis.Redis | None = None) -> Qu
 
 def queue_name(settings: Settings, name: str) -> str:
     """The rq queue name for one of our queues, e.g. ``sage:batch``."""
-    return f"{settings.namespace}:{name}"
+    return Keys(settings.namespace).queue(name)
 
 
 def rq_connection(settings: Settings) -> redis.Redis:

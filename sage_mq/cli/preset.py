@@ -33,7 +33,7 @@ def list_presets(json_output: JsonFlag = False) -> None:
     """The built-in presets (files in presets/)."""
     presets = [_load(name) for name in builtin_names()]
     if json_output:
-        print_json([p.model_dump(mode="json") for p in presets])
+        print_json([p.model_dump(mode="json", by_alias=True) for p in presets])
         return
     table = Table("PRESET", "ENGINES", "MODELS")
     for p in presets:
@@ -47,7 +47,11 @@ def list_presets(json_output: JsonFlag = False) -> None:
 def show(name: NameOrFile, json_output: JsonFlag = False) -> None:
     """A preset as YAML, with the engine id each engine gets (env values hidden)."""
     preset = _load(name)
-    data = {"version": preset.version, **preset.model_dump(mode="json", exclude_defaults=True)}
+    data = {
+        "version": preset.version,
+        **preset.model_dump(mode="json", exclude_defaults=True, by_alias=True),
+    }
+    data["engines"] = [{"name": e.pop("name"), **e} for e in data["engines"]]  # its name first
     for engine in data["engines"]:
         if "env" in engine:
             engine["env"] = masked(engine["env"])

@@ -163,15 +163,6 @@ def check_engine_args(backend: str, model: str, args: Sequence[str]) -> None:
         _check_reserved(backend, args)
 
 
-def checked_for_model(backend: str | None, kind: str, model: str, args: Sequence[str]) -> None:
-    """:func:`check_engine_args` for a pydantic validator (``ValueError``), with the default
-    backend of ``kind`` when none is named."""
-    try:
-        check_engine_args(backend or ("embedding" if kind == "embedding" else "vllm"), model, args)
-    except InvalidRequest as exc:
-        raise ValueError(str(exc)) from None
-
-
 def check_model(model: str) -> None:
     """A model id or path is text for one argument (:data:`MODEL_PATTERN`): bounded, no
     control characters, not a flag."""

@@ -33,11 +33,6 @@ MODULES = {
 """The module each Python backend runs as ``python -m``."""
 
 
-def default_backend(kind: str) -> str:
-    """``vllm`` for LLM engines, ``embedding`` for embedding engines."""
-    return "embedding" if kind == "embedding" else "vllm"
-
-
 def device(cmd: LaunchEngine) -> str:
     """``cuda`` when the engine was given GPUs, else ``cpu``."""
     return "cuda" if cmd.use_gpu and cmd.gpus else "cpu"

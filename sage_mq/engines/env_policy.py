@@ -115,15 +115,6 @@ def refusal(name: str) -> str | None:
     return None
 
 
-def checked_env(env: dict[str, str]) -> dict[str, str]:
-    """:func:`check_engine_env` for a pydantic validator (``ValueError``)."""
-    try:
-        check_engine_env(env)
-    except InvalidRequest as exc:
-        raise ValueError(str(exc)) from None
-    return env
-
-
 def masked(env: Mapping[str, str]) -> dict[str, str]:
     """The names with their values hidden: what anything but the engine process gets to see."""
     return dict.fromkeys(sorted(env), HIDDEN)

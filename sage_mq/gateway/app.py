@@ -15,8 +15,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from sage_mq.batch.service import BatchService
-from sage_mq.bus import Bus
-from sage_mq.connection import connect
+from sage_mq.broker import Broker
 from sage_mq.control import ControlPlaneManager
 from sage_mq.errors import ControlPlaneUnavailable, SageMQError
 from sage_mq.gateway.auth import KeyCheck
@@ -28,11 +27,9 @@ from sage_mq.gateway.metrics import CONTENT_TYPE, GatewayMetrics
 from sage_mq.gateway.openapi import document
 from sage_mq.gateway.proxy import Forwarder
 from sage_mq.gateway.refusals import on_bad_body, on_http_error, on_our_error, on_too_deep
-from sage_mq.gateway.registry import Registry
-from sage_mq.keys import Keys
+from sage_mq.registry import Registry
 from sage_mq.routing import Router
 from sage_mq.settings import GatewayOptions, Settings
-from sage_mq.store import Store
 from sage_mq.upstream import Upstream
 
 
@@ -100,24 +97,23 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        redis = connect(settings)
-        keys = Keys(settings.namespace)
-        registry = Registry(Store(redis, keys), Bus(redis, keys, settings.bus))
+        broker = Broker(settings)
+        registry = Registry(broker.store, broker.bus)
         with contextlib.suppress(ControlPlaneUnavailable):
             await registry.load()  # if Redis is away, follow() keeps trying
         follow = asyncio.create_task(registry.follow(), name="registry")
         upstream = Upstream()
         parts["registry"] = registry
         parts["forwarder"] = inference.forwarder = Forwarder(registry, router, upstream)
-        parts["control"] = ControlPlaneManager(settings, redis=redis)
-        parts["batches"] = BatchService(settings, redis)
+        parts["control"] = ControlPlaneManager(broker=broker)
+        parts["batches"] = BatchService(settings, broker.redis)
         try:
             yield
         finally:
             follow.cancel()
             await asyncio.gather(follow, return_exceptions=True)
             await upstream.aclose()
-            await redis.aclose()
+            await broker.aclose()
 
     app = Gateway(title="sage-mq gateway", lifespan=lifespan)
     app.inference = KeyCheck(inference, api_key=api_key, admin_key=admin_key)

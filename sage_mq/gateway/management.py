@@ -1,66 +1,47 @@
-"""Management REST under ``/v1/management`` (DESIGN.md §5), over :class:`ControlPlaneManager`."""
+"""Management REST under ``/v1/management`` (docs/contract.md §5), over
+:class:`ControlPlaneManager`."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Path
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from sage_mq.control import ControlPlaneManager
-from sage_mq.engines.argv_policy import ARG_PATTERN, MAX_ARG_CHARS, MAX_ARGS, MODEL_PATTERN
+from sage_mq.engines.argv_policy import ARG_PATTERN, MODEL_PATTERN
 from sage_mq.engines.env_policy import MAX_VALUE_CHARS, MAX_VARIABLES
 from sage_mq.engines.env_policy import NAME_PATTERN as ENV_NAME_PATTERN
 from sage_mq.errors import (
     InvalidRequest,
 )
-from sage_mq.fields import Backend, Label, Metadata
-from sage_mq.ids import ENGINE_ID_PATTERN, NodeId
+from sage_mq.fields import EngineKind
+from sage_mq.ids import ENGINE_ID_PATTERN
 from sage_mq.presets import PRESET_NAME_PATTERN, Preset, load_builtin, parse_preset
+from sage_mq.spec import EngineSpec
 
-
-def _whole(value: Any) -> Any:
-    """JSON's integers include ``60.0``: a float with no fraction is the int it is."""
-    return int(value) if isinstance(value, float) and value.is_integer() else value
-
-
-JsonInt = Annotated[int, BeforeValidator(_whole)]
-Port = Annotated[int, Field(ge=1, le=65535), BeforeValidator(_whole)]
-AtLeastOne = Annotated[int, Field(ge=1), BeforeValidator(_whole)]
 ModelId = Annotated[str, Field(min_length=1, max_length=512, pattern=MODEL_PATTERN)]
-ExtraArg = Annotated[str, Field(max_length=MAX_ARG_CHARS, pattern=ARG_PATTERN)]
 EnginePath = Annotated[str, Path(pattern=ENGINE_ID_PATTERN)]
 EnvName = Annotated[str, StringConstraints(pattern=ENV_NAME_PATTERN)]
 EnvValue = Annotated[str, StringConstraints(max_length=MAX_VALUE_CHARS, pattern=ARG_PATTERN)]
 
 
-class EngineStartRequest(BaseModel):
-    """Body of ``POST /v1/management/engines``."""
+class EngineStartRequest(EngineSpec):
+    """Body of ``POST /v1/management/engines``: an engine spec under the REST names
+    ``model_id`` and ``engine_kind``, strict JSON, and ``wait``. The shapes of the model, the
+    served name and the environment are the published schema's (a 422); the rules of what a
+    node may be asked to run are checked as the start is made (a 400 says why)."""
 
-    model_config = ConfigDict(extra="forbid", strict=True)
-    model_id: ModelId
-    engine_kind: Literal["llm", "embedding"] = "llm"
-    use_gpu: bool | None = None
-    tensor_parallel_size: JsonInt = Field(1, ge=1, le=64)
-    pipeline_parallel_size: JsonInt = Field(1, ge=1, le=64)
-    port: Port | None = None
-    node: NodeId | None = None
-    backend: Backend | None = None
-    required_memory_gb: float | None = Field(None, gt=0, le=1_000_000)
-    engine_label: Label | None = None
-    max_concurrent_requests: AtLeastOne | None = None
-    extra_args: list[ExtraArg] = Field(default_factory=list, max_length=MAX_ARGS)
-    metadata: Metadata = Field(default_factory=dict)
+    model_config = ConfigDict(strict=True)
+    model: ModelId = Field(alias="model_id")
+    kind: EngineKind = Field("llm", alias="engine_kind")
     served_model_name: ModelId | None = None
-    """The name clients use; checked further as the start is made (a 400 says why)."""
     env: dict[EnvName, EnvValue] = Field(
         default_factory=dict,
         max_length=MAX_VARIABLES,
         json_schema_extra={"additionalProperties": False},  # every name matches the pattern
     )
-    """Names a process can take; which ones an engine may be given is a rule of the start
-    (:mod:`sage_mq.engines.env_policy`): one it refuses is a 400 naming why."""
     wait: bool = False
     """Answer once the engine is RUNNING (or say why it is not) instead of at once."""
 
@@ -91,10 +72,7 @@ def management_router(parts: dict[str, Any]) -> APIRouter:
 def _engine_routes(api: APIRouter, cp: Callable[[], ControlPlaneManager]) -> None:
     @api.post("/engines", status_code=202)
     async def start_engine(body: EngineStartRequest) -> Any:
-        fields = body.model_dump(exclude={"model_id", "engine_kind"})
-        record = await cp().request_engine_startup(
-            body.model_id, engine_kind=body.engine_kind, **fields
-        )
+        record = await cp().start_engine(body.spec, wait=body.wait)
         return record.public()
 
     @api.get("/engines")

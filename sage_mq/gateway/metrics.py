@@ -76,15 +76,14 @@ class GatewayMetrics:
         self.restarts.clear()
         for engine_id, _state, restarts in states:
             self.restarts.labels(engine_id).set(restarts)
+        names = {"requests": cp.keys.requests, "events": cp.keys.events, "dead": cp.keys.dead}
+        for name, length in zip(names, await cp.bus.lengths(list(names.values())), strict=True):
+            self.streams.labels(name).set(length)
         redis = batches.records.redis
         async with redis.pipeline(transaction=False) as pipe:
-            for key in (cp.keys.requests, cp.keys.events, cp.keys.dead):
-                pipe.xlen(key)
             pipe.llen(batches.queue.key)
             pipe.scard(batches.records.keys.batches_active)
-            with redis_errors("reading the fleet's figures"):
-                requests, events, dead, queued, active = await pipe.execute()
-        for name, length in (("requests", requests), ("events", events), ("dead", dead)):
-            self.streams.labels(name).set(length)
+            with redis_errors("reading the fleet's batch figures"):
+                queued, active = await pipe.execute()
         self.batch_queue.set(queued)
         self.batches_active.set(active)

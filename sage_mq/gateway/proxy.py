@@ -13,11 +13,11 @@ from collections.abc import AsyncIterator
 
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from sage_mq.gateway.registry import Registry
+from sage_mq.failover import Failover, worth_another
+from sage_mq.registry import Registry
 from sage_mq.routing import NoReplica, Replica, Router
 from sage_mq.upstream import Upstream, UpstreamError, UpstreamResponse
 
-_RETRY_STATUS = {502, 503, 504}
 """An engine answering these (restarting, overloaded) sent no body yet: try another."""
 log = logging.getLogger(__name__)
 
@@ -40,25 +40,16 @@ class Forwarder:
         replicas = self.registry.replicas(model)
         if not replicas:
             return self._nothing_serves(model)
-        tried: set[str] = set()
-        last = "no replica answered"
+        walk = Failover(self.router, model)
         while True:
             try:
-                replica = self.router.choose(replicas, exclude=tried)
-            except NoReplica:
-                return openai_error(
-                    503,
-                    f"every RUNNING replica of {model!r} failed ({len(tried)} tried): {last}; "
-                    "try again shortly (engines restart on their own)",
-                    "service_unavailable",
-                    "no_replica_answered",
-                )
-            last_try = len(tried) + 1 >= len(replicas)
-            answer = await self._attempt(replica, path, body, stream, last_try)
+                replica = walk.choose(replicas)
+            except NoReplica as exc:
+                return openai_error(503, str(exc), "service_unavailable", "no_replica_answered")
+            answer = await self._attempt(replica, path, body, stream, walk.last_chance(replicas))
             if isinstance(answer, Response):
                 return answer
-            tried.add(replica.engine_id)
-            last = f"{replica.engine_id}: {answer}"
+            walk.failed(replica, answer)
 
     async def _attempt(
         self, replica: Replica, path: str, body: bytes, stream: bool, last_try: bool
@@ -71,7 +62,7 @@ class Forwarder:
         except UpstreamError as exc:
             self.router.finished(replica, None)
             return str(exc)
-        if upstream.status in _RETRY_STATUS and not last_try:
+        if worth_another(upstream.status) and not last_try:
             upstream.close()
             self.router.finished(replica, None)
             return f"HTTP {upstream.status}"

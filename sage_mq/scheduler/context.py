@@ -5,15 +5,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
-from sage_mq.bus import Bus
-from sage_mq.connection import Redis
-from sage_mq.keys import Keys
+from sage_mq.broker import Broker
 from sage_mq.messages import Message, RequestRejected
 from sage_mq.scheduler.fleet import FleetView
 from sage_mq.scheduler.steady import SteadyEngines
 from sage_mq.scheduler.timers import Timers
-from sage_mq.settings import SchedulerSettings, Settings
-from sage_mq.store import EngineRecord, Store
+from sage_mq.settings import SchedulerSettings
+from sage_mq.store import EngineRecord
 from sage_mq.wire import Envelope
 
 log = logging.getLogger(__name__)
@@ -23,13 +21,11 @@ class Context:
     """Shared by placing, tracking and healing; holds no state but what speeds the leader up
     (the fleet picture, the engines known steady), all of it read again from Redis in time."""
 
-    def __init__(self, settings: Settings, scheduler: SchedulerSettings, redis: Redis) -> None:
-        self.settings = settings
+    def __init__(self, scheduler: SchedulerSettings, broker: Broker) -> None:
+        self.settings = broker.settings
         self.scheduler = scheduler
-        self.keys = Keys(settings.namespace)
-        self.bus = Bus(redis, self.keys, settings.bus)
-        self.store = Store(redis, self.keys)
-        self.timers = Timers(redis, self.keys)
+        self.keys, self.bus, self.store = broker.keys, broker.bus, broker.store
+        self.timers = Timers(broker.redis, self.keys)
         self.fleet = FleetView(self.store)
         self.steady = SteadyEngines()
         self.epoch = 0

@@ -14,11 +14,14 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any
 
-from sage_mq.connection import Redis, connect, raise_if_cancelled
-from sage_mq.consumer import Consumer
+from sage_mq.actor import Actor
+from sage_mq.broker import Broker
+from sage_mq.bus import Consumer
+from sage_mq.connection import Redis, raise_if_cancelled
+from sage_mq.dispatch import Handlers
 from sage_mq.errors import ControlPlaneUnavailable
 from sage_mq.messages import (
     EngineAdopted,
@@ -30,7 +33,6 @@ from sage_mq.messages import (
     EngineUnhealthy,
     EvacuateNode,
     HealthTick,
-    Message,
     NodeHealth,
     NodeJoined,
     RelaunchEngine,
@@ -51,10 +53,9 @@ from sage_mq.wire import Envelope
 
 log = logging.getLogger(__name__)
 SCHEDULER_GROUP = "scheduler"
-Handler = Callable[[Envelope], Awaitable[None]]
 
 
-class Scheduler:
+class Scheduler(Actor):
     """The actor that places engines, heals them, and keeps their records in step."""
 
     def __init__(
@@ -66,45 +67,38 @@ class Scheduler:
         scheduler: SchedulerSettings | None = None,
     ) -> None:
         self.settings = settings
-        self.redis = redis or connect(settings)
-        self._owns_redis = redis is None
-        self.ctx = Context(settings, scheduler or SchedulerSettings(), self.redis)
+        super().__init__(Broker(settings, redis=redis))
+        self.redis = self.broker.redis
+        self.ctx = Context(scheduler or SchedulerSettings(), self.broker)
         self.keys, self.store, self.bus = self.ctx.keys, self.ctx.store, self.ctx.bus
         self.name = name or f"{socket.gethostname()}-{os.getpid()}"
         tracking = Tracking(self.ctx)
         placing = Placing(self.ctx, tracking)
         healing = Healing(self.ctx, placing, tracking)
         self.nodes = NodeWatch(self.ctx, placing, tracking)
-        self._handlers: dict[type[Message], Handler] = {
-            StartEngine: placing.on_start,
-            StopEngine: placing.on_stop,
-            RelaunchEngine: healing.on_relaunch,
-            RestartEngine: healing.on_restart,
-            EngineStarting: tracking.on_starting,
-            EngineAdopted: tracking.on_adopted,
-            EngineReady: tracking.on_ready,
-            EngineStopped: tracking.on_stopped,
-            EngineExited: healing.on_exited,
-            EngineLaunchFailed: healing.on_launch_failed,
-            EngineUnhealthy: healing.on_unhealthy,
-            NodeHealth: healing.on_node_health,
-            EvacuateNode: self.nodes.on_evacuate,
-            SettleNode: self.nodes.on_settle,
-            NodeJoined: self.nodes.on_joined,
-        }
-        self._stopping = asyncio.Event()
+        self.handlers = (
+            Handlers()
+            .on(StartEngine, placing.on_start)
+            .on(StopEngine, placing.on_stop)
+            .on(RelaunchEngine, healing.on_relaunch)
+            .on(RestartEngine, healing.on_restart)
+            .on(EngineStarting, tracking.on_starting)
+            .on(EngineAdopted, tracking.on_adopted)
+            .on(EngineReady, tracking.on_ready)
+            .on(EngineStopped, tracking.on_stopped)
+            .on(EngineExited, healing.on_exited)
+            .on(EngineLaunchFailed, healing.on_launch_failed)
+            .on(EngineUnhealthy, healing.on_unhealthy)
+            .on(NodeHealth, healing.on_node_health)
+            .on(EvacuateNode, self.nodes.on_evacuate)
+            .on(SettleNode, self.nodes.on_settle)
+            .on(NodeJoined, self.nodes.on_joined)
+        )
         self._active: Consumer | None = None
-
-    async def __aenter__(self) -> Scheduler:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        self.stop()
-        await self.close()
 
     def stop(self) -> None:
         """Ask :meth:`run` to return after the message in hand; safe to call twice."""
-        self._stopping.set()
+        super().stop()
         if self._active is not None:
             self._active.stop()
 
@@ -130,14 +124,14 @@ class Scheduler:
         poll = min(0.5, self.ctx.scheduler.lease_ttl_s / 5)
         log.info("scheduler %s standing by for the leader lease", self.name)
         try:
-            while not self._stopping.is_set():
+            while not self.stopping:
                 try:
                     epoch = await lease.acquire()
                 except ControlPlaneUnavailable as exc:
                     log.warning("scheduler %s: %s", self.name, exc)
                     epoch = None
                 if epoch is None:
-                    await self._pause(poll)
+                    await self.pause(poll)
                     continue
                 await self._lead(lease, epoch)
         finally:
@@ -152,7 +146,7 @@ class Scheduler:
         with contextlib.suppress(ControlPlaneUnavailable):
             await self.ctx.emit(SchedulerElected(name=self.name, epoch=epoch))
         consumer = self._active = self._consumer(takeover=True)  # the predecessor's pending too
-        if self._stopping.is_set():
+        if self.stopping:
             consumer.stop()
         interval, timer_poll = self.ctx.scheduler.health_interval_s, self.ctx.scheduler.timer_poll_s
         helpers = [
@@ -187,20 +181,9 @@ class Scheduler:
             consumer.stop()
             return
 
-    async def _pause(self, seconds: float) -> None:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._stopping.wait(), seconds)
-
-    async def close(self) -> None:
-        """Release the Redis connection if this scheduler made it."""
-        if self._owns_redis:
-            await self.redis.aclose()
-
     async def handle(self, env: Envelope) -> None:
         """Settle one request or event (types the scheduler does not act on are acked)."""
-        handler = self._handlers.get(type(env.payload))
-        if handler is not None:
-            await handler(env)
+        await self.handlers.dispatch(env)
 
     async def tick(self) -> None:
         """Look at the fleet; notice lost and returning nodes; probe every live one."""
@@ -219,10 +202,10 @@ class Scheduler:
         return await self.ctx.timers.fire_due(self.bus, now)
 
     async def _every(self, seconds: float, work: Callable[[], Coroutine[Any, Any, Any]]) -> None:
-        while not self._stopping.is_set():
+        while not self.stopping:
             raise_if_cancelled()  # see NodeAgent._heartbeat
             try:
                 await work()
             except ControlPlaneUnavailable as exc:
                 log.warning("scheduler %s: %s", self.name, exc)
-            await self._pause(seconds)
+            await self.pause(seconds)

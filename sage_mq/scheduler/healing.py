@@ -40,10 +40,8 @@ class Healing:
         self.policy = ctx.scheduler.policy
         self.steady = ctx.steady
 
-    async def on_exited(self, env: Envelope) -> None:
+    async def on_exited(self, ev: EngineExited, env: Envelope) -> None:
         """The process died on its own: restart directly (after backoff)."""
-        ev = env.payload
-        assert isinstance(ev, EngineExited)
         record = await self.ctx.current(ev.engine_id, ev.generation)
         if record is not None and record.state == S.PENDING and record.lost_node == ev.node:
             await self.placing.place_pending(record)  # it died while its node was away: move
@@ -57,10 +55,8 @@ class Healing:
             return
         await self.fail_or_restart(record, reason, ev.last_lines, still_running=False)
 
-    async def on_launch_failed(self, env: Envelope) -> None:
+    async def on_launch_failed(self, ev: EngineLaunchFailed, env: Envelope) -> None:
         """The agent could not spawn it: try again (a port may free up) or give up."""
-        ev = env.payload
-        assert isinstance(ev, EngineLaunchFailed)
         record = await self.ctx.current(ev.engine_id, ev.generation)
         if record is None or record.state not in LIVE:
             return
@@ -85,23 +81,19 @@ class Healing:
                 return
         await self.fail_or_restart(record, reason, (), still_running=False)
 
-    async def on_unhealthy(self, env: Envelope) -> None:
+    async def on_unhealthy(self, ev: EngineUnhealthy, env: Envelope) -> None:
         """The agent gave up waiting for readiness (startup timeout): restart it."""
-        ev = env.payload
-        assert isinstance(ev, EngineUnhealthy)
         record = await self.ctx.current(ev.engine_id, ev.generation)
         if record is None or record.state not in LIVE:
             return
         await self.fail_or_restart(record, ev.reason, (), still_running=True)
 
-    async def on_node_health(self, env: Envelope) -> None:
+    async def on_node_health(self, ev: NodeHealth, env: Envelope) -> None:
         """Probe results of one node: count consecutive failures of RUNNING engines.
 
         A failed probe gets the node probed again at once rather than at the next tick (as
         HAProxy's ``fastinter``): a hang is confirmed in about threshold times the probe timeout.
         """
-        ev = env.payload
-        assert isinstance(ev, NodeHealth)
         now = time.monotonic()
         to_judge = [
             engine_id
@@ -212,12 +204,10 @@ class Healing:
         )
         log.error("%s FAILED: %s", record.engine_id, reason)
 
-    async def on_restart(self, env: Envelope) -> None:
+    async def on_restart(self, req: RestartEngine, env: Envelope) -> None:
         """An operator asked: launch the next generation now, where the engine is (TERM, grace,
         KILL of the running one first, by the agent); a FAILED or STOPPED engine is placed again.
         Either way the attempt counter starts afresh."""
-        req = env.payload
-        assert isinstance(req, RestartEngine)
         record = await self.ctx.store.get_engine(req.engine_id)
         if record is None:
             await self.ctx.reject(env, req.engine_id, f"no engine {req.engine_id!r}")
@@ -252,10 +242,8 @@ class Healing:
         log.info("%s: restart asked for (was %s)", record.engine_id, record.state.value)
         await self.placing.relaunch(restarted)
 
-    async def on_relaunch(self, env: Envelope) -> None:
+    async def on_relaunch(self, req: RelaunchEngine, env: Envelope) -> None:
         """A backoff timer fired: launch again, unless the engine moved on meanwhile."""
-        req = env.payload
-        assert isinstance(req, RelaunchEngine)
         record = await self.ctx.current(req.engine_id, req.generation)
         if record is not None and record.state == S.RESTARTING:
             await self.placing.relaunch(record)

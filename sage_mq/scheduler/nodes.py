@@ -62,10 +62,8 @@ class NodeWatch:
             )
         )
 
-    async def on_evacuate(self, env: Envelope) -> None:
+    async def on_evacuate(self, req: EvacuateNode, env: Envelope) -> None:
         """The grace is over: move every engine of the node, unless it came back meanwhile."""
-        req = env.payload
-        assert isinstance(req, EvacuateNode)
         node = await self.ctx.store.get_node(req.node_id)
         if node is None or node.status != "lost" or await self.ctx.store.is_alive(req.node_id):
             return
@@ -79,12 +77,10 @@ class NodeWatch:
                 continue
             await self.placing.move(record, f"node {req.node_id} lost")
 
-    async def on_joined(self, env: Envelope) -> None:
+    async def on_joined(self, joined: NodeJoined, env: Envelope) -> None:
         """Capacity may have come: place the engines waiting PENDING, but those moved away
         from this very node: its agent reports them if they still run there (and they are
         taken back), or, after ``SETTLE_S``, they are placed too."""
-        joined = env.payload
-        assert isinstance(joined, NodeJoined)
         await self.ctx.fleet.refresh_node(joined.node_id)
         expected = False
         for record in await self._waiting():
@@ -99,10 +95,8 @@ class NodeWatch:
                 SettleNode(node_id=joined.node_id),
             )
 
-    async def on_settle(self, env: Envelope) -> None:
+    async def on_settle(self, req: SettleNode, env: Envelope) -> None:
         """The node has been back ``SETTLE_S``: what it did not report is placed anew."""
-        req = env.payload
-        assert isinstance(req, SettleNode)
         for record in await self._waiting():
             if record.lost_node == req.node_id:
                 await self.placing.place_pending(record)

@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import logging
 
-from sage_mq.engines.backends import default_backend, gpu_memory_utilization
+from sage_mq.engines.backends import gpu_memory_utilization
 from sage_mq.errors import InvalidRequest, PlacementError
 from sage_mq.memory import estimate_memory_gb
 from sage_mq.messages import (
-    AllocateGpus,
     EngineFailed,
     EnginePlaced,
     EngineStopped,
     LaunchEngine,
-    Message,
     StartEngine,
     StopEngine,
     TerminateEngine,
@@ -43,10 +41,8 @@ class Placing:
         self.ctx = ctx
         self.tracking = tracking
 
-    async def on_start(self, env: Envelope) -> None:
+    async def on_start(self, req: StartEngine, env: Envelope) -> None:
         """Place and launch a new engine, or reject the request with a reason."""
-        req = env.payload
-        assert isinstance(req, StartEngine)
         existing = await self.ctx.store.get_engine(req.engine_id)
         if existing is not None and existing.state != S.PENDING:
             if existing.state.terminal:
@@ -62,7 +58,7 @@ class Placing:
             await self.ctx.reject(env, req.engine_id, str(exc))
             return
         # PENDING: recorded by the requester, or a half-done start, resumed
-        record = existing or new_record(req)
+        record = existing or EngineRecord.pending(req.engine_id, req.spec)
         if existing is None:
             await self.ctx.store.put_engine(record)
         await self.start_pending(env, record)
@@ -143,17 +139,7 @@ class Placing:
             gpus=placement.gpus,
             memory_gb=placement.memory_gb_per_gpu,
         )
-        commands: list[Message] = []
-        if placement.gpus:
-            commands.append(
-                AllocateGpus(
-                    engine_id=record.engine_id,
-                    gpus=placement.gpus,
-                    memory_gb=placement.memory_gb_per_gpu,
-                )
-            )
-        commands.append(launch_command(placed))
-        await self.ctx.command(node_id, *commands, events=[announced])
+        await self.ctx.command(node_id, launch_command(placed), events=[announced])
         log.info(
             "placed %s on %s port %d GPUs %s",
             record.engine_id,
@@ -260,10 +246,8 @@ class Placing:
         await self._launch_new(record, placement, port)
         return True
 
-    async def on_stop(self, env: Envelope) -> None:
+    async def on_stop(self, req: StopEngine, env: Envelope) -> None:
         """Terminate an engine (or end an unplaced one at once)."""
-        req = env.payload
-        assert isinstance(req, StopEngine)
         record = await self.ctx.store.get_engine(req.engine_id)
         if record is None:
             await self.ctx.reject(env, req.engine_id, f"no engine {req.engine_id!r}")
@@ -279,23 +263,16 @@ class Placing:
 def launch_command(record: EngineRecord) -> LaunchEngine:
     """The launch command for the record's current generation, where it was placed."""
     assert record.host is not None and record.port is not None
+    spec = record.spec.model_dump(exclude={"port", "node", "use_gpu"})
     return LaunchEngine(
+        **spec,
         engine_id=record.engine_id,
         generation=record.generation,
-        model=record.model,
-        kind=record.kind,
-        backend=record.backend,
         host=record.host,
         port=record.port,
         gpus=tuple(record.gpus),
         use_gpu=bool(record.gpus),
-        tensor_parallel_size=record.tensor_parallel_size,
-        pipeline_parallel_size=record.pipeline_parallel_size,
-        extra_args=tuple(record.extra_args),
         gpu_memory_utilization=record.gpu_memory_utilization,
-        startup_timeout_s=record.startup_timeout_s,
-        served_model_name=record.served_model_name,
-        env=record.env,
         record=record.model_dump(mode="json"),  # whole: an agent's report may rebuild it
     )
 
@@ -303,27 +280,3 @@ def launch_command(record: EngineRecord) -> LaunchEngine:
 def next_generation(record: EngineRecord) -> int:
     """The generation a new launch of the engine gets: never one launched before."""
     return max(record.generation, record.spent_generation) + 1
-
-
-def new_record(req: StartEngine) -> EngineRecord:
-    """A PENDING record for a start request."""
-    return EngineRecord(
-        engine_id=req.engine_id,
-        model=req.model,
-        kind=req.kind,
-        backend=req.backend or default_backend(req.kind),
-        state=S.PENDING,
-        use_gpu=req.use_gpu,
-        tensor_parallel_size=req.tensor_parallel_size,
-        pipeline_parallel_size=req.pipeline_parallel_size,
-        extra_args=list(req.extra_args),
-        required_memory_gb=req.required_memory_gb,
-        engine_label=req.engine_label,
-        max_concurrent_requests=req.max_concurrent_requests,
-        metadata=req.metadata,
-        requested_port=req.port,
-        requested_node=req.node,
-        startup_timeout_s=req.startup_timeout_s,
-        served_model_name=req.served_model_name,
-        env=req.env,
-    )

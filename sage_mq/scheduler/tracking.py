@@ -15,7 +15,6 @@ from sage_mq.messages import (
     EngineStarting,
     EngineStopped,
     Message,
-    ReleaseGpus,
     TerminateEngine,
 )
 from sage_mq.scheduler.context import Context
@@ -33,21 +32,17 @@ class Tracking:
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
 
-    async def on_starting(self, env: Envelope) -> None:
+    async def on_starting(self, ev: EngineStarting, env: Envelope) -> None:
         """The process exists: record its pid and argv."""
-        ev = env.payload
-        assert isinstance(ev, EngineStarting)
         record = await self.ctx.current(ev.engine_id, ev.generation)
         if record is not None and record.state == S.STARTING:
             await self.ctx.store.update_engine(
                 ev.engine_id, current=record, pid=ev.pid, argv=list(ev.argv)
             )
 
-    async def on_adopted(self, env: Envelope) -> None:
+    async def on_adopted(self, ev: EngineAdopted, env: Envelope) -> None:
         """An agent runs the process (it restarted, or reached Redis again): keep it, rebuild
         its record if Redis lost it, or stop it if it is a stale copy."""
-        ev = env.payload
-        assert isinstance(ev, EngineAdopted)
         record = await self.ctx.store.get_engine(ev.engine_id)
         if record is None or ev.generation > record.generation:
             # No record, or one older than what runs: Redis lost it (it came back empty) and
@@ -154,10 +149,8 @@ class Tracking:
             rebuilt.pid,
         )
 
-    async def on_ready(self, env: Envelope) -> None:
+    async def on_ready(self, ev: EngineReady, env: Envelope) -> None:
         """Healthy: RUNNING, and the stability window starts."""
-        ev = env.payload
-        assert isinstance(ev, EngineReady)
         record = await self.ctx.current(ev.engine_id, ev.generation)
         if record is None or record.state not in LIVE:
             return
@@ -170,10 +163,8 @@ class Tracking:
         self.ctx.steady.remember(ev.node, ev.engine_id, time.monotonic())
         log.info("%s RUNNING at %s (generation %d)", ev.engine_id, ev.url, ev.generation)
 
-    async def on_stopped(self, env: Envelope) -> None:
+    async def on_stopped(self, ev: EngineStopped, env: Envelope) -> None:
         """A requested stop is done."""
-        ev = env.payload
-        assert isinstance(ev, EngineStopped)
         record = await self.ctx.store.get_engine(ev.engine_id)
         if record is not None and record.state == S.STOPPING:
             await self.finish(record, S.STOPPED, None)
@@ -200,9 +191,8 @@ class Tracking:
         if record.node is None:
             return
         await self.ctx.fleet.release(record.node, record.engine_id, record.port)
-        commands = [ReleaseGpus(engine_id=record.engine_id)] if record.gpus else []
-        if commands or then:
-            await self.ctx.command(record.node, *commands, *then)
+        if then:
+            await self.ctx.command(record.node, *then)
 
 
 def _moved_and_not_yet_served(record: EngineRecord, ev: EngineAdopted) -> bool:

@@ -15,7 +15,7 @@ CONTRACT_FIELDS = frozenset(
     ("engine_id", "model", "kind", "backend", "state", "node", "host", "port", "url", "gpus",
      "use_gpu", "argv", "pid", "restarts", "last_error", "created_at", "updated_at")
 )  # fmt: skip
-"""Engine record fields of DESIGN.md §2 (the contract), spelled once for the tests."""
+"""Engine record fields of docs/contract.md §2 (the contract), spelled once for the tests."""
 
 
 def fake_launch(engine_id: str = "e1", *, generation: int = 1, **overrides: Any) -> LaunchEngine:

@@ -1,26 +1,17 @@
-"""The one module that speaks Redis streams: publishing, consumer groups, retry, dead letters.
+"""The streams of one namespace: publishing, reading, tailing, and consumers of their groups.
 
-Delivery is at-least-once. A handler that returns has its entry acked, and its message id marked
-done (so a re-sent id is carried out at most once; periodic messages such as health reports get
-no marker). Entries settle together at the end of their batch, in one round trip; a handler that
-returned messages to publish has its entry settled at once, in one transaction with them: those
-are never lost nor doubled around a crash. A handler that raises leaves the entry pending, to be
-re-claimed after ``claim_min_idle_ms`` by this or another consumer. Entries that cannot be
-decoded, or were delivered ``max_deliveries`` times, go to the dead-letter stream.
+See :mod:`sage_mq.bus` for the delivery guarantees.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
-from redis.exceptions import ResponseError
-
+from sage_mq.bus.consumer import Consumer, Handler
+from sage_mq.bus.group import Group
 from sage_mq.connection import Redis, redis_errors
-from sage_mq.consumer import Consumer, Delivery, Handler
 from sage_mq.errors import ConfigError
 from sage_mq.keys import Keys
 from sage_mq.messages import Message
@@ -37,11 +28,6 @@ for _, stream in ipairs(KEYS) do
 end
 """
 """One entry appended to every stream in KEYS: a broadcast costs one command, not one each."""
-
-
-DEAD_EXCERPT_CHARS = 8192
-"""How much of a dead entry (and of its reason) the dead-letter stream keeps: enough to see
-what it was, never a copy of whatever size someone wrote to a stream."""
 
 
 class Bus:
@@ -65,7 +51,7 @@ class Bus:
         env = message if isinstance(message, Envelope) else envelope(message)
         with redis_errors(f"publishing {env.type} to {stream}"):
             entry_id: str = await self.redis.xadd(
-                stream, encode(env), maxlen=self._maxlen(stream), approximate=True
+                stream, encode(env), maxlen=self.maxlen(stream), approximate=True
             )
         return entry_id
 
@@ -78,7 +64,7 @@ class Bus:
         async with self.redis.pipeline(transaction=False) as pipe:
             for stream, message in items:
                 env = message if isinstance(message, Envelope) else envelope(message)
-                pipe.xadd(stream, encode(env), maxlen=self._maxlen(stream), approximate=True)
+                pipe.xadd(stream, encode(env), maxlen=self.maxlen(stream), approximate=True)
             with redis_errors(f"publishing {len(items)} messages"):
                 ids: list[str] = await pipe.execute()
         return ids
@@ -94,19 +80,36 @@ class Bus:
                     _BROADCAST, len(keys), *keys, self.settings.stream_maxlen, *fields
                 )
 
-    def _maxlen(self, stream: str) -> int:
+    def maxlen(self, stream: str) -> int:
+        """How many entries ``stream`` keeps (``MAXLEN ~``): the dead letters their own."""
         if stream == self.keys.dead:
             return self.settings.dead_maxlen
         return self.settings.stream_maxlen
 
-    async def ensure_group(self, stream: str, group: str, start_id: str = "0") -> None:
-        """Create a consumer group (and its stream) if missing; an existing group is success."""
-        try:
-            with redis_errors(f"creating group {group} on {stream}"):
-                await self.redis.xgroup_create(stream, group, id=start_id, mkstream=True)
-        except ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
+    async def append(self, stream: str, entries: Sequence[dict[str, str]], maxlen: int) -> None:
+        """Append plain entries (not messages: an engine's log lines) in one round trip,
+        keeping about ``maxlen``."""
+        if not entries:
+            return
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for fields in entries:
+                pipe.xadd(stream, fields, maxlen=maxlen, approximate=True)
+            with redis_errors(f"appending to {stream}"):
+                await pipe.execute()
+
+    async def lengths(self, streams: Sequence[str]) -> list[int]:
+        """How many entries each stream holds, in one round trip."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for stream in streams:
+                pipe.xlen(stream)
+            with redis_errors("reading stream lengths"):
+                return [int(n) for n in await pipe.execute()]
+
+    async def newest(self, stream: str) -> Entry | None:
+        """The newest entry of a stream, or None when it is empty."""
+        with redis_errors(f"reading {stream}"):
+            rows = await self.redis.xrevrange(stream, count=1)
+        return (str(rows[0][0]), dict(rows[0][1])) if rows else None
 
     async def last_id(self, stream: str) -> str:
         """The newest entry id of a stream (``0-0`` when empty): a cursor for :meth:`tail`."""
@@ -138,31 +141,6 @@ class Bus:
             if not reply:
                 yield "", {}  # a heartbeat, so callers can check deadlines
 
-    async def dead_letter(self, delivery: Delivery, group: str, reason: str) -> None:
-        """Move an entry to the dead-letter stream with its reason, and ack the original."""
-        fields = json.dumps(delivery.fields)
-        record = {
-            "reason": reason[:DEAD_EXCERPT_CHARS],
-            "stream": delivery.stream,
-            "entry_id": delivery.entry_id,
-            "group": group,
-            "deliveries": str(delivery.deliveries),
-            "fields": fields[:DEAD_EXCERPT_CHARS],
-            "fields_chars": str(len(fields)),
-            "ts": f"{time.time():.6f}",
-        }
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.xadd(self.keys.dead, record, maxlen=self.settings.dead_maxlen, approximate=True)
-            pipe.xack(delivery.stream, group, delivery.entry_id)
-            await pipe.execute()
-        log.warning(
-            "dead-lettered %s %s (group %s): %s",
-            delivery.stream,
-            delivery.entry_id,
-            group,
-            record["reason"],
-        )
-
     def consumer(
         self,
         streams: Sequence[str],
@@ -180,4 +158,4 @@ class Bus:
         ``trim`` it deletes what it has settled, for a stream it alone reads (a node's
         commands): the stream then holds exactly what is still to be carried out.
         """
-        return Consumer(self, list(streams), group, name, handler, takeover=takeover, trim=trim)
+        return Consumer(Group(self, streams, group, name), handler, takeover=takeover, trim=trim)

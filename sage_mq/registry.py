@@ -9,16 +9,16 @@ other events about an engine make the gateway read its record again.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import json
 import logging
 import time
 
 from sage_mq.bus import Bus
 from sage_mq.connection import raise_if_cancelled
-from sage_mq.errors import ControlPlaneUnavailable
+from sage_mq.errors import ControlPlaneUnavailable, DecodeError
+from sage_mq.messages import MESSAGE_TYPES, EngineReady
 from sage_mq.routing import Replica, running_replica
 from sage_mq.store import EngineRecord, Store
+from sage_mq.wire import decode
 
 log = logging.getLogger(__name__)
 RELOAD_S = 30.0
@@ -126,13 +126,17 @@ class Registry:
         self._publish()
 
     async def _take(self, fields: dict[str, str]) -> None:
-        data: object = None
-        with contextlib.suppress(ValueError):
-            data = json.loads(fields.get("data") or "null")
-        engine_id = data.get("engine_id") if isinstance(data, dict) else None
-        if not isinstance(engine_id, str):
-            return  # not about an engine (node events, ticks) or not ours to read
         kind = fields.get("type", "")
+        known = MESSAGE_TYPES.get(kind)
+        if known is None or known.PERIODIC:
+            return  # health reports, or a newer version's events: none changes a record
+        try:
+            event = decode(fields).payload
+        except DecodeError:
+            return  # the scheduler dead-letters it; nothing here to act on
+        engine_id = getattr(event, "engine_id", None)
+        if not isinstance(engine_id, str):
+            return  # not about an engine (node events)
         if kind in _LEAVING:  # out of rotation at once, whatever the record says yet
             self._replicas.pop(engine_id, None)
             if kind in ("engine.stopped", "engine.failed"):
@@ -145,12 +149,12 @@ class Registry:
             self._replicas.pop(engine_id, None)
             self._models.pop(engine_id, None)
             self._ended.discard(engine_id)
-        elif kind == "engine.ready" and isinstance(data, dict) and data.get("url"):
+        elif isinstance(event, EngineReady):
             # The agent saw it healthy; the scheduler's record may not say RUNNING yet.
             self._models[engine_id] = record.served_name
             self._ended.discard(engine_id)
             self._replicas[engine_id] = Replica(
-                engine_id, record.served_name, str(data["url"]), record.kind
+                engine_id, record.served_name, event.url, record.kind
             )
         else:
             self._apply(record)
