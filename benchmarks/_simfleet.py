@@ -11,10 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sys
 import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
+
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from sage_mq.bus import Bus
 from sage_mq.gpu import FakeGpus
@@ -51,12 +55,22 @@ class SimulatedNode:
 
 
 class SimulatedFleet:
-    """``nodes`` simulated agents with ``gpus`` fake GPUs each, on one Redis connection."""
+    """``nodes`` simulated agents with ``gpus`` fake GPUs each: their commands on one Redis
+    client, their heartbeats on another (``beat_redis``; as a real agent's beat never waits
+    behind its commands)."""
 
     def __init__(
-        self, redis: Any, namespace: str, nodes: int, gpus: str, *, liveness_ttl_s: float = 5.0
+        self,
+        redis: Any,
+        namespace: str,
+        nodes: int,
+        gpus: str,
+        *,
+        liveness_ttl_s: float = 5.0,
+        beat_redis: Any = None,
     ) -> None:
         self.redis = redis
+        self.beat_redis = beat_redis or redis
         self.keys = Keys(namespace)
         self.bus = Bus(redis, self.keys)
         self.store = Store(redis, self.keys)
@@ -106,12 +120,15 @@ class SimulatedFleet:
         while True:
             for part in range(slices):
                 started = time.monotonic()
-                async with self.redis.pipeline(transaction=False) as pipe:
-                    now = str(time.time())
-                    for node_id in ids[part::slices]:
-                        pipe.set(self.keys.node_alive(node_id), "1", px=int(self.ttl_s * 1000))
-                        pipe.hset(self.keys.node(node_id), "last_seen", now)
-                    await pipe.execute()
+                try:
+                    async with self.beat_redis.pipeline(transaction=False) as pipe:
+                        now = str(time.time())
+                        for node_id in ids[part::slices]:
+                            pipe.set(self.keys.node_alive(node_id), "1", px=int(self.ttl_s * 1000))
+                            pipe.hset(self.keys.node(node_id), "last_seen", now)
+                        await pipe.execute()
+                except (RedisTimeoutError, RedisConnectionError) as exc:  # beat on, as agents do
+                    print(f"simulated heartbeats: {exc!r}; beating on", file=sys.stderr)
                 await asyncio.sleep(max(0.0, interval_s / slices - (time.monotonic() - started)))
 
     async def answer_commands(self) -> None:

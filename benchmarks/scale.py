@@ -154,11 +154,14 @@ async def memory_breakdown(redis: Any) -> dict[str, int]:
 
 
 async def measure(url: str, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
-    redis = aioredis.Redis.from_url(url, decode_responses=True)
+    # A read that hangs (a reply lost) must raise, not stall the run: 10 s is far above any
+    # reply here. The heartbeats get a client of their own.
+    redis = aioredis.Redis.from_url(url, decode_responses=True, socket_timeout=10)
+    beats = aioredis.Redis.from_url(url, decode_responses=True, socket_timeout=10)
     keys = Keys(NAMESPACE)
     bus = Bus(redis, keys)
     base_memory = (await redis.info("memory"))["used_memory"]
-    fleet = SimulatedFleet(redis, NAMESPACE, args.nodes, f"{args.gpus}x80GiB")
+    fleet = SimulatedFleet(redis, NAMESPACE, args.nodes, f"{args.gpus}x80GiB", beat_redis=beats)
     await fleet.register()
     nodes_memory = (await redis.info("memory"))["used_memory"] - base_memory
     tasks = [
@@ -210,6 +213,7 @@ async def measure(url: str, args: argparse.Namespace, workdir: Path) -> dict[str
             scheduler.wait(10)
         scheduler.kill()
         await redis.aclose()
+        await beats.aclose()
     return {
         "benchmark": "scale",
         "machine": f"{platform.node()} ({os.cpu_count()} cores)",

@@ -26,6 +26,7 @@ from typing import Any
 import uvicorn
 
 from sage_mq.agent.node import NodeAgent
+from sage_mq.broker import Broker
 from sage_mq.control import ControlPlaneManager
 from sage_mq.errors import ConfigError, SageMQError
 from sage_mq.gateway import create_app
@@ -152,6 +153,9 @@ class EmbeddedControlPlane:
         """How many engines :meth:`stop` stopped on this host."""
         self._tasks: list[asyncio.Task[None]] = []
         self._parts: tuple[Scheduler, NodeAgent, GatewayThread, ControlPlaneManager] | None = None
+        self._broker: Broker | None = None
+        """This process's one way to Redis, shared by the scheduler, the agent and the manager
+        (the gateway runs on a loop of its own, with its own)."""
         self._worker: subprocess.Popen[bytes] | None = None
 
     @property
@@ -189,7 +193,8 @@ class EmbeddedControlPlane:
 
     async def _start_actors(self, settings: Settings, ready_timeout_s: float) -> None:
         secrets = [*url_secrets(settings.redis_url), self.options.api_key, self.options.admin_key]
-        scheduler = Scheduler(settings, name=f"{self.node_id}-embedded")
+        broker = self._broker = Broker(settings)
+        scheduler = Scheduler(settings, redis=broker.redis, name=f"{self.node_id}-embedded")
         agent = NodeAgent(
             settings,
             AgentSettings(
@@ -200,11 +205,12 @@ class EmbeddedControlPlane:
                 runtimes=self.node.runtimes,
             ),
             gpus=GPUResourceManager.detect(self.fake_gpus or fake_gpus_from_env()),
+            redis=broker.redis,
             base_env=engine_base_env(secrets=secrets),
         )
         app = create_app(settings, api_key=self.options.api_key, admin_key=self.options.admin_key)
         gateway = GatewayThread(app, self.host, self.port)
-        self._parts = (scheduler, agent, gateway, ControlPlaneManager(settings))
+        self._parts = (scheduler, agent, gateway, ControlPlaneManager(broker=broker))
         loop = asyncio.get_running_loop()
         self._tasks = [
             loop.create_task(scheduler.run(), name="scheduler"),
@@ -254,6 +260,9 @@ class EmbeddedControlPlane:
             await scheduler.close()
             await control.close()
             self._parts, self._tasks = None, []
+        if self._broker is not None:
+            await self._broker.aclose()
+            self._broker = None
         if self.local is not None:
             await asyncio.to_thread(self.local.stop)
             self.local = None

@@ -1,6 +1,6 @@
-"""The benchmark chain works: every benchmark runs (small loads) and BENCHMARKS.md gets each
-one's headline figures. The figures of a quick run are not checked: speed is measured in
-benchmarks, not in tests."""
+"""The benchmark chain works: every benchmark runs (small loads) and the report (what
+docs/results.md is made from) gets each one's headline figures. The figures of a quick run are
+not checked: speed is measured in benchmarks, not in tests."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ pytestmark = pytest.mark.fleet
 
 @pytest.mark.timeout(900)
 def test_run_all_runs_every_benchmark_and_writes_the_report(tmp_path: Path) -> None:
-    report = tmp_path / "BENCHMARKS.md"
+    report = tmp_path / "results.md"
     expected = set(HEADLINES)
     skip = []
     if not manifest_path().is_file():  # scripts/prepare_engines.py not run: said, not hidden

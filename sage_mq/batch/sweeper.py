@@ -6,6 +6,15 @@ of an active batch needs another run when nothing is doing it: no lease (the wor
 keeps one alive) and its rq job is not waiting in the queue: the job started long enough ago
 and its worker is gone (killed), it failed, or it is missing. A chunk that needed this
 :data:`MAX_RUNS` times ends: its requests without an outcome are failed with the reason.
+
+What rq does is left to rq: the queue, the jobs and their registries, the workers' registration
+and heartbeats, failed-job records (read here through rq's ``Job`` API). What stays ours, and
+why: rq notices a job whose worker was killed only when the job's started-registry entry
+expires (its timeout or the worker's heartbeat TTL: minutes), and then retries it only if it was
+enqueued with a ``Retry``; a chunk's lease (:data:`~sage_mq.batch.runner.LEASE_TTL_S`, seconds)
+notices at once, and a chunk rerun counts against :data:`MAX_RUNS` whatever ended the run
+before it (a kill, a raise, a Redis that came back empty), which one count of rq's cannot say.
+A rerun is safe because a chunk sends only what has no outcome yet.
 """
 
 from __future__ import annotations

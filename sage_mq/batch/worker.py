@@ -96,20 +96,20 @@ def take_name_of_dead_worker(worker: SimpleWorker) -> None:
     registration of this host whose process is gone is marked dead (the sweeper runs its chunk
     again); one of a live process, or of another host, is refused, saying so. A registration
     with no host (Redis came back empty, and rq's heartbeats wrote only ``last_heartbeat``)
-    names no process to ask: it is taken."""
-    found = worker.connection.hmget(worker.key, ["hostname", "pid", "death", "last_heartbeat"])
-    hostname, pid, death, beat = (v.decode() if isinstance(v, bytes) else v for v in found)
-    if death is not None or (hostname is None and beat is None):
+    names no process to ask: it is taken. All of it read through rq's own worker API."""
+    stale = SimpleWorker.find_by_key(worker.key, connection=worker.connection)
+    if stale is None or stale.death_date is not None:
         return  # none, or dead already
+    hostname, pid = stale.hostname, stale.pid
+    if hostname is None and stale.last_heartbeat is None:
+        return  # a registration that says nothing: as good as none
     if hostname is not None and (
-        hostname != socket.gethostname() or (pid and psutil.pid_exists(int(pid)))
+        hostname != socket.gethostname() or (pid and psutil.pid_exists(pid))
     ):
         raise ConfigError(
             f"a live worker named {worker.name!r} is registered (host {hostname}, pid {pid}); "
             "give this one another --name"
         )
-    stale = SimpleWorker.find_by_key(worker.key, connection=worker.connection)
-    if stale is not None:
-        stale.register_death()  # type: ignore[no-untyped-call]
+    stale.register_death()  # type: ignore[no-untyped-call]
     was = f"pid {pid}" if pid else "its pid lost with Redis' data"
     log.warning("worker %s: its previous run (%s) is gone; taking its name", worker.name, was)
