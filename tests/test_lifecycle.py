@@ -224,3 +224,22 @@ async def test_a_reused_pid_is_never_mistaken_for_an_engine(tmp_path: Path) -> N
     assert adopted == [] and [e.engine_id for e in gone] == ["e1"]
     assert (mgr.state_dir / "junk.bad").exists()
     await mgr.close()
+
+
+def test_a_process_that_fails_the_environ_read_is_passed_over(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    class Exiting:  # a process leaving as its environ is read (EBADF, seen in CI)
+        def environ(self) -> dict[str, str]:
+            raise OSError(9, "Bad file descriptor")
+
+    class Ours:
+        def environ(self) -> dict[str, str]:
+            return {processes.ENGINE_MARK: "n1/e1/1"}
+
+        def status(self) -> str:
+            return psutil.STATUS_RUNNING
+
+    ours = Ours()
+    monkeypatch.setattr(processes.psutil, "process_iter", lambda: iter([Exiting(), ours]))
+    assert processes.marked("n1/e1/1") == [ours]

@@ -101,7 +101,9 @@ def marked(mark: str) -> list[psutil.Process]:
     """The living processes whose environment carries ``mark``."""
     found = []
     for proc in psutil.process_iter():
-        with contextlib.suppress(psutil.Error):
+        # psutil.Error: gone, or not ours to read. OSError: a process exiting as its environ is
+        # read can fail the read itself (EBADF, seen in CI), which psutil passes on as it is.
+        with contextlib.suppress(psutil.Error, OSError):
             if proc.environ().get(ENGINE_MARK) == mark and proc.status() != psutil.STATUS_ZOMBIE:
                 found.append(proc)
     return found
