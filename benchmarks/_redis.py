@@ -13,15 +13,20 @@ from collections.abc import Iterator
 import redis
 
 
+def free_port() -> int:
+    """A TCP port free on loopback now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 @contextlib.contextmanager
 def redis_server() -> Iterator[str]:
     """Start redis-server on a free loopback port; yields its URL."""
     exe = shutil.which("redis-server")
     if exe is None:
         raise SystemExit("redis-server is not on PATH")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     with tempfile.TemporaryDirectory() as workdir:
         proc = subprocess.Popen(
             [

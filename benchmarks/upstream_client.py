@@ -24,7 +24,6 @@ import gc
 import json
 import os
 import platform
-import socket
 import subprocess
 import sys
 import tempfile
@@ -38,6 +37,7 @@ import httpx
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks._fleet import BENCH_MARK
+from benchmarks._redis import free_port
 from sage_mq.upstream import Upstream
 
 BODY = json.dumps({"model": "demo", "messages": [{"role": "user", "content": "hi"}]}).encode()
@@ -47,7 +47,7 @@ Post = Callable[[str], Awaitable[int]]
 @contextlib.contextmanager
 def fake_engine(workdir: Path) -> Iterator[str]:
     """One fake engine process on a free loopback port; its base URL."""
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, BENCH_MARK: str(workdir)}
     proc = subprocess.Popen(
         [sys.executable, "-m", "sage_mq.engines.fake_server", "--model", "demo",
@@ -68,12 +68,6 @@ def fake_engine(workdir: Path) -> Iterator[str]:
     finally:
         proc.terminate()
         proc.wait(10)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def _ours() -> tuple[Post, Callable[[], Awaitable[None]]]:

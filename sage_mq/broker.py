@@ -25,12 +25,6 @@ class Broker:
         self.bus = Bus(self.redis, self.keys, settings.bus)
         self.store = Store(self.redis, self.keys)
 
-    async def __aenter__(self) -> Broker:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.aclose()
-
     async def aclose(self) -> None:
         """Close the connection if this broker made it."""
         if self._owns_redis:

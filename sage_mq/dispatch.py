@@ -30,10 +30,6 @@ class Handlers:
         self._by_type[kind] = handler
         return self
 
-    def handles(self, kind: type[Message]) -> bool:
-        """Whether messages of ``kind`` have a handler."""
-        return kind in self._by_type
-
     async def dispatch(self, env: Envelope) -> bool:
         """Hand the envelope's payload to its handler; False if its type has none."""
         handler = self._by_type.get(type(env.payload))

@@ -167,6 +167,32 @@ class _Connection(asyncio.Protocol):
         exchange.chunks.put_nowait(None)
 
 
+class _Slots:
+    """Requests in flight to one replica: at most ``limit``; one more waits for a free slot."""
+
+    def __init__(self, limit: int) -> None:
+        self.busy = 0
+        self._free = asyncio.Semaphore(limit)
+
+    async def take(self, timeout_s: float) -> bool:
+        """A slot, waiting up to ``timeout_s`` only when none is free (the common case costs
+        no timer); False if none came."""
+        if self._free.locked():
+            try:
+                async with asyncio.timeout(timeout_s):
+                    await self._free.acquire()
+            except TimeoutError:
+                return False
+        else:
+            await self._free.acquire()  # returns at once: a slot is free
+        self.busy += 1
+        return True
+
+    def give(self) -> None:
+        self.busy -= 1
+        self._free.release()
+
+
 class UpstreamResponse:
     """An engine's answer: status and headers now, the body as it comes."""
 
@@ -235,7 +261,7 @@ class Upstream:
 
     def __init__(self, max_connections_per_replica: int = MAX_CONNECTIONS_PER_REPLICA) -> None:
         self._pools: dict[_Origin, list[_Connection]] = {}
-        self._slots: dict[_Origin, asyncio.Semaphore] = {}
+        self._slots: dict[_Origin, _Slots] = {}
         self._max = max_connections_per_replica
         self._tls = ssl.create_default_context()
         self._swept = time.monotonic()
@@ -243,7 +269,7 @@ class Upstream:
     def in_flight(self, url: str) -> int:
         """Requests to ``url``'s replica whose answers are not closed yet."""
         slots = self._slots.get(_Origin.parse(url))
-        return 0 if slots is None else self._max - slots._value
+        return 0 if slots is None else slots.busy
 
     def idle(self, url: str) -> int:
         """Connections to ``url``'s replica kept open for the next request."""
@@ -259,15 +285,12 @@ class Upstream:
             f"content-type: application/json\r\ncontent-length: {len(body)}\r\n\r\n"
         ).encode("latin-1") + body
         self._sweep()
-        slots = self._slots.setdefault(origin, asyncio.Semaphore(self._max))
-        try:
-            async with asyncio.timeout(CONNECT_TIMEOUT_S):
-                await slots.acquire()
-        except TimeoutError:
+        slots = self._slots.get(origin) or self._slots.setdefault(origin, _Slots(self._max))
+        if not await slots.take(CONNECT_TIMEOUT_S):
             raise UpstreamError(
                 f"all {self._max} connections to {origin.authority} stayed busy for "
                 f"{CONNECT_TIMEOUT_S:.0f} s"
-            ) from None
+            )
         try:
             conn, reused = await self._connection(origin)
             try:
@@ -279,7 +302,7 @@ class Upstream:
                 conn, _ = await self._connection(origin, fresh=True)
                 exchange = await self._exchange(conn, request)
         except BaseException:
-            slots.release()
+            slots.give()
             raise
         return UpstreamResponse(self, origin, conn, exchange)
 
@@ -343,7 +366,7 @@ class Upstream:
     def _release(self, origin: _Origin) -> None:
         slots = self._slots.get(origin)
         if slots is not None:
-            slots.release()
+            slots.give()
 
     def _sweep(self) -> None:
         """Now and then: close connections idle too long, or closed by their engine, and
@@ -361,6 +384,6 @@ class Upstream:
                     kept.append(conn)
             pool[:] = kept
             slots = self._slots.get(origin)
-            if not kept and (slots is None or slots._value == self._max):
+            if not kept and (slots is None or slots.busy == 0):
                 del self._pools[origin]
                 self._slots.pop(origin, None)

@@ -113,9 +113,8 @@ class Bus:
 
     async def last_id(self, stream: str) -> str:
         """The newest entry id of a stream (``0-0`` when empty): a cursor for :meth:`tail`."""
-        with redis_errors(f"reading {stream}"):
-            newest = await self.redis.xrevrange(stream, count=1)
-        return str(newest[0][0]) if newest else "0-0"
+        newest = await self.newest(stream)
+        return newest[0] if newest else "0-0"
 
     async def history(self, stream: str, count: int = 100) -> list[Entry]:
         """The newest ``count`` entries, oldest first (none for a count of 0)."""
