@@ -1,9 +1,10 @@
-"""The shell every long-running actor shares: built on a broker, run until stopped, then closed.
+"""The shell every long-running actor shares: started, run until stopped, then closed.
 
-``async with actor: await actor.run()`` is the whole life of one: :meth:`Actor.stop` (from a
-signal handler, another task, or the way out of the ``with``) asks :meth:`Actor.run` to return,
-and :meth:`Actor.close` releases what it holds, the broker's connection last. The node agent
-and the scheduler are actors; what each does while it runs is its own.
+``async with actor: await actor.run()`` is the whole life of one: entering calls
+:meth:`Actor.start`, :meth:`Actor.stop` (from a signal handler, another task, or the way out of
+the ``with``) asks :meth:`Actor.run` to return, and :meth:`Actor.close` releases what it holds.
+The node agent, the scheduler and the embedded control plane are actors; what each does while
+it runs is its own. Each builds its broker and closes it: whoever made a connection closes it.
 """
 
 from __future__ import annotations
@@ -12,17 +13,15 @@ import asyncio
 import contextlib
 from typing import Self
 
-from sage_mq.broker import Broker
-
 
 class Actor:
     """Start (``async with``), run until stopped, stop, close."""
 
-    def __init__(self, broker: Broker) -> None:
-        self.broker = broker
+    def __init__(self) -> None:
         self._stopping = asyncio.Event()
 
     async def __aenter__(self) -> Self:
+        await self.start()
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -34,18 +33,19 @@ class Actor:
         """Whether :meth:`stop` was called."""
         return self._stopping.is_set()
 
+    async def start(self) -> None:
+        """Get ready to run (nothing, unless the actor says otherwise)."""
+
     def stop(self) -> None:
         """Ask :meth:`run` to return; safe to call twice, and before :meth:`run`."""
         self._stopping.set()
 
-    async def run(self, *, until_idle: bool = False) -> None:
-        """Do the actor's work until :meth:`stop` (with ``until_idle``, until none is left)."""
+    async def run(self) -> None:
+        """Do the actor's work until :meth:`stop`."""
         raise NotImplementedError
 
     async def close(self) -> None:
-        """Release what the actor holds, after :meth:`run` returned: the broker, if it made
-        the connection."""
-        await self.broker.aclose()
+        """Release what the actor holds, after :meth:`run` returned; safe to call twice."""
 
     async def pause(self, seconds: float) -> None:
         """Sleep ``seconds``, or less if :meth:`stop` comes first."""

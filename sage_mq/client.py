@@ -114,7 +114,7 @@ class UnifiedInferenceClient:
                 join = control_plane_url if url.startswith(("redis://", "rediss://")) else None
                 plane = EmbeddedControlPlane(redis_url=join, port=_free_port(), fake_gpus=fake_gpus)
                 self._loop.run(plane.start())
-                self._closers.append(plane.stop)
+                self._closers.append(plane.close)
                 self._loop.run(plane.apply(embedded_preset))
                 self._transport = GatewayTransport(plane.gateway_url, timeout)
             elif url.startswith(("http://", "https://")):

@@ -25,6 +25,7 @@ from typing import Any
 
 import uvicorn
 
+from sage_mq.actor import Actor
 from sage_mq.agent.node import NodeAgent
 from sage_mq.broker import Broker
 from sage_mq.control import ControlPlaneManager
@@ -88,11 +89,11 @@ class GatewayThread:
         self._thread.start()
 
     def check(self) -> None:
-        """Raise if the gateway ended while starting."""
-        if not self._thread.is_alive() and not self.server.started:
-            raise ConfigError(
-                f"the gateway on {self.where} stopped while starting: {self._failure}"
-            )
+        """Raise if the gateway's thread ended (after :meth:`start`, before :meth:`stop`)."""
+        if not self._thread.is_alive():
+            when = "while starting" if not self.server.started else "unasked"
+            why = f": {self._failure}" if self._failure is not None else ""
+            raise ConfigError(f"the gateway on {self.where} stopped {when}{why}")
 
     def _serve(self) -> None:
         try:
@@ -121,8 +122,13 @@ class NodeOptions:
     runtimes: Mapping[str, str] = field(default_factory=dict)
 
 
-class EmbeddedControlPlane:
-    """Every actor of a one-machine fleet, started and stopped together."""
+class EmbeddedControlPlane(Actor):
+    """Every actor of a one-machine fleet, started, watched and stopped together.
+
+    ``async with plane: await plane.run()``: entering starts Redis and the actors, :meth:`run`
+    returns at :meth:`stop` (and raises, naming it, if one of them ends unasked), leaving stops
+    the engines, the actors and Redis.
+    """
 
     def __init__(
         self,
@@ -147,10 +153,11 @@ class EmbeddedControlPlane:
         self.options = gateway or GatewayOptions()
         self.insecure = insecure
         self.node = node or NodeOptions()
+        super().__init__()
         self.local: LocalRedis | None = None
         self.started: list[str] = []
-        self.stopped = 0
-        """How many engines :meth:`stop` stopped on this host."""
+        self.engines_stopped = 0
+        """How many engines :meth:`close` stopped on this host."""
         self._tasks: list[asyncio.Task[None]] = []
         self._parts: tuple[Scheduler, NodeAgent, GatewayThread, ControlPlaneManager] | None = None
         self._broker: Broker | None = None
@@ -168,13 +175,6 @@ class EmbeddedControlPlane:
         assert self._parts is not None, "start() first"
         return self._parts[3]
 
-    async def __aenter__(self) -> EmbeddedControlPlane:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.stop()
-
     async def start(self, ready_timeout_s: float = 30.0) -> None:
         """Start Redis (unless given), the scheduler, the agent and the gateway; wait for them."""
         check_exposure(self.host, self.options.admin_key, insecure=self.insecure)
@@ -188,7 +188,7 @@ class EmbeddedControlPlane:
         try:
             await self._start_actors(settings, ready_timeout_s)
         except BaseException:
-            await self.stop()
+            await self.close()
             raise
 
     async def _start_actors(self, settings: Settings, ready_timeout_s: float) -> None:
@@ -219,15 +219,36 @@ class EmbeddedControlPlane:
         gateway.start()
         deadline = loop.time() + ready_timeout_s
         while not (gateway.started and await self._node_alive()):
-            gateway.check()
-            for task in self._tasks:
-                if task.done():
-                    task.result()  # it failed: say why
-                    raise ConfigError(f"the {task.get_name()} stopped while starting")
+            self._check_parts()
             if loop.time() > deadline:
                 raise ConfigError(f"the all-in-one fleet did not start in {ready_timeout_s:.0f}s")
             await asyncio.sleep(0.05)
         self._worker = _start_worker(settings)
+
+    async def run(self) -> None:
+        """Serve until :meth:`stop`; raise, naming it, if a part of the fleet ends first."""
+        while not self.stopping:
+            self._check_parts()
+            self._keep_worker()
+            await self.pause(0.5)
+
+    def _check_parts(self) -> None:
+        """Raise if the scheduler, the agent, the gateway or the batch worker has ended."""
+        for task in self._tasks:
+            if task.done():
+                failure = None if task.cancelled() else task.exception()
+                why = f": {failure}" if failure is not None else ""
+                raise ConfigError(f"the {task.get_name()} stopped unasked{why}") from failure
+        if self._parts is not None:
+            self._parts[2].check()
+
+    def _keep_worker(self) -> None:
+        """Start the batch worker again if it ended (its job is retried by rq): batches stall
+        without it, and the engines need not stop for it."""
+        if self._worker is None or self._worker.poll() is None or self._broker is None:
+            return
+        log.warning("the batch worker exited (code %s); starting another", self._worker.returncode)
+        self._worker = _start_worker(self._broker.settings)
 
     async def _node_alive(self) -> bool:
         return any(alive for _n, alive in await self.control.list_nodes())
@@ -238,7 +259,7 @@ class EmbeddedControlPlane:
         self.started += [r.engine_id for r in records if r.engine_id not in self.started]
         return records
 
-    async def stop(self) -> None:
+    async def close(self) -> None:
         """Stop the engines (see the module doc), the actors, and Redis; safe to call twice."""
         if self._worker is not None:
             await asyncio.to_thread(_stop_worker, self._worker)
@@ -251,7 +272,9 @@ class EmbeddedControlPlane:
             else:  # our own Redis, gone next with every record: no one need keep them right
                 scheduler.stop()
             with contextlib.suppress(SageMQError):  # what still runs here, all at once
-                self.stopped = await agent.stop_all_engines(None if self.local else self.started)
+                self.engines_stopped = await agent.stop_all_engines(
+                    None if self.local else self.started
+                )
             agent.stop()
             scheduler.stop()
             await gateway.stop()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import socket
 import time
@@ -14,10 +15,15 @@ import pytest
 import redis
 
 from sage_mq import UnifiedInferenceClient
+from sage_mq.embedded import EmbeddedControlPlane
+from sage_mq.errors import ConfigError
 from sage_mq.hashes import to_hash
 from sage_mq.keys import Keys
+from sage_mq.scheduler.core import Scheduler
+from sage_mq.settings import Settings
 from sage_mq.store import EngineRecord, EngineState
 from tests.helpers.engines import engine_processes
+from tests.helpers.servers import free_port
 from tests.helpers.up import running_up
 
 pytestmark = pytest.mark.fleet
@@ -106,3 +112,42 @@ def _seed(url: str, count: int) -> None:
             pipe.sadd(keys.engines, record.engine_id)
         pipe.execute()
     client.close()
+
+
+async def test_the_fleet_says_which_part_ended_unasked_and_stops_the_rest(
+    settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def breaks(self: Scheduler) -> None:
+        await asyncio.sleep(0.5)
+        raise RuntimeError("the scheduler broke")
+
+    monkeypatch.setattr(Scheduler, "run", breaks)
+    monkeypatch.setenv("SAGE_TEST_MARK", str(tmp_path))
+    port = free_port()
+    plane = EmbeddedControlPlane(
+        redis_url=settings.redis_url,
+        namespace=settings.namespace,
+        port=port,
+        state_dir=tmp_path,
+        node_id="embedded-1",
+    )
+    with pytest.raises(ConfigError, match="the scheduler stopped unasked: the scheduler broke"):
+        async with plane:  # it may end while starting, or after: the same one line
+            await asyncio.wait_for(plane.run(), 30)
+    assert batch_workers(tmp_path) == []
+    async with httpx.AsyncClient(timeout=2) as http:
+        with pytest.raises(httpx.TransportError):
+            await http.get(f"http://127.0.0.1:{port}/health")
+
+
+def test_up_starts_another_batch_worker_when_its_worker_dies(tmp_path: Path) -> None:
+    with running_up(tmp_path) as up:
+        (first,) = batch_workers(tmp_path)
+        first.kill()
+        deadline = time.monotonic() + 30
+        while [w.pid for w in batch_workers(tmp_path)] in ([], [first.pid]):
+            assert time.monotonic() < deadline, up.out.read_text()
+            time.sleep(0.2)
+        assert "the batch worker exited (code -9); starting another" in up.out.read_text()
+        up.ctrl_c()
+    assert batch_workers(tmp_path) == []

@@ -72,7 +72,8 @@ class NodeAgent(Actor):
         self.settings = settings
         self.agent = agent
         self.node_id = agent.node_id
-        super().__init__(Broker(settings, redis=redis))
+        super().__init__()
+        self.broker = Broker(settings, redis=redis)
         self.redis, self.keys = self.broker.redis, self.broker.keys
         self.bus, self.store = self.broker.bus, self.broker.store
         self.gpus = gpus or GPUResourceManager()
@@ -141,7 +142,7 @@ class NodeAgent(Actor):
         await self.lifecycle.close()
         with contextlib.suppress(ControlPlaneUnavailable):
             await self.outbox.flush()
-        await super().close()
+        await self.broker.aclose()
 
     async def stop_all_engines(self, only: list[str] | None = None) -> int:
         """Stop this node's engines (or ``only`` these) at once, for up's Ctrl-C: how many."""

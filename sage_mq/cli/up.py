@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 from typing import Annotated
 
@@ -76,7 +75,6 @@ def up(
     keys = GatewayOptions(api_key=api_key or None, admin_key=admin_key or None)
 
     async def main() -> int:
-        stopping = asyncio.Event()
         plane = EmbeddedControlPlane(
             redis_url=redis_url,
             host=host,
@@ -92,7 +90,7 @@ def up(
             ),
         )
         async with plane:
-            on_signals(stopping.set)
+            on_signals(plane.stop)
             freeze_startup_heap()  # a process that is only sage-mq: see its docstring
             records = await plane.apply(preset)
             where = redact_url(plane.local.url if plane.local else (redis_url or ""))
@@ -106,9 +104,9 @@ def up(
                 table.add_row(r.engine_id, r.served_name, r.kind, r.state.value, r.url or "-")
             console.print(table)
             console.print("Ctrl-C stops everything.", highlight=False)
-            await stopping.wait()
+            await plane.run()
             console.print("stopping…", highlight=False)
-        return plane.stopped
+        return plane.engines_stopped
 
     count = run(main)
     console.print(f"stopped {count} engine(s) and every process; nothing is left", highlight=False)

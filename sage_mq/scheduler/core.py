@@ -67,7 +67,8 @@ class Scheduler(Actor):
         scheduler: SchedulerSettings | None = None,
     ) -> None:
         self.settings = settings
-        super().__init__(Broker(settings, redis=redis))
+        super().__init__()
+        self.broker = Broker(settings, redis=redis)
         self.redis = self.broker.redis
         self.ctx = Context(scheduler or SchedulerSettings(), self.broker)
         self.keys, self.store, self.bus = self.ctx.keys, self.ctx.store, self.ctx.bus
@@ -137,6 +138,10 @@ class Scheduler(Actor):
         finally:
             with contextlib.suppress(ControlPlaneUnavailable):
                 await lease.release()  # a standby takes over at once
+
+    async def close(self) -> None:
+        """Close the connection, if this scheduler made it, after :meth:`run` returned."""
+        await self.broker.aclose()
 
     async def _lead(self, lease: Lease, epoch: int) -> None:
         """Carry out requests and events, tick and fire timers, while the lease is ours."""
