@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import Self
+from collections.abc import Coroutine
+from typing import Any, Self, TypeVar
+
+T = TypeVar("T")
 
 
 class Actor:
@@ -46,6 +49,23 @@ class Actor:
 
     async def close(self) -> None:
         """Release what the actor holds, after :meth:`run` returned; safe to call twice."""
+
+    async def unless_stopped(self, work: Coroutine[Any, Any, T]) -> T | None:
+        """``work``'s result; None, with ``work`` cancelled, if :meth:`stop` comes first."""
+        job = asyncio.ensure_future(work)
+        stopped = asyncio.ensure_future(self._stopping.wait())
+        try:
+            await asyncio.wait({job, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopped.cancel()
+            if not job.done():
+                job.cancel()
+        (outcome,) = await asyncio.gather(job, return_exceptions=True)
+        if isinstance(outcome, asyncio.CancelledError):
+            return None
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
 
     async def pause(self, seconds: float) -> None:
         """Sleep ``seconds``, or less if :meth:`stop` comes first."""

@@ -7,8 +7,11 @@ An actor given a client (``redis=``, as tests and the embedded fleet do) leaves 
 
 from __future__ import annotations
 
+import contextlib
+
 from sage_mq.bus import Bus
-from sage_mq.connection import Redis, connect
+from sage_mq.connection import Redis, check_server, connect
+from sage_mq.errors import ControlPlaneUnavailable
 from sage_mq.keys import Keys
 from sage_mq.settings import Settings
 from sage_mq.store import Store
@@ -24,6 +27,13 @@ class Broker:
         self.keys = Keys(settings.namespace)
         self.bus = Bus(self.redis, self.keys, settings.bus)
         self.store = Store(self.redis, self.keys)
+
+    async def refuse_old_server(self) -> None:
+        """:class:`~sage_mq.errors.ConfigError` for a server too old for the fleet; one that
+        cannot be reached now is the caller's to wait for (the consumers check again when it
+        answers)."""
+        with contextlib.suppress(ControlPlaneUnavailable):
+            await check_server(self.redis)
 
     async def aclose(self) -> None:
         """Close the connection if this broker made it."""

@@ -33,6 +33,7 @@ from sage_mq.batch.handles import (
 )
 from sage_mq.batch.service import BatchService
 from sage_mq.broker import Broker
+from sage_mq.connection import check_server
 from sage_mq.errors import ConfigError, InvalidRequest
 from sage_mq.registry import Registry
 from sage_mq.routing import POLICIES, Router
@@ -143,10 +144,12 @@ class UnifiedInferenceClient:
         if namespace:
             settings = Settings(redis_url=url, namespace=namespace, bus=settings.bus)
         broker = Broker(settings)
+        self._closers.append(broker.aclose)
+        await check_server(broker.redis)
         registry = Registry(broker.store, broker.bus)
         await registry.load()
         follow = asyncio.get_running_loop().create_task(registry.follow())
-        self._closers += [follow.cancel, broker.aclose]
+        self._closers.append(follow.cancel)
         self._batches = RedisBatches(BatchService(settings, broker.redis), self._loop.run)
         return DirectTransport(registry, router, timeout)
 

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoPermissionError
+from redis.exceptions import InvalidResponse, NoPermissionError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from sage_mq.errors import ConfigError, ControlPlaneUnavailable
@@ -40,6 +41,80 @@ def connect(settings: Settings) -> Redis:
         raise ConfigError(f"bad Redis URL {redact_url(settings.redis_url)!r}: {exc}") from None
 
 
+MIN_SERVER_VERSION = (7, 0)
+"""The oldest Redis the fleet runs on: its consumers claim stale entries with XAUTOCLAIM, whose
+reply has three parts from 7.0 on (6.2's has two). Valkey, from 7.2, reports its own version."""
+
+
+async def check_server(redis: Any) -> None:
+    """Raise :class:`ConfigError`, in one line, if the server is older than
+    :data:`MIN_SERVER_VERSION` (:class:`ControlPlaneUnavailable` if it cannot be reached)."""
+    with redis_errors("asking the server its version"):
+        try:
+            reply = await redis.execute_command("HELLO")
+        except NoPermissionError:
+            return  # an ACL without HELLO: nothing to judge by; the fleet's commands will say
+        except ResponseError:
+            reply = None  # HELLO came in 6.0
+    problem = server_problem(reply, server_address(redis))
+    if problem is not None:
+        raise ConfigError(problem)
+
+
+def check_server_blocking(redis: Any) -> None:
+    """:func:`check_server` for a synchronous client (rq's worker, the CLI)."""
+    with redis_errors("asking the server its version"):
+        try:
+            reply = redis.execute_command("HELLO")
+        except NoPermissionError:
+            return
+        except ResponseError:
+            reply = None
+    problem = server_problem(reply, server_address(redis))
+    if problem is not None:
+        raise ConfigError(problem)
+
+
+def server_problem(hello: Sequence[Any] | Mapping[Any, Any] | None, where: str) -> str | None:
+    """What is wrong with the server whose ``HELLO`` reply (a RESP3 map, a RESP2 list, None
+    from a server without HELLO) this is, or None (pure)."""
+    if isinstance(hello, Mapping):
+        pairs = list(hello.items())
+    else:
+        pairs = list(zip(hello[::2], hello[1::2], strict=False)) if hello else []
+    fields = {_text(k): _text(v) for k, v in pairs}
+    name, version = str(fields.get("server", "redis")), str(fields.get("version", "older than 6.0"))
+    numbers = tuple(int(part) for part in version.split(".")[:2] if part.isdigit())
+    if len(numbers) == 2 and numbers >= MIN_SERVER_VERSION:
+        return None
+    return (
+        f"the {name} server at {where} is version {version}; sage-mq needs Redis 7.0 or newer "
+        "(or Valkey): upgrade it, or let `sage llm up` run its own (leave out --redis-url)"
+    )
+
+
+def _text(value: Any) -> str:
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+
+
+def server_address(redis: Any) -> str:
+    """host:port (or the socket path) of a redis-py client, sync or asyncio; no credentials."""
+    kwargs = redis.connection_pool.connection_kwargs
+    if "path" in kwargs:
+        return str(kwargs["path"])
+    return f"{kwargs.get('host', 'localhost')}:{kwargs.get('port', 6379)}"
+
+
+def check_redis_url(url: str) -> None:
+    """:class:`ConfigError` for a URL no Redis client takes (what :func:`connect` would say)."""
+    scheme = url.split("://", 1)[0].lower() if "://" in url else ""
+    if scheme not in ("redis", "rediss", "unix"):
+        raise ConfigError(
+            f"bad Redis URL {redact_url(url)!r}: it must begin with redis://, rediss:// (TLS) "
+            "or unix://"
+        )
+
+
 def redact_url(url: str) -> str:
     """The URL with any password replaced by ``***``, safe for logs and messages."""
     try:
@@ -59,12 +134,16 @@ def redact_url(url: str) -> str:
 def redis_errors(what: str) -> Iterator[None]:
     """Raise :class:`ControlPlaneUnavailable` for a Redis that cannot be reached, or that
     refuses our ACL user what it needs (callers retry both: an operator can mend the ACL
-    while the fleet waits)."""
+    while the fleet waits); :class:`ConfigError` for a server that does not speak Redis."""
     try:
         yield
     except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
         raise_if_cancelled()
         raise ControlPlaneUnavailable(f"Redis unreachable while {what}: {exc}") from exc
+    except InvalidResponse as exc:
+        raise ConfigError(
+            f"what answered while {what} is not Redis ({exc}): check the URL's host and port"
+        ) from None
     except NoPermissionError as exc:
         raise ControlPlaneUnavailable(
             f"Redis refused {what}: {exc}; the ACL user needs the fleet's keys "
@@ -79,6 +158,9 @@ def raise_if_cancelled() -> None:
     TimeoutError instead of CancelledError; a loop that retries on timeouts would then never
     stop. Every handler of "Redis unreachable" calls this first.
     """
-    task = asyncio.current_task()
+    try:
+        task = asyncio.current_task()
+    except RuntimeError:  # no event loop: a synchronous caller, nothing to cancel
+        return
     if task is not None and task.cancelling():
         raise asyncio.CancelledError

@@ -28,6 +28,7 @@ import uvicorn
 from sage_mq.actor import Actor
 from sage_mq.agent.node import NodeAgent
 from sage_mq.broker import Broker
+from sage_mq.connection import check_server
 from sage_mq.control import ControlPlaneManager
 from sage_mq.errors import ConfigError, SageMQError
 from sage_mq.gateway import create_app
@@ -36,7 +37,7 @@ from sage_mq.gateway.serving import GatewayConfig, bind_socket
 from sage_mq.gpu import GPUResourceManager
 from sage_mq.ids import check_id
 from sage_mq.local_redis import LocalRedis
-from sage_mq.presets import load_preset
+from sage_mq.presets import Preset, load_preset
 from sage_mq.scheduler.core import Scheduler
 from sage_mq.settings import (
     ENV_NAMESPACE,
@@ -171,6 +172,12 @@ class EmbeddedControlPlane(Actor):
         return f"http://{self.host}:{self.port}/v1"
 
     @property
+    def settings(self) -> Settings:
+        """The fleet's Redis URL and namespace (once started)."""
+        assert self._broker is not None, "start() first"
+        return self._broker.settings
+
+    @property
     def control(self) -> ControlPlaneManager:
         assert self._parts is not None, "start() first"
         return self._parts[3]
@@ -194,6 +201,7 @@ class EmbeddedControlPlane(Actor):
     async def _start_actors(self, settings: Settings, ready_timeout_s: float) -> None:
         secrets = [*url_secrets(settings.redis_url), self.options.api_key, self.options.admin_key]
         broker = self._broker = Broker(settings)
+        await check_server(broker.redis)  # and reachable: `up` joins a fleet that is there
         scheduler = Scheduler(settings, redis=broker.redis, name=f"{self.node_id}-embedded")
         agent = NodeAgent(
             settings,
@@ -208,8 +216,14 @@ class EmbeddedControlPlane(Actor):
             redis=broker.redis,
             base_env=engine_base_env(secrets=secrets),
         )
+        await scheduler.start()
         app = create_app(settings, api_key=self.options.api_key, admin_key=self.options.admin_key)
-        gateway = GatewayThread(app, self.host, self.port)
+        try:  # before the parts are ours to stop: if another agent holds this state directory,
+            await agent.start()  # the engines in it are that agent's
+            gateway = GatewayThread(app, self.host, self.port)
+        except BaseException:
+            await agent.close()
+            raise
         self._parts = (scheduler, agent, gateway, ControlPlaneManager(broker=broker))
         loop = asyncio.get_running_loop()
         self._tasks = [
@@ -219,6 +233,8 @@ class EmbeddedControlPlane(Actor):
         gateway.start()
         deadline = loop.time() + ready_timeout_s
         while not (gateway.started and await self._node_alive()):
+            if self.stopping:
+                return  # stopped while starting: close() takes down what started
             self._check_parts()
             if loop.time() > deadline:
                 raise ConfigError(f"the all-in-one fleet did not start in {ready_timeout_s:.0f}s")
@@ -253,11 +269,16 @@ class EmbeddedControlPlane(Actor):
     async def _node_alive(self) -> bool:
         return any(alive for _n, alive in await self.control.list_nodes())
 
-    async def apply(self, preset: str) -> list[EngineRecord]:
-        """Apply a preset (a built-in's name or a file) and wait until its engines are RUNNING."""
-        records = await self.control.apply_preset(load_preset(preset), wait=True)
-        self.started += [r.engine_id for r in records if r.engine_id not in self.started]
-        return records
+    async def apply(self, preset: str | Preset) -> list[EngineRecord]:
+        """Apply a preset (a built-in's name, a file, or one loaded) and wait until its engines
+        are RUNNING; [] if :meth:`stop` comes first.
+
+        Its engines count as started from the moment they are asked for: a stop while they come
+        up stops them too."""
+        plan = load_preset(preset) if isinstance(preset, str) else preset
+        ids = [plan.engine_id(engine) for engine in plan.engines]
+        self.started += [engine_id for engine_id in ids if engine_id not in self.started]
+        return await self.unless_stopped(self.control.apply_preset(plan, wait=True)) or []
 
     async def close(self) -> None:
         """Stop the engines (see the module doc), the actors, and Redis; safe to call twice."""

@@ -143,13 +143,22 @@ def _load_file(path: Path) -> Preset:
     return parse_preset(load_yaml(text, str(path)), source=str(path))
 
 
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """One line: where (line and column, from 1) and what, without YAML's quoted excerpt."""
+    if isinstance(exc, yaml.MarkedYAMLError) and exc.problem_mark is not None:
+        mark = exc.problem_mark
+        what = f"{exc.context}: {exc.problem}" if exc.context else str(exc.problem)
+        return f"line {mark.line + 1}, column {mark.column + 1}: {what}"
+    return " ".join(str(exc).split())
+
+
 def load_yaml(text: str, source: str) -> Any:
     """YAML as data, refusing documents that would expand past :data:`MAX_YAML_VALUES` values
     through aliases (a "billion laughs" is a few hundred bytes) or nest too deep."""
     try:
         loader = yaml.SafeLoader(text)
     except yaml.YAMLError as exc:  # characters YAML does not take
-        raise PresetError(f"{source}: not valid YAML: {exc}") from None
+        raise PresetError(f"{source}: not valid YAML: {_yaml_problem(exc)}") from None
     try:
         node = loader.get_single_node()
         if node is not None and _expanded_size(node, {}) > MAX_YAML_VALUES:
@@ -158,7 +167,7 @@ def load_yaml(text: str, source: str) -> Any:
             )
         return None if node is None else loader.construct_document(node)
     except yaml.YAMLError as exc:
-        raise PresetError(f"{source}: not valid YAML: {exc}") from None
+        raise PresetError(f"{source}: not valid YAML: {_yaml_problem(exc)}") from None
     except RecursionError:
         raise PresetError(f"{source}: nested too deeply to be a preset") from None
     finally:

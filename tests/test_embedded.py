@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
+import signal
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -22,7 +26,7 @@ from sage_mq.keys import Keys
 from sage_mq.scheduler.core import Scheduler
 from sage_mq.settings import Settings
 from sage_mq.store import EngineRecord, EngineState
-from tests.helpers.engines import engine_processes
+from tests.helpers.engines import engine_processes, marked_env, marked_processes
 from tests.helpers.servers import free_port
 from tests.helpers.up import running_up
 
@@ -151,3 +155,88 @@ def test_up_starts_another_batch_worker_when_its_worker_dies(tmp_path: Path) -> 
         assert "the batch worker exited (code -9); starting another" in up.out.read_text()
         up.ctrl_c()
     assert batch_workers(tmp_path) == []
+
+
+def test_up_on_a_machine_without_redis_runs_the_bundled_server(tmp_path: Path) -> None:
+    venv_only = str(Path(sys.executable).parent)  # no redis-server here
+    with running_up(tmp_path, PATH=venv_only) as up:
+        assert "its own: " in up.out.read_text() and "valkey-server" in up.out.read_text()
+        client = openai.OpenAI(base_url=f"{up.base}/v1", api_key="x", max_retries=0)
+        answer = client.chat.completions.create(
+            model="demo-chat", messages=[{"role": "user", "content": "hello"}]
+        )
+        assert answer.choices[0].message.content == "[demo-chat] You said: hello"
+        redis_port = int(up.redis_url.rsplit(":", 1)[1].split("/")[0])
+        up.ctrl_c()
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", redis_port), timeout=2).close()
+
+
+def test_a_second_up_on_the_same_state_dir_is_refused_and_harms_nothing(tmp_path: Path) -> None:
+    with running_up(tmp_path) as up:
+        env = marked_env(tmp_path, SAGE_MQ_STATE_DIR=str(tmp_path))
+        argv = [sys.executable, "-m", "sage_mq", "llm", "up", "--port", str(free_port())]
+        second = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60)
+        said = (second.stdout + second.stderr).strip()
+        assert second.returncode == 1 and "Traceback" not in said, said
+        assert f"another node agent (pid {up.proc.pid}) is using {tmp_path}" in said, said
+        assert "--state-dir" in said.splitlines()[-1], said
+        assert len(engine_processes(tmp_path)) == 2  # the first one's engines, untouched
+        assert httpx.get(f"{up.base}/health", timeout=10).json()["models"] == [
+            "demo-chat",
+            "demo-embed",
+        ]
+        up.ctrl_c()
+    assert "stopped 2 engine(s)" in up.out.read_text()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
+def test_up_stopped_while_its_engines_start_leaves_nothing(
+    signum: signal.Signals, tmp_path: Path
+) -> None:
+    preset = tmp_path / "slow.yaml"
+    preset.write_text(
+        "name: slow\nengines:\n  - name: chat\n    model: slow-chat\n    backend: fake\n"
+        "    use_gpu: false\n    extra_args: [--startup-delay, '120']\n"
+    )
+    env = marked_env(tmp_path, SAGE_MQ_STATE_DIR=str(tmp_path))
+    env.pop("SAGE_MQ_REDIS_URL", None)
+    argv = [sys.executable, "-m", "sage_mq", "llm", "up", "--preset", str(preset)]
+    argv += ["--port", str(free_port())]
+    up = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 60
+    while not engine_processes(tmp_path):  # started, and waiting for the engine to be ready
+        assert up.poll() is None and time.monotonic() < deadline
+        time.sleep(0.1)
+    started = time.monotonic()
+    up.send_signal(signum)
+    said = up.communicate(timeout=60)[0].decode()
+    assert up.returncode == 0 and time.monotonic() - started < 30, said
+    assert "sage-mq is up" not in said and "stopped 1 engine(s)" in said, said
+    assert marked_processes(tmp_path) == []  # the engine, the worker, the private Redis
+
+
+def test_the_cli_finds_the_fleet_up_runs_and_the_readme_quick_start_works_on_it(
+    tmp_path: Path,
+) -> None:
+    with running_up(tmp_path) as up:
+        env = marked_env(tmp_path, SAGE_MQ_STATE_DIR=str(tmp_path), COLUMNS="200")
+        env.pop("SAGE_MQ_REDIS_URL", None)
+
+        def sage(*args: str) -> str:
+            argv = [sys.executable, "-m", "sage_mq", "llm", *args]
+            done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120)
+            assert done.returncode == 0, done.stdout + done.stderr
+            return done.stdout + done.stderr
+
+        status = sage("status")
+        assert f"redis       {up.redis_url} (the fleet of `sage llm up` (pid {up.proc.pid}))" in (
+            status
+        )
+        assert "engines     2: RUNNING 2" in status, status
+        started = sage("engine", "start", "demo", "--backend", "fake", "--no-gpu", "--wait")
+        (engine_id,) = re.findall(r"^(demo-\w+) RUNNING at", started, re.MULTILINE)
+        assert engine_id in sage("engine", "list")
+        sage("engine", "stop", engine_id)
+        up.ctrl_c()
+    assert not (tmp_path / "fleet.json").exists()

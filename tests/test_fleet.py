@@ -272,11 +272,15 @@ def test_concurrent_starts_from_the_cli_all_run_on_distinct_ports(fleet: FleetPr
     assert len(engine_processes(fleet.state)) == 4
 
 
-def test_a_second_agent_for_a_live_node_id_is_refused(fleet: FleetProcs) -> None:
-    done = fleet.cli("llm", "node", "run", "--node-id", "n1", check=False, timeout=30)
+def test_a_second_agent_for_a_live_node_id_is_refused(fleet: FleetProcs, tmp_path: Path) -> None:
+    elsewhere = ["--state-dir", str(tmp_path / "elsewhere")]  # another host, as Redis sees it
+    done = fleet.cli("llm", "node", "run", "--node-id", "n1", *elsewhere, check=False, timeout=30)
     last = done.stderr.strip().splitlines()[-1]
     assert done.returncode == 1 and last.startswith("error: node 'n1' already has a live agent")
     assert "Traceback" not in done.stderr
+    here = fleet.cli("llm", "node", "run", "--node-id", "n1", check=False, timeout=30)
+    last = here.stderr.strip().splitlines()[-1]  # on its host, its state directory says first
+    assert here.returncode == 1 and last.startswith("error: another node agent (pid "), last
 
 
 def test_waiting_with_no_scheduler_says_so_instead_of_hanging(

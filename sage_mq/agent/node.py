@@ -23,6 +23,7 @@ from sage_mq.agent.outbox import Outbox
 from sage_mq.agent.preflight import check_launch, node_allowances
 from sage_mq.agent.presence import Presence
 from sage_mq.agent.processes import describe_returncode
+from sage_mq.agent.statelock import StateLock
 from sage_mq.broker import Broker
 from sage_mq.connection import Redis
 from sage_mq.dispatch import Handlers
@@ -94,6 +95,7 @@ class NodeAgent(Actor):
         self._tasks: set[asyncio.Task[None]] = set()
         self._probing: set[asyncio.Task[None]] = set()
         self.fence = LeaderFence(self.store, self.node_id)
+        self.state_lock = StateLock(agent.node_dir)
         self.handlers = (
             Handlers()
             .on(LaunchEngine, self._launch)
@@ -114,6 +116,12 @@ class NodeAgent(Actor):
         """Ask :meth:`run` to return; engines keep running. Safe to call twice."""
         super().stop()
         self._consumer.stop()
+
+    async def start(self) -> None:
+        """Take the node's state directory (one agent per directory), and refuse a Redis too
+        old for the fleet, each in one line, before anything else."""
+        self.state_lock.acquire()
+        await self.broker.refuse_old_server()
 
     async def run(self, *, until_idle: bool = False) -> None:
         """Register, re-adopt engines, then carry out commands until stopped."""
@@ -143,6 +151,7 @@ class NodeAgent(Actor):
         with contextlib.suppress(ControlPlaneUnavailable):
             await self.outbox.flush()
         await self.broker.aclose()
+        self.state_lock.release()
 
     async def stop_all_engines(self, only: list[str] | None = None) -> int:
         """Stop this node's engines (or ``only`` these) at once, for up's Ctrl-C: how many."""

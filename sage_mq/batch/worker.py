@@ -21,7 +21,7 @@ import redis
 from rq import Queue, SimpleWorker
 from rq.serializers import JSONSerializer
 
-from sage_mq.connection import redact_url
+from sage_mq.connection import check_server_blocking, redact_url
 from sage_mq.errors import ConfigError
 from sage_mq.keys import Keys
 from sage_mq.settings import Settings
@@ -81,6 +81,7 @@ def make_worker(
         raise ConfigError("--concurrency must be at least 1")
     _current = (settings, concurrency)
     conn = rq_connection(settings)
+    check_server_blocking(conn)
     rq_queues = [
         Queue(queue_name(settings, q), connection=conn, serializer=JSONSerializer) for q in names
     ]

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from redis.exceptions import ResponseError
 
-from sage_mq.connection import redis_errors
+from sage_mq.connection import check_server, redis_errors
 from sage_mq.messages import Message
 from sage_mq.wire import encode, envelope
 
@@ -54,7 +54,9 @@ class Group:
         self.name = name
 
     async def ensure(self) -> None:
-        """Create the group on every stream (and the streams) if missing."""
+        """Check the server (at start, and after Redis came back: it may be another), then
+        create the group on every stream (and the streams) if missing."""
+        await check_server(self.redis)
         for stream in self.streams:
             try:
                 with redis_errors(f"creating group {self.group} on {stream}"):

@@ -11,7 +11,6 @@ import typer
 from sage_mq.agent.node import NodeAgent
 from sage_mq.agent.runtimes import parse_runtimes
 from sage_mq.cli.common import (
-    DEFAULT_URL,
     AllowCommand,
     AllowCommandsFrom,
     AllowEngineFlag,
@@ -46,7 +45,7 @@ node_app = typer.Typer(help="The node agent: runs engines on this host.")
 
 @scheduler_app.command("run")
 def scheduler_run(
-    redis_url: RedisUrl = DEFAULT_URL,
+    redis_url: RedisUrl = None,
     name: Annotated[str | None, typer.Option(help="Consumer name (default host-pid).")] = None,
     health_interval: Annotated[float, typer.Option(help="Seconds between health ticks.")] = 2.0,
     probe_timeout: Annotated[float, typer.Option(help="Seconds one health probe may take.")] = 1.0,
@@ -89,7 +88,7 @@ def scheduler_run(
     async def main() -> None:
         async with Scheduler(settings, name=name, scheduler=healing) as scheduler:
             on_signals(scheduler.stop)
-            typer.echo(f"scheduler {scheduler.name} on {redact_url(redis_url)}", err=True)
+            typer.echo(f"scheduler {scheduler.name} on {redact_url(settings.redis_url)}", err=True)
             await scheduler.run()
 
     run(main)
@@ -124,7 +123,7 @@ def node_run(
     allow_commands_from: AllowCommandsFrom = None,
     allow_engine_flag: AllowEngineFlag = None,
     runtime: Runtime = None,
-    redis_url: RedisUrl = DEFAULT_URL,
+    redis_url: RedisUrl = None,
     log_level: LogLevel = "INFO",
 ) -> None:
     """Run this host's node agent until SIGINT/SIGTERM (its engines keep running)."""
@@ -152,7 +151,8 @@ def node_run(
         async with agent:
             on_signals(agent.stop)
             typer.echo(
-                f"node agent {node} ({len(gpus.gpus())} GPUs) on {redact_url(redis_url)}", err=True
+                f"node agent {node} ({len(gpus.gpus())} GPUs) on {redact_url(settings.redis_url)}",
+                err=True,
             )
             await agent.run()
 

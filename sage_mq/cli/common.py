@@ -12,27 +12,33 @@ from pathlib import Path
 from typing import Annotated, Any, NoReturn, TypeVar
 
 import typer
+from redis.exceptions import InvalidResponse, RedisError
 from rich.console import Console
+from rich.text import Text
 
+from sage_mq.connection import check_redis_url
 from sage_mq.errors import ConfigError, InvalidRequest, SageMQError
+from sage_mq.fleetfile import read_up_fleet
 from sage_mq.gateway.auth import check_exposure, is_loopback
 from sage_mq.ids import check_id
 from sage_mq.settings import DEFAULT_REDIS_URL, ENV_REDIS_URL, Settings
 
 T = TypeVar("T")
-console = Console()
-err_console = Console(stderr=True)
+# No markup: what we print holds users' text (model names, paths, `pip install 'x[extra]'`),
+# and rich would eat anything in square brackets. Style comes from Text, never from strings.
+console = Console(markup=False)
+err_console = Console(stderr=True, markup=False)
 
 RedisUrl = Annotated[
-    str,
+    str | None,
     typer.Option(
         "--redis-url",
         envvar=ENV_REDIS_URL,
-        help="Redis holding the fleet (password, ACL user and rediss:// TLS work).",
-        show_default=True,
+        help="Redis holding the fleet (password, ACL user and rediss:// TLS work). Default: "
+        f"the fleet `sage llm up` runs on this machine, else {DEFAULT_REDIS_URL}.",
+        show_default=False,
     ),
 ]
-DEFAULT_URL = DEFAULT_REDIS_URL
 JsonFlag = Annotated[bool, typer.Option("--json", help="Machine-readable output (stable).")]
 AllowCommand = Annotated[
     list[str] | None,
@@ -90,9 +96,11 @@ def exposed(host: str, admin_key: str | None, insecure: bool) -> None:
         fail(str(exc), EX_CONFIG)
     if insecure and not admin_key and not is_loopback(host):
         err_console.print(
-            f"[bold red]INSECURE:[/bold red] serving on {host} with no admin key: anyone who "
-            "reaches this port can start, stop and reconfigure engines",
-            highlight=False,
+            Text.assemble(
+                ("INSECURE:", "bold red"),
+                f" serving on {host} with no admin key: anyone who reaches this port can start, "
+                "stop and reconfigure engines",
+            ),
             soft_wrap=True,
         )
 
@@ -132,14 +140,31 @@ def checked_node_id(node_id: str) -> str:
         fail(f"--node-id: {exc}")
 
 
-def settings_for(redis_url: str) -> Settings:
-    """Settings from the environment with the URL the command was given."""
-    return Settings.from_env(redis_url=redis_url)
+def settings_for(redis_url: str | None) -> Settings:
+    """Settings for the fleet the command is about (see :func:`fleet_for`)."""
+    return fleet_for(redis_url)[0]
+
+
+def fleet_for(redis_url: str | None) -> tuple[Settings, str]:
+    """The fleet's settings, and where its URL came from: the URL given (``--redis-url`` or
+    ``SAGE_MQ_REDIS_URL``), else the fleet a running ``sage llm up`` wrote down here, else the
+    default."""
+    if redis_url:
+        try:
+            check_redis_url(redis_url)
+        except ConfigError as exc:
+            fail(str(exc))
+        return Settings.from_env(redis_url=redis_url), "given"
+    up = read_up_fleet()
+    if up is not None:
+        settings = Settings(redis_url=up.redis_url, namespace=up.namespace)
+        return settings, f"the fleet of `sage llm up` (pid {up.pid})"
+    return Settings.from_env(redis_url=DEFAULT_REDIS_URL), "the default"
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
     """Exit with one clear line on stderr."""
-    err_console.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
+    err_console.print(Text.assemble(("error:", "red"), f" {message}"), soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -149,6 +174,10 @@ def run(coro_fn: Callable[[], Coroutine[Any, Any, T]]) -> T:
         return asyncio.run(coro_fn())
     except SageMQError as exc:
         fail(str(exc))
+    except InvalidResponse as exc:  # what redis_errors did not see
+        fail(f"what answered at the Redis URL is not Redis ({exc}): check its host and port")
+    except RedisError as exc:
+        fail(f"Redis: {exc}")
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
 

@@ -9,9 +9,9 @@ from typing import Annotated
 
 import typer
 from rich.table import Table
+from rich.text import Text
 
 from sage_mq.cli.common import (
-    DEFAULT_URL,
     EngineIdArg,
     JsonFlag,
     RedisUrl,
@@ -34,7 +34,7 @@ def show_progress(env: Envelope) -> None:
     data = env.payload.model_dump(mode="json")
     hidden = ("engine_id", "argv", "last_lines", "record")
     detail = {k: v for k, v in data.items() if k not in hidden}
-    console.print(f"  [cyan]{env.type}[/cyan] {detail}", highlight=False)
+    console.print(Text.assemble("  ", (env.type, "cyan"), f" {detail}"))
 
 
 @engine_app.command("start")
@@ -49,7 +49,8 @@ def start(
     ] = None,
     tensor_parallel_size: Annotated[int, typer.Option("-tp", "--tensor-parallel-size")] = 1,
     port: Annotated[
-        int | None, typer.Option(help="Fixed port (default: from the node's range).")
+        int | None,
+        typer.Option(min=1, max=65535, help="Fixed port (default: from the node's range)."),
     ] = None,
     node: Annotated[str | None, typer.Option(help="Pin to this node id.")] = None,
     backend: Annotated[
@@ -75,7 +76,7 @@ def start(
     wait: Annotated[bool, typer.Option("--wait", help="Show progress until RUNNING.")] = False,
     timeout: Annotated[float, typer.Option(help="Seconds --wait waits.")] = 1800.0,
     json_output: JsonFlag = False,
-    redis_url: RedisUrl = DEFAULT_URL,
+    redis_url: RedisUrl = None,
 ) -> None:
     """Start an engine somewhere in the fleet."""
     if engine_kind not in ("llm", "embedding"):
@@ -129,9 +130,10 @@ def _report(record: EngineRecord, *, json_output: bool, waited: bool, requested:
         print_json(record.public())
     elif waited:
         console.print(
-            f"[green]{record.engine_id} RUNNING[/green] at {record.url} "
-            f"(generation {record.generation}, restarts {record.restarts})",
-            highlight=False,
+            Text.assemble(
+                (f"{record.engine_id} RUNNING", "green"),
+                f" at {record.url} (generation {record.generation}, restarts {record.restarts})",
+            ),
         )
     else:
         console.print(
@@ -140,7 +142,7 @@ def _report(record: EngineRecord, *, json_output: bool, waited: bool, requested:
 
 
 @engine_app.command("list")
-def list_engines(json_output: JsonFlag = False, redis_url: RedisUrl = DEFAULT_URL) -> None:
+def list_engines(json_output: JsonFlag = False, redis_url: RedisUrl = None) -> None:
     """Every engine with its state, node, URL and GPUs."""
 
     async def main() -> list[EngineRecord]:
@@ -171,7 +173,7 @@ def list_engines(json_output: JsonFlag = False, redis_url: RedisUrl = DEFAULT_UR
             r.served_name,
             r.kind,
             r.backend,
-            f"[{style}]{r.state.value}[/{style}]" if style else r.state.value,
+            Text(r.state.value, style=style),
             r.node or "-",
             r.url or "-",
             ",".join(map(str, r.gpus)) or "-",
@@ -188,7 +190,7 @@ def stop(
     wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Wait until STOPPED.")] = True,
     timeout: Annotated[float, typer.Option(help="Seconds to wait.")] = 60.0,
     json_output: JsonFlag = False,
-    redis_url: RedisUrl = DEFAULT_URL,
+    redis_url: RedisUrl = None,
 ) -> None:
     """Stop an engine: SIGTERM, grace, SIGKILL; its GPUs and port are freed."""
 
@@ -211,7 +213,7 @@ def restart(
     ] = True,
     timeout: Annotated[float, typer.Option(help="Seconds to wait.")] = 1800.0,
     json_output: JsonFlag = False,
-    redis_url: RedisUrl = DEFAULT_URL,
+    redis_url: RedisUrl = None,
 ) -> None:
     """Restart an engine as itself: same id, node, port, GPUs and arguments, a new process
     (the old one gets SIGTERM, grace, SIGKILL). A FAILED or STOPPED engine is placed again."""
@@ -235,7 +237,7 @@ def logs(
         bool, typer.Option("--follow", "-f", help="Keep printing new lines.")
     ] = False,
     lines: Annotated[int, typer.Option("--lines", "-n", min=0, help="How many lines first.")] = 100,
-    redis_url: RedisUrl = DEFAULT_URL,
+    redis_url: RedisUrl = None,
 ) -> None:
     """An engine's log (shipped to Redis by its agent, so readable from any host)."""
 

@@ -6,12 +6,12 @@ import os
 import sys
 from typing import Annotated, Any
 
+import redis
 import typer
 import uvicorn
 from uvicorn.supervisors import Multiprocess
 
 from sage_mq.cli.common import (
-    DEFAULT_URL,
     Insecure,
     LogLevel,
     RedisUrl,
@@ -20,7 +20,8 @@ from sage_mq.cli.common import (
     settings_for,
     setup_logging,
 )
-from sage_mq.connection import redact_url
+from sage_mq.connection import check_server_blocking, redact_url
+from sage_mq.errors import ConfigError, ControlPlaneUnavailable
 from sage_mq.gateway import create_app
 from sage_mq.gateway.app import freeze_startup_heap
 from sage_mq.gateway.serving import (
@@ -30,14 +31,14 @@ from sage_mq.gateway.serving import (
     bind_socket,
 )
 from sage_mq.routing import POLICIES
-from sage_mq.settings import ENV_NAMESPACE, ENV_REDIS_URL, GatewayOptions
+from sage_mq.settings import ENV_NAMESPACE, ENV_REDIS_URL, GatewayOptions, Settings
 
 gateway_app = typer.Typer(help="The OpenAI-compatible gateway in front of the fleet.")
 
 
 @gateway_app.command("run")
 def gateway_run(
-    port: Annotated[int, typer.Option(help="Port to serve on.")] = 8000,
+    port: Annotated[int, typer.Option(min=0, max=65535, help="Port to serve on.")] = 8000,
     host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
     scheduling_policy: Annotated[
         str, typer.Option(help="adaptive, round_robin, least_loaded or random.")
@@ -63,7 +64,7 @@ def gateway_run(
         float, typer.Option(help="Seconds a request's body may pause while it is sent.")
     ] = BODY_TIMEOUT_S,
     insecure: Insecure = False,
-    redis_url: RedisUrl = DEFAULT_URL,
+    redis_url: RedisUrl = None,
     log_level: LogLevel = "INFO",
 ) -> None:
     """Serve the OpenAI API (/v1/models, chat, completions, embeddings), the management API
@@ -83,9 +84,10 @@ def gateway_run(
         max_body_bytes=int(max_body_mib * 1024 * 1024),
     )
     settings = settings_for(redis_url)
+    refuse_old_server(settings)
     typer.echo(
         f"gateway on http://{host}:{port} ({workers} process{'es' if workers > 1 else ''}) "
-        f"for {redact_url(redis_url)}",
+        f"for {redact_url(settings.redis_url)}",
         err=True,
     )
     if workers == 1:
@@ -117,15 +119,34 @@ def gateway_run(
     serve(config)
 
 
+def refuse_old_server(settings: Settings) -> None:
+    """One line and exit 1 for a server too old for the fleet, before uvicorn starts (from its
+    startup, the same error comes with uvicorn's traceback); an unreachable Redis is the
+    gateway's to wait for, as it does."""
+    client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=5, socket_timeout=5)
+    try:
+        check_server_blocking(client)
+    except ConfigError as exc:
+        fail(str(exc))
+    except ControlPlaneUnavailable:
+        pass
+    finally:
+        client.close()
+
+
 def serve(config: GatewayConfig) -> None:
     """What ``uvicorn.run`` does with its config (one process, or a supervisor of several), for
-    a config of ours."""
+    a config of ours. The port is bound here first, so a port taken is one line."""
+    try:
+        sock = bind_socket(config.host, config.port)
+    except ConfigError as exc:
+        fail(str(exc))
     server = uvicorn.Server(config)
     try:
         if config.workers > 1:
-            Multiprocess(config, sockets=[bind_socket(config.host, config.port)]).run()
+            Multiprocess(config, sockets=[sock]).run()
         else:
-            server.run()
+            server.run(sockets=[sock])
     except KeyboardInterrupt:
         pass
     if config.workers == 1 and not server.started:

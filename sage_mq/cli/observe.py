@@ -10,41 +10,44 @@ import typer
 from rich.table import Table
 
 from sage_mq.cli.common import (
-    DEFAULT_URL,
     JsonFlag,
     RedisUrl,
     console,
+    fleet_for,
     print_json,
     run,
     settings_for,
 )
+from sage_mq.connection import redact_url
 from sage_mq.control import ControlPlaneManager
 from sage_mq.engines.env_policy import masked
 from sage_mq.errors import DecodeError
 from sage_mq.wire import decode, to_json
 
 
-def status(json_output: JsonFlag = False, redis_url: RedisUrl = DEFAULT_URL) -> None:
+def status(json_output: JsonFlag = False, redis_url: RedisUrl = None) -> None:
     """Engines by state, nodes alive, GPUs, stream backlogs."""
 
+    settings, source = fleet_for(redis_url)
+
     async def main() -> dict[str, Any]:
-        async with ControlPlaneManager(settings_for(redis_url)) as cp:
+        async with ControlPlaneManager(settings) as cp:
             return await cp.status()
 
     summary = run(main)
     if json_output:
-        print_json(summary)
+        print_json(summary | {"redis": {"url": redact_url(settings.redis_url), "from": source}})
         return
     engines, nodes, gpus, streams = (summary[k] for k in ("engines", "nodes", "gpus", "streams"))
     states = ", ".join(f"{k} {v}" for k, v in sorted(engines["by_state"].items())) or "none"
-    console.print(f"namespace   {summary['namespace']}", highlight=False)
-    console.print(f"nodes       {nodes['alive']} alive of {nodes['total']}", highlight=False)
-    console.print(f"gpus        {gpus['total']} ({gpus['memory_total_gib']} GiB)", highlight=False)
-    console.print(f"engines     {engines['total']}: {states}", highlight=False)
+    console.print(f"redis       {redact_url(settings.redis_url)} ({source})")
+    console.print(f"namespace   {summary['namespace']}")
+    console.print(f"nodes       {nodes['alive']} alive of {nodes['total']}")
+    console.print(f"gpus        {gpus['total']} ({gpus['memory_total_gib']} GiB)")
+    console.print(f"engines     {engines['total']}: {states}")
     console.print(
         f"streams     requests {streams['requests']}, events {streams['events']}, "
-        f"dead letters {streams['dead']}",
-        highlight=False,
+        f"dead letters {streams['dead']}"
     )
 
 
@@ -81,7 +84,7 @@ def events(
         int, typer.Option("--count", "-n", min=0, help="How many past events (0: only new).")
     ] = 50,
     json_output: JsonFlag = False,
-    redis_url: RedisUrl = DEFAULT_URL,
+    redis_url: RedisUrl = None,
 ) -> None:
     """Recent events from ``sage:events`` (every step of every engine)."""
 
@@ -106,7 +109,7 @@ def events(
     run(main)
 
 
-def gpu(json_output: JsonFlag = False, redis_url: RedisUrl = DEFAULT_URL) -> None:
+def gpu(json_output: JsonFlag = False, redis_url: RedisUrl = None) -> None:
     """GPUs of every node, with what the scheduler has reserved on each."""
 
     async def main() -> list[dict[str, Any]]:

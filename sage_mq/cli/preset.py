@@ -7,9 +7,9 @@ from typing import Annotated
 import typer
 import yaml
 from rich.table import Table
+from rich.text import Text
 
 from sage_mq.cli.common import (
-    DEFAULT_URL,
     JsonFlag,
     RedisUrl,
     console,
@@ -40,7 +40,7 @@ def list_presets(json_output: JsonFlag = False) -> None:
         models = ", ".join(f"{e.model} ({e.kind})" for e in p.engines)
         table.add_row(p.name, str(len(p.engines)), models)
     console.print(table)
-    console.print(f"[dim]from {BUILTIN_DIR}[/dim]", highlight=False)
+    console.print(Text(f"from {BUILTIN_DIR}", style="dim"))
 
 
 @preset_app.command("show")
@@ -80,7 +80,7 @@ def apply(
     ] = True,
     timeout: Annotated[float, typer.Option(help="Seconds to wait for each engine.")] = 1800.0,
     json_output: JsonFlag = False,
-    redis_url: RedisUrl = DEFAULT_URL,
+    redis_url: RedisUrl = None,
 ) -> None:
     """Start every engine of a preset (engines already running are left as they are)."""
     preset = _load(name)  # a bad file is refused here, before anything starts
@@ -103,7 +103,7 @@ def apply(
         print_json([r.public() for r in records])
         return
     for r in records:
-        console.print(f"{r.engine_id} {r.state.value} {r.url or ''}", highlight=False)
+        console.print(f"{r.engine_id} {r.state.value} {r.url or ''}")
 
 
 def _load(name: str) -> Preset:
@@ -121,6 +121,6 @@ def _plan(preset: Preset, json_output: bool) -> None:
     if json_output:
         print_json({"preset": preset.name, "engines": plan})
         return
-    console.print(f"preset {preset.name} is valid; it would start:", highlight=False)
+    console.print(f"preset {preset.name} is valid; it would start:")
     for step in plan:
-        console.print(f"  {step['engine_id']}: {step['model']} ({step['kind']})", highlight=False)
+        console.print(f"  {step['engine_id']}: {step['model']} ({step['kind']})")

@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 from rich.table import Table
+from rich.text import Text
 
 from sage_mq.agent.runtimes import parse_runtimes
 from sage_mq.cli.common import (
@@ -19,13 +20,17 @@ from sage_mq.cli.common import (
     allowed_commands,
     console,
     exposed,
+    fail,
     on_signals,
     run,
     setup_logging,
 )
-from sage_mq.connection import redact_url
+from sage_mq.connection import check_redis_url, redact_url
 from sage_mq.embedded import EmbeddedControlPlane, NodeOptions
+from sage_mq.errors import SageMQError
+from sage_mq.fleetfile import UpFleet
 from sage_mq.gateway.app import freeze_startup_heap
+from sage_mq.presets import load_preset
 from sage_mq.settings import (
     ENV_ADMIN_KEY,
     ENV_API_KEY,
@@ -33,13 +38,14 @@ from sage_mq.settings import (
     GatewayOptions,
     runtimes_from_env,
 )
+from sage_mq.store import EngineRecord
 
 
 def up(
     preset: Annotated[
         str, typer.Option(help="A built-in preset's name or a preset file.")
     ] = "demo",
-    port: Annotated[int, typer.Option(help="The gateway's port.")] = 8000,
+    port: Annotated[int, typer.Option(min=0, max=65535, help="The gateway's port.")] = 8000,
     host: Annotated[str, typer.Option(help="The gateway's address.")] = "127.0.0.1",
     redis_url: Annotated[
         str | None,
@@ -74,6 +80,13 @@ def up(
     exposed(host, admin_key, insecure)
     keys = GatewayOptions(api_key=api_key or None, admin_key=admin_key or None)
 
+    try:
+        plan = load_preset(preset)  # a bad preset (or URL) is refused before anything starts
+        if redis_url:
+            check_redis_url(redis_url)
+    except SageMQError as exc:
+        fail(str(exc))
+
     async def main() -> int:
         plane = EmbeddedControlPlane(
             redis_url=redis_url,
@@ -89,27 +102,51 @@ def up(
                 runtimes=parse_runtimes([*runtimes_from_env(), *(runtime or [])]),
             ),
         )
+        on_signals(plane.stop)  # while starting too: what started is stopped, nothing is left
         async with plane:
-            on_signals(plane.stop)
             freeze_startup_heap()  # a process that is only sage-mq: see its docstring
-            records = await plane.apply(preset)
-            where = redact_url(plane.local.url if plane.local else (redis_url or ""))
-            console.print(f"[green]sage-mq is up[/green] (preset {preset})", highlight=False)
-            console.print(f"  OpenAI API   {plane.gateway_url}", highlight=False)
-            console.print(f"  management   http://{host}:{port}/v1/management", highlight=False)
-            console.print(f"  Redis        {where}", highlight=False)
-            console.print(f"  keys         {_keys_line(keys)}", highlight=False)
-            table = Table("ENGINE", "MODEL", "KIND", "STATE", "URL")
-            for r in records:
-                table.add_row(r.engine_id, r.served_name, r.kind, r.state.value, r.url or "-")
-            console.print(table)
-            console.print("Ctrl-C stops everything.", highlight=False)
-            await plane.run()
-            console.print("stopping…", highlight=False)
+            fleet = None
+            if plane.local is not None:  # for the CLI in other shells (see sage_mq.fleetfile)
+                settings = plane.settings
+                fleet = UpFleet.of_this_process(
+                    settings.redis_url, settings.namespace, plane.gateway_url
+                )
+                fleet.write()
+            try:
+                records = await plane.apply(plan)
+                if not plane.stopping:  # else Ctrl-C came while it started
+                    _banner(plane, preset, records, redis_url, keys)
+                    await plane.run()
+                console.print("stopping…")
+            finally:
+                if fleet is not None:
+                    fleet.remove()
         return plane.engines_stopped
 
     count = run(main)
-    console.print(f"stopped {count} engine(s) and every process; nothing is left", highlight=False)
+    console.print(f"stopped {count} engine(s) and every process; nothing is left")
+
+
+def _banner(
+    plane: EmbeddedControlPlane,
+    preset: str,
+    records: list[EngineRecord],
+    redis_url: str | None,
+    keys: GatewayOptions,
+) -> None:
+    where = redact_url(redis_url or "")
+    if plane.local is not None:
+        where = f"{plane.local.url} (its own: {plane.local.executable})"
+    console.print(Text.assemble(("sage-mq is up", "green"), f" (preset {preset})"))
+    console.print(f"  OpenAI API   {plane.gateway_url}")
+    console.print(f"  management   http://{plane.host}:{plane.port}/v1/management")
+    console.print(f"  Redis        {where}")
+    console.print(f"  keys         {_keys_line(keys)}")
+    table = Table("ENGINE", "MODEL", "KIND", "STATE", "URL")
+    for r in records:
+        table.add_row(r.engine_id, r.served_name, r.kind, r.state.value, r.url or "-")
+    console.print(table)
+    console.print("Ctrl-C stops everything.")
 
 
 def _keys_line(keys: GatewayOptions) -> str:

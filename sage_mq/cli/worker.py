@@ -10,7 +10,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from sage_mq.batch import DEFAULT_QUEUES, make_worker
 from sage_mq.batch.sweeper import start_sweeper
 from sage_mq.batch.worker import DEFAULT_CONCURRENCY
-from sage_mq.cli.common import DEFAULT_URL, LogLevel, RedisUrl, fail, settings_for
+from sage_mq.cli.common import LogLevel, RedisUrl, fail, settings_for
 from sage_mq.connection import redact_url
 from sage_mq.errors import SageMQError
 
@@ -27,7 +27,7 @@ def worker_run(
     concurrency: Annotated[
         int, typer.Option(help="Requests a job keeps in flight at once.")
     ] = DEFAULT_CONCURRENCY,
-    redis_url: RedisUrl = DEFAULT_URL,
+    redis_url: RedisUrl = None,
     log_level: LogLevel = "INFO",
 ) -> None:
     """Run one worker until SIGINT/SIGTERM (a job in progress is finished first; a second
@@ -36,7 +36,8 @@ def worker_run(
     try:
         worker = make_worker(settings, queues.split(","), name=name, concurrency=concurrency)
         typer.echo(
-            f"worker {worker.name} on {', '.join(worker.queue_names())} at {redact_url(redis_url)}",
+            f"worker {worker.name} on {', '.join(worker.queue_names())} "
+            f"at {redact_url(settings.redis_url)}",
             err=True,
         )
         start_sweeper(settings)  # chunks whose worker was killed get run again
@@ -44,4 +45,4 @@ def worker_run(
     except SageMQError as exc:
         fail(str(exc))
     except RedisConnectionError as exc:
-        fail(f"Redis unreachable at {redact_url(redis_url)}: {exc}")
+        fail(f"Redis unreachable at {redact_url(settings.redis_url)}: {exc}")

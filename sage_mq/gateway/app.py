@@ -16,6 +16,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from sage_mq.batch.service import BatchService
 from sage_mq.broker import Broker
+from sage_mq.connection import check_server
 from sage_mq.control import ControlPlaneManager
 from sage_mq.errors import ControlPlaneUnavailable, SageMQError
 from sage_mq.gateway.auth import KeyCheck
@@ -100,6 +101,7 @@ def create_app(
         broker = Broker(settings)
         registry = Registry(broker.store, broker.bus)
         with contextlib.suppress(ControlPlaneUnavailable):
+            await check_server(broker.redis)
             await registry.load()  # if Redis is away, follow() keeps trying
         follow = asyncio.create_task(registry.follow(), name="registry")
         upstream = Upstream()

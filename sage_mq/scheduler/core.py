@@ -112,6 +112,10 @@ class Scheduler(Actor):
             takeover=takeover,
         )
 
+    async def start(self) -> None:
+        """Refuse a Redis too old for the fleet, in one line, before anything else."""
+        await self.broker.refuse_old_server()
+
     async def run(self, *, until_idle: bool = False) -> None:
         """Stand by for the leader lease; lead while holding it; return when stopped.
 

@@ -127,7 +127,15 @@ def _candidates(demand: Demand, nodes: Sequence[NodeView]) -> list[NodeView]:
             live = ", ".join(sorted(n.node_id for n in nodes)) or "none"
             raise PlacementError(f"node {demand.node!r} is not live (live nodes: {live})")
         raise PlacementError("no live node: start one with `sage llm node run --node-id ID`")
-    refusals = {n.node_id: demand.refusal(n) for n in pinned}
+    # Nodes of one fleet mostly share their port range and allowances: judge each kind once
+    # (at 1,000 nodes this was most of a placement's cost).
+    judged: dict[tuple[tuple[int, int], NodeAllowances], str | None] = {}
+    refusals = {}
+    for n in pinned:
+        kind = (n.port_range, n.allowances)
+        if kind not in judged:
+            judged[kind] = demand.refusal(n)
+        refusals[n.node_id] = judged[kind]
     allowed = [n for n in pinned if refusals[n.node_id] is None]
     if not allowed:
         reasons = sorted({r for r in refusals.values() if r is not None})

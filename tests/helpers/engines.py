@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from typing import Any
@@ -55,3 +56,16 @@ def engine_processes(state_dir: Path) -> list[psutil.Process]:
 def marked_env(state_dir: Path, **extra: str) -> dict[str, str]:
     """The environment engines get in tests: marked so a test can find its own processes."""
     return {**os.environ, "SAGE_TEST_MARK": str(state_dir), **extra}
+
+
+def marked_processes(state_dir: Path) -> list[str]:
+    """Every live process a test started with ``state_dir`` as its marker (engines, workers,
+    a private Redis: each inherits the environment), as command lines."""
+    found = []
+    for proc in psutil.process_iter(["cmdline", "status"]):
+        if proc.info["status"] == psutil.STATUS_ZOMBIE:
+            continue
+        with contextlib.suppress(psutil.Error, OSError):
+            if proc.environ().get("SAGE_TEST_MARK") == str(state_dir):
+                found.append(" ".join(proc.info["cmdline"] or []))
+    return found

@@ -7,8 +7,10 @@ import os
 import shutil
 import signal
 import socket
+import socketserver
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -121,3 +123,54 @@ class Processes:
                 os.killpg(proc.pid, signal.SIGKILL)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(5)
+
+
+class OldRedis:
+    """A TCP server that answers ``HELLO`` and ``PING`` as a Redis of ``version`` would (and
+    refuses every other command), to show what a fleet does on a server too old for it."""
+
+    def __init__(self, version: str = "6.2.6") -> None:
+        self.version = version
+        self.port = free_port()
+        self._server = socketserver.ThreadingTCPServer(("127.0.0.1", self.port), self._handler())
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def __enter__(self) -> OldRedis:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    def _handler(self) -> type[socketserver.StreamRequestHandler]:
+        version = self.version
+
+        class Handler(socketserver.StreamRequestHandler):
+            def handle(self) -> None:
+                while (line := self.rfile.readline()).startswith(b"*"):
+                    args = []
+                    for _ in range(int(line[1:])):
+                        size = int(self.rfile.readline()[1:])
+                        args.append(self.rfile.read(size + 2)[:-2].decode())
+                    self.wfile.write(_answer(args, version))
+
+        return Handler
+
+
+def _answer(args: list[str], version: str) -> bytes:
+    if args and args[0].upper() == "HELLO":  # in the protocol asked for (RESP3: a map)
+        resp3 = args[1:2] == ["3"]
+        fields = ["server", "redis", "version", version, "proto", "3" if resp3 else "2"]
+        head = f"%{len(fields) // 2}" if resp3 else f"*{len(fields)}"
+        return f"{head}\r\n".encode() + b"".join(
+            (f":{f}" if f in "23" else f"${len(f)}\r\n{f}").encode() + b"\r\n" for f in fields
+        )
+    if args and args[0].upper() == "PING":
+        return b"+PONG\r\n"
+    return b"-ERR unknown command\r\n"
