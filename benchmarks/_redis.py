@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import shutil
 import socket
 import subprocess
 import tempfile
@@ -11,6 +10,9 @@ import time
 from collections.abc import Iterator
 
 import redis
+
+from sage_mq.errors import ConfigError
+from sage_mq.local_redis import redis_executable
 
 
 def free_port() -> int:
@@ -22,10 +24,12 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def redis_server() -> Iterator[str]:
-    """Start redis-server on a free loopback port; yields its URL."""
-    exe = shutil.which("redis-server")
-    if exe is None:
-        raise SystemExit("redis-server is not on PATH")
+    """Start a Redis on a free loopback port (the one `sage llm up` would: redis-server 7+ from
+    PATH, else the bundled Valkey); yields its URL."""
+    try:
+        exe = redis_executable()
+    except ConfigError as exc:
+        raise SystemExit(str(exc)) from None
     port = free_port()
     with tempfile.TemporaryDirectory() as workdir:
         proc = subprocess.Popen(

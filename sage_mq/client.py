@@ -149,7 +149,12 @@ class UnifiedInferenceClient:
         registry = Registry(broker.store, broker.bus)
         await registry.load()
         follow = asyncio.get_running_loop().create_task(registry.follow())
-        self._closers.append(follow.cancel)
+
+        async def stop_following() -> None:  # ended here, before the loop stops
+            follow.cancel()
+            await asyncio.gather(follow, return_exceptions=True)
+
+        self._closers.append(stop_following)
         self._batches = RedisBatches(BatchService(settings, broker.redis), self._loop.run)
         return DirectTransport(registry, router, timeout)
 

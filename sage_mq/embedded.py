@@ -290,16 +290,17 @@ class EmbeddedControlPlane(Actor):
             if self.local is None:  # a shared fleet: what we started, through its scheduler
                 with contextlib.suppress(SageMQError):
                     await self._stop_started(control)
-            else:  # our own Redis, gone next with every record: no one need keep them right
-                scheduler.stop()
+            # Our own Redis is gone next with every record: no one need keep them right. The
+            # actors end first, so that no launch is still under way when the engines are
+            # stopped (one that was would be left running).
+            agent.stop()
+            scheduler.stop()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
             with contextlib.suppress(SageMQError):  # what still runs here, all at once
                 self.engines_stopped = await agent.stop_all_engines(
                     None if self.local else self.started
                 )
-            agent.stop()
-            scheduler.stop()
             await gateway.stop()
-            await asyncio.gather(*self._tasks, return_exceptions=True)
             await agent.close()
             await scheduler.close()
             await control.close()

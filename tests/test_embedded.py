@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import re
 import signal
 import socket
@@ -223,10 +224,11 @@ def test_the_cli_finds_the_fleet_up_runs_and_the_readme_quick_start_works_on_it(
         env = marked_env(tmp_path, SAGE_MQ_STATE_DIR=str(tmp_path), COLUMNS="200")
         env.pop("SAGE_MQ_REDIS_URL", None)
 
-        def sage(*args: str) -> str:
+        def sage(*args: str, code: int = 0, columns: int = 200) -> str:
             argv = [sys.executable, "-m", "sage_mq", "llm", *args]
-            done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120)
-            assert done.returncode == 0, done.stdout + done.stderr
+            run_env = env | {"COLUMNS": str(columns)}
+            done = subprocess.run(argv, env=run_env, capture_output=True, text=True, timeout=120)
+            assert done.returncode == code, done.stdout + done.stderr
             return done.stdout + done.stderr
 
         status = sage("status")
@@ -236,7 +238,39 @@ def test_the_cli_finds_the_fleet_up_runs_and_the_readme_quick_start_works_on_it(
         assert "engines     2: RUNNING 2" in status, status
         started = sage("engine", "start", "demo", "--backend", "fake", "--no-gpu", "--wait")
         (engine_id,) = re.findall(r"^(demo-\w+) RUNNING at", started, re.MULTILINE)
-        assert engine_id in sage("engine", "list")
-        sage("engine", "stop", engine_id)
-        up.ctrl_c()
+        narrow = sage("engine", "list", columns=80)
+        assert engine_id in narrow and "…" not in narrow and "left out at this width" in narrow
+        assert max(len(line) for line in narrow.splitlines()) <= 80
+        assert sage("chat", "demo-chat", "hello there") == "[demo-chat] You said: hello there\n"
+        said = sage("chat", "nope", "hi", code=1)
+        assert said.startswith("error: ") and "nope" in said and "Traceback" not in said
+        events = sage("events", "--type", "engine.ready", "--engine", engine_id)
+        assert len(events.splitlines()) == 1 and "engine.ready" in events, events
+        assert "node.health" not in sage("events", "-t", "engine.", "-n", "500")
+        up.ctrl_c()  # with the quick start's engine still running: it is stopped too
+    assert "stopped 3 engine(s)" in up.out.read_text() and engine_processes(tmp_path) == []
     assert not (tmp_path / "fleet.json").exists()
+
+
+def test_a_dry_run_plans_the_preset_on_the_live_fleet(tmp_path: Path) -> None:
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(
+        "name: demo\nengines:\n"
+        "  - {name: chat, model: demo-chat, backend: fake, use_gpu: false}\n"  # up's own
+        "  - {name: extra, model: extra, backend: fake, use_gpu: false, port: 40777}\n"
+        "  - {name: big, model: big, backend: fake, use_gpu: true}\n"  # no GPU on this node
+    )
+    with running_up(tmp_path) as up:
+        env = marked_env(tmp_path, SAGE_MQ_STATE_DIR=str(tmp_path), COLUMNS="200")
+        env.pop("SAGE_MQ_REDIS_URL", None)
+        argv = [sys.executable, "-m", "sage_mq", "llm", "preset", "apply", str(plan), "--dry-run"]
+        done = subprocess.run([*argv, "--json"], env=env, capture_output=True, text=True)
+        steps = {s["engine_id"]: s for s in json.loads(done.stdout)["engines"]}
+        assert done.returncode == 1 and steps["demo-chat"]["action"] == "keep"
+        assert (steps["demo-extra"]["action"], steps["demo-extra"]["port"]) == ("start", 40777)
+        assert steps["demo-big"]["action"] == "refused" and "GPU" in steps["demo-big"]["reason"]
+        said = subprocess.run(argv, env=env, capture_output=True, text=True)
+        last = said.stderr.strip().splitlines()[-1]
+        assert last.startswith("error: preset demo would not start as the fleet is now: demo-big")
+        assert "demo-extra" not in httpx.get(f"{up.base}/v1/models", timeout=10).text
+        up.ctrl_c()

@@ -97,6 +97,16 @@ class Records:
                 rows: list[dict[str, str]] = await pipe.execute()
         return rows
 
+    async def delete_file(self, file_id: str) -> bool:
+        """Remove a file's record, lines and listing; False if there was none."""
+        with redis_errors("deleting a file"):
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.delete(self.keys.file(file_id))
+                pipe.delete(self.keys.file_lines(file_id))
+                pipe.zrem(self.keys.files, file_id)
+                deleted, _lines, _listed = await pipe.execute()
+        return bool(deleted)
+
     async def file_lines(self, file_id: str, slice_size: int = 10_000) -> list[str]:
         """A file's lines, read a slice at a time (each a short turn of the event loop)."""
         lines: list[str] = []

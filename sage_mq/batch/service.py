@@ -27,6 +27,10 @@ class BatchNotFound(InvalidRequest):
     """No batch or file with that id."""
 
 
+class BatchNotCancellable(InvalidRequest):
+    """The batch ended before the cancel came (completed, failed or expired)."""
+
+
 class BatchService:
     """Batches over the fleet's Redis; chunks go to the rq queue ``<namespace>:batch``."""
 
@@ -123,6 +127,13 @@ class BatchService:
         data = [await self._expired_if_due(b) for b in await self.records.get_batches(ids)]
         return _page(data, more)
 
+    async def delete_file(self, file_id: str) -> dict[str, Any]:
+        """Delete a file (its record and lines); batches made from it keep their own copy of
+        its requests."""
+        if not await self.records.delete_file(file_id):
+            raise BatchNotFound(f"no file {file_id!r}")
+        return {"id": file_id, "object": "file", "deleted": True}
+
     async def list_files(
         self, after: str | None = None, limit: int = 10000, purpose: str | None = None
     ) -> dict[str, Any]:
@@ -138,10 +149,15 @@ class BatchService:
 
     async def cancel(self, batch_id: str) -> dict[str, Any]:
         """Stop a batch: queued chunks will not run, running ones stop between requests, and
-        what finished stays in its output file."""
+        what finished stays in its output file. One that has ended otherwise cannot be (409,
+        as OpenAI answers); cancelling twice answers the same."""
         batch = await self.get(batch_id)
-        if batch["status"] in FINAL or batch["status"] == "cancelling":
-            return batch
+        if batch["status"] in ("cancelling", "cancelled"):
+            return batch  # asked twice: the same answer
+        if batch["status"] in FINAL:
+            raise BatchNotCancellable(
+                f"cannot cancel batch {batch_id}: its status is {batch['status']!r}"
+            )
         await self.records.update_batch(batch_id, status="cancelling", cancelling_at=_now())
         await release_idle_chunks(self.records, batch_id)  # ends it now if nothing is running
         return await self.get(batch_id)

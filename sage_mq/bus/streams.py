@@ -116,12 +116,16 @@ class Bus:
         newest = await self.newest(stream)
         return newest[0] if newest else "0-0"
 
-    async def history(self, stream: str, count: int = 100) -> list[Entry]:
-        """The newest ``count`` entries, oldest first (none for a count of 0)."""
+    async def history(
+        self, stream: str, count: int = 100, *, before: str | None = None
+    ) -> list[Entry]:
+        """The newest ``count`` entries (older than entry ``before``, if given), oldest first;
+        none for a count of 0."""
         if count <= 0:
             return []
+        newest = f"({before}" if before else "+"
         with redis_errors(f"reading {stream}"):
-            rows = await self.redis.xrevrange(stream, count=count)
+            rows = await self.redis.xrevrange(stream, max=newest, count=count)
         return [(str(i), dict(f)) for i, f in reversed(rows)]
 
     async def tail(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from sage_mq.cli.actors import node_app, scheduler_app
+from sage_mq.cli.ask import chat
 from sage_mq.cli.engine import engine_app
 from sage_mq.cli.gateway import gateway_app
 from sage_mq.cli.observe import events, gpu, status
@@ -29,6 +30,7 @@ llm_app.command("up")(up)
 llm_app.command("status")(status)
 llm_app.command("events")(events)
 llm_app.command("gpu")(gpu)
+llm_app.command("chat")(chat)
 
 
 def main() -> None:

@@ -7,13 +7,15 @@ import json
 import logging
 import signal
 import sys
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, NoReturn, TypeVar
 
 import typer
 from redis.exceptions import InvalidResponse, RedisError
 from rich.console import Console
+from rich.table import Table
 from rich.text import Text
 
 from sage_mq.connection import check_redis_url
@@ -197,6 +199,36 @@ def setup_logging(level: str) -> None:
         stream=sys.stderr,
     )
     logging.getLogger("httpx").setLevel(logging.WARNING)
+
+
+@dataclass(frozen=True)
+class Column:
+    """A table column: its header, and how soon it gives way on a narrow terminal (0: never)."""
+
+    header: str
+    drop_order: int = 0
+
+
+def print_fitted(columns: Sequence[Column], rows: Sequence[Sequence[str | Text]]) -> None:
+    """A table that fits the terminal: whole cells (ids and URLs are never cut), and the
+    columns that give way first left out, with a line that says which."""
+    widths = [len(c.header) for c in columns]
+    for row in rows:
+        widths = [max(w, Text(cell).cell_len if isinstance(cell, str) else cell.cell_len)
+                  for w, cell in zip(widths, row, strict=True)]  # fmt: skip
+    shown = list(range(len(columns)))
+    droppable = sorted((c.drop_order, i) for i, c in enumerate(columns) if c.drop_order)
+    while sum(widths[i] + 3 for i in shown) + 1 > console.width and droppable:
+        shown.remove(droppable.pop()[1])
+    table = Table(*(columns[i].header for i in shown))
+    for column in table.columns:
+        column.overflow = "fold"  # wrapped, never "…"
+    for row in rows:
+        table.add_row(*(row[i] for i in shown))
+    console.print(table)
+    hidden = [c.header for i, c in enumerate(columns) if i not in shown]
+    if hidden:
+        console.print(f"({', '.join(hidden)} left out at this width; --json shows everything)")
 
 
 def print_json(data: Any) -> None:

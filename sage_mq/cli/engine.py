@@ -8,15 +8,16 @@ from collections.abc import Mapping
 from typing import Annotated
 
 import typer
-from rich.table import Table
 from rich.text import Text
 
 from sage_mq.cli.common import (
+    Column,
     EngineIdArg,
     JsonFlag,
     RedisUrl,
     console,
     fail,
+    print_fitted,
     print_json,
     run,
     settings_for,
@@ -153,35 +154,39 @@ def list_engines(json_output: JsonFlag = False, redis_url: RedisUrl = None) -> N
     if json_output:
         print_json([r.public() for r in records])
         return
-    table = Table(
-        "ENGINE",
-        "MODEL",
-        "KIND",
-        "BACKEND",
-        "STATE",
-        "NODE",
-        "URL",
-        "GPUS",
-        "PID",
-        "RESTARTS",
-        "LAST ERROR",
-    )
-    for r in records:
-        style = _STATE_STYLE.get(r.state.value, "")
-        table.add_row(
+    rows: list[list[str | Text]] = [
+        [
             r.engine_id,
             r.served_name,
             r.kind,
             r.backend,
-            Text(r.state.value, style=style),
+            Text(r.state.value, style=_STATE_STYLE.get(r.state.value, "")),
             r.node or "-",
             r.url or "-",
             ",".join(map(str, r.gpus)) or "-",
             str(r.pid or "-"),
             str(r.restarts),
             (r.last_error or "")[:60],
-        )
-    console.print(table)
+        ]
+        for r in records
+    ]
+    print_fitted(_ENGINE_COLUMNS, rows)
+
+
+_ENGINE_COLUMNS = (
+    Column("ENGINE"),
+    Column("MODEL"),
+    Column("KIND", 5),
+    Column("BACKEND", 6),
+    Column("STATE"),
+    Column("NODE", 2),
+    Column("URL", 1),
+    Column("GPUS", 7),
+    Column("PID", 8),
+    Column("RESTARTS", 4),
+    Column("LAST ERROR", 3),
+)
+"""engine list's columns; on a narrow terminal PID goes first, then GPUS, BACKEND, KIND, …"""
 
 
 @engine_app.command("stop")

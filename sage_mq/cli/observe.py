@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import json
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 import typer
@@ -83,10 +84,20 @@ def events(
     count: Annotated[
         int, typer.Option("--count", "-n", min=0, help="How many past events (0: only new).")
     ] = 50,
+    types: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--type",
+            "-t",
+            help="Only events of this type (repeat for more; `engine.` takes every engine.*).",
+        ),
+    ] = None,
+    engine: Annotated[str | None, typer.Option(help="Only events about this engine.")] = None,
     json_output: JsonFlag = False,
     redis_url: RedisUrl = None,
 ) -> None:
-    """Recent events from ``sage:events`` (every step of every engine)."""
+    """Recent events from ``sage:events`` (every step of every engine), oldest first."""
+    wanted = EventFilter(tuple(types or ()), engine)
 
     def show(entry_id: str, fields: dict[str, str]) -> None:
         fields = _hide_env(fields)
@@ -97,16 +108,59 @@ def events(
 
     async def main() -> None:
         async with ControlPlaneManager(settings_for(redis_url)) as cp:
-            rows = await cp.bus.history(cp.keys.events, count)
+            rows = await _newest_matching(cp, wanted, count)
             for entry_id, fields in rows:
                 show(entry_id, fields)
             if follow:
                 cursor = rows[-1][0] if rows else "$"
                 async for entry_id, fields in cp.bus.tail(cp.keys.events, cursor):
-                    if entry_id:
+                    if entry_id and wanted.takes(fields):
                         show(entry_id, fields)
 
     run(main)
+
+
+@dataclass(frozen=True)
+class EventFilter:
+    """Which events ``events`` shows: of these types (a type ending in ``.`` takes all that
+    begin with it), about this engine."""
+
+    types: tuple[str, ...] = ()
+    engine: str | None = None
+
+    def takes(self, fields: dict[str, str]) -> bool:
+        kind = fields.get("type", "")
+        if self.types and not any(
+            kind.startswith(t) if t.endswith(".") else kind == t for t in self.types
+        ):
+            return False
+        if self.engine is None:
+            return True
+        try:
+            data = json.loads(fields.get("data") or "{}")
+        except json.JSONDecodeError:
+            return False
+        return isinstance(data, dict) and data.get("engine_id") == self.engine
+
+
+_PAGE = 1000
+
+
+async def _newest_matching(cp: ControlPlaneManager, wanted: EventFilter, count: int) -> list[Any]:
+    """The newest ``count`` events ``wanted`` takes, oldest first: read back a page at a time
+    (the stream is capped, so this ends)."""
+    if count <= 0:
+        return []
+    found: list[Any] = []
+    before = None
+    size = _PAGE if wanted.types or wanted.engine else count
+    while len(found) < count:
+        page = await cp.bus.history(cp.keys.events, size, before=before)
+        if not page:
+            break
+        found = [row for row in page if wanted.takes(row[1])] + found
+        before = page[0][0]
+    return found[-count:]
 
 
 def gpu(json_output: JsonFlag = False, redis_url: RedisUrl = None) -> None:

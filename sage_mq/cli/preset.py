@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from typing import Annotated
 
 import typer
@@ -10,18 +11,23 @@ from rich.table import Table
 from rich.text import Text
 
 from sage_mq.cli.common import (
+    Column,
     JsonFlag,
     RedisUrl,
     console,
     fail,
+    print_fitted,
     print_json,
     run,
     settings_for,
 )
 from sage_mq.cli.engine import show_progress
 from sage_mq.control import ControlPlaneManager
+from sage_mq.dryrun import Step, plan
 from sage_mq.engines.env_policy import masked
 from sage_mq.presets import BUILTIN_DIR, Preset, PresetError, builtin_names, load_preset
+from sage_mq.scheduler.fleet import FleetView
+from sage_mq.settings import Settings
 from sage_mq.store import EngineRecord
 
 preset_app = typer.Typer(help="Named sets of engines, started with one command.")
@@ -67,7 +73,12 @@ def show(name: NameOrFile, json_output: JsonFlag = False) -> None:
 def apply(
     name: NameOrFile,
     dry_run: Annotated[
-        bool, typer.Option("--dry-run", help="Check the preset and show the plan only.")
+        bool,
+        typer.Option(
+            "--dry-run",
+            help="Show what it would do on the fleet as it is now (where each engine would go, "
+            "or why it would not start); change nothing.",
+        ),
     ] = False,
     wait: Annotated[
         bool, typer.Option("--wait/--no-wait", help="Wait until every engine is RUNNING.")
@@ -85,7 +96,7 @@ def apply(
     """Start every engine of a preset (engines already running are left as they are)."""
     preset = _load(name)  # a bad file is refused here, before anything starts
     if dry_run:
-        _plan(preset, json_output)
+        _dry_run(preset, settings_for(redis_url), json_output)
         return
 
     async def main() -> list[EngineRecord]:
@@ -113,14 +124,49 @@ def _load(name: str) -> Preset:
         fail(str(exc))
 
 
-def _plan(preset: Preset, json_output: bool) -> None:
-    plan = [
-        {"engine_id": preset.engine_id(e), "model": e.model, "kind": e.kind, "use_gpu": e.use_gpu}
-        for e in preset.engines
-    ]
+def _dry_run(preset: Preset, settings: Settings, json_output: bool) -> None:
+    """The plan on the live fleet; exit 1 if an engine would not start."""
+
+    async def look() -> list[Step]:
+        async with ControlPlaneManager(settings) as cp:
+            nodes = await FleetView(cp.store).live()
+            existing = {r.engine_id: r for r in await cp.list_engines()}
+        return plan(preset, nodes, existing)
+
+    steps = run(look)
+    refused = [s for s in steps if s.action == "refused"]
     if json_output:
-        print_json({"preset": preset.name, "engines": plan})
-        return
-    console.print(f"preset {preset.name} is valid; it would start:")
-    for step in plan:
-        console.print(f"  {step['engine_id']}: {step['model']} ({step['kind']})")
+        print_json(
+            {"preset": preset.name, "ok": not refused, "engines": [asdict(s) for s in steps]}
+        )
+    else:
+        rows: list[list[str | Text]] = [
+            [
+                s.engine_id,
+                s.model,
+                s.action,
+                s.node or "-",
+                ",".join(map(str, s.gpus)) or "-",
+                str(s.port or "-"),
+                s.reason or "",
+            ]
+            for s in steps
+        ]
+        print_fitted(_PLAN_COLUMNS, rows)
+    if refused:
+        first = refused[0]
+        fail(f"preset {preset.name} would not start as the fleet is now: {first.engine_id}: "
+             f"{first.reason}")  # fmt: skip
+    if not json_output:
+        console.print(f"preset {preset.name}: every engine would start (nothing was changed)")
+
+
+_PLAN_COLUMNS = (
+    Column("ENGINE"),
+    Column("MODEL"),
+    Column("ACTION"),
+    Column("NODE"),
+    Column("GPUS", 2),
+    Column("PORT", 1),
+    Column("WHY", 3),
+)

@@ -35,11 +35,12 @@ def worker_run(
     settings = settings_for(redis_url)
     try:
         worker = make_worker(settings, queues.split(","), name=name, concurrency=concurrency)
-        typer.echo(
-            f"worker {worker.name} on {', '.join(worker.queue_names())} "
-            f"at {redact_url(settings.redis_url)}",
-            err=True,
-        )
+        if log_level.upper() in ("DEBUG", "INFO"):  # up runs its worker at WARNING: quiet
+            typer.echo(
+                f"worker {worker.name} on {', '.join(worker.queue_names())} "
+                f"at {redact_url(settings.redis_url)}",
+                err=True,
+            )
         start_sweeper(settings)  # chunks whose worker was killed get run again
         worker.work(burst=burst, logging_level=log_level)
     except SageMQError as exc:

@@ -56,8 +56,12 @@ def build_app(model_name: str, encoder: Encoder, *, max_batch: int = 2048) -> St
         vectors = await run_in_threadpool(
             encoder.encode, texts, normalize_embeddings=True, convert_to_numpy=True
         )
+        try:
+            dimensions = shapes.dimensions_wanted(body, len(vectors[0]))
+        except ValueError as exc:
+            return JSONResponse(shapes.error_body(str(exc), param="dimensions"), 400)
         fmt = str(body.get("encoding_format") or "float")
-        rows = [[float(x) for x in v] for v in vectors]
+        rows = [shapes.shortened([float(x) for x in v], dimensions) for v in vectors]
         return JSONResponse(shapes.embeddings_body(model_name, rows, texts, fmt))
 
     return Starlette(

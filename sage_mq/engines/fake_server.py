@@ -43,10 +43,13 @@ class FakeEngine:
         self.latency_s = latency_ms / 1000
         self.stream_delay_s = stream_delay_ms / 1000
 
-    def answer(self, prompt: str, max_tokens: int | None) -> str:
-        """The deterministic answer to a prompt: an echo, cut to ``max_tokens`` words."""
+    def answer(self, prompt: str, max_tokens: int | None) -> shapes.Answer:
+        """The deterministic answer to a prompt: an echo, cut to ``max_tokens`` words (a word
+        is a token here), and why it ended (``length`` when cut, as an engine says)."""
         words = f"[{self.model}] You said: {prompt}".split()
-        return " ".join(words[: max_tokens or None]) if max_tokens else " ".join(words)
+        if max_tokens and len(words) > max_tokens:
+            return " ".join(words[:max_tokens]), "length"
+        return " ".join(words), "stop"
 
     def embed(self, text: str) -> list[float]:
         """A deterministic unit vector for a text."""
@@ -105,15 +108,20 @@ class _Api:
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
             return _bad("'messages' must be a non-empty list", "messages")
+        try:
+            n = shapes.choices_wanted(body)
+        except ValueError as exc:
+            return _bad(str(exc), "n")
         prompt = _last_user_text(messages)
         await self.engine.pause()
         limit = body.get("max_tokens") or body.get("max_completion_tokens")
-        content = self.engine.answer(prompt, limit)
-        model = self.engine.model
+        answers = [self.engine.answer(prompt, limit)] * n  # deterministic: n times the same
+        model, prompt_tokens = self.engine.model, len(prompt.split())
         if body.get("stream"):
-            chunks = _stream(model, content, self.engine.stream_delay_s)
+            counted = shapes.wants_usage_in_stream(body)
+            chunks = _stream(model, answers, prompt_tokens, counted, self.engine.stream_delay_s)
             return StreamingResponse(chunks, media_type="text/event-stream")
-        return JSONResponse(shapes.chat_body(model, content, len(prompt.split())))
+        return JSONResponse(shapes.chat_body(model, answers, prompt_tokens))
 
     async def completions(self, request: Request) -> Response:
         body = await _json(request)
@@ -122,9 +130,13 @@ class _Api:
         prompt = body.get("prompt")
         if not isinstance(prompt, str):
             return _bad("'prompt' must be a string", "prompt")
+        try:
+            n = shapes.choices_wanted(body)
+        except ValueError as exc:
+            return _bad(str(exc), "n")
         await self.engine.pause()
-        text = self.engine.answer(prompt, body.get("max_tokens"))
-        return JSONResponse(shapes.completion_body(self.engine.model, text, len(prompt.split())))
+        answers = [self.engine.answer(prompt, body.get("max_tokens"))] * n
+        return JSONResponse(shapes.completion_body(self.engine.model, answers, len(prompt.split())))
 
     async def embeddings(self, request: Request) -> Response:
         body = await _json(request)
@@ -134,8 +146,12 @@ class _Api:
             texts = shapes.embedding_inputs(body)
         except ValueError as exc:
             return _bad(str(exc), "input")
+        try:
+            dimensions = shapes.dimensions_wanted(body, self.engine.dim)
+        except ValueError as exc:
+            return _bad(str(exc), "dimensions")
         await self.engine.pause()
-        vectors = [self.engine.embed(t) for t in texts]
+        vectors = [shapes.shortened(self.engine.embed(t), dimensions) for t in texts]
         fmt = str(body.get("encoding_format") or "float")
         return JSONResponse(shapes.embeddings_body(self.engine.model, vectors, texts, fmt))
 
@@ -162,14 +178,27 @@ def _last_user_text(messages: list[Any]) -> str:
     return ""
 
 
-async def _stream(model: str, content: str, delay_s: float) -> AsyncIterator[str]:
+async def _stream(
+    model: str, answers: list[shapes.Answer], prompt_tokens: int, counted: bool, delay_s: float
+) -> AsyncIterator[str]:
+    """Each answer word by word (choice after choice), its end, then the usage if asked."""
     chunk_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
-    yield _sse(shapes.chat_chunk(chunk_id, model, {"role": "assistant", "content": ""}, None))
-    for i, word in enumerate(content.split()):
-        if delay_s:
-            await asyncio.sleep(delay_s)
-        yield _sse(shapes.chat_chunk(chunk_id, model, {"content": (" " if i else "") + word}, None))
-    yield _sse(shapes.chat_chunk(chunk_id, model, {}, "stop"))
+
+    def chunk(index: int, delta: dict[str, str], finish: str | None) -> str:
+        return _sse(
+            shapes.chat_chunk(chunk_id, model, delta, finish, index=index, with_usage=counted)
+        )
+
+    for index, (text, finish) in enumerate(answers):
+        yield chunk(index, {"role": "assistant", "content": ""}, None)
+        for i, word in enumerate(text.split()):
+            if delay_s:
+                await asyncio.sleep(delay_s)
+            yield chunk(index, {"content": (" " if i else "") + word}, None)
+        yield chunk(index, {}, finish)
+    if counted:
+        done = sum(len(text.split()) for text, _ in answers)
+        yield _sse(shapes.usage_chunk(chunk_id, model, shapes.usage(prompt_tokens, done)))
     yield "data: [DONE]\n\n"
 
 

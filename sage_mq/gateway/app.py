@@ -11,7 +11,7 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
-from starlette.responses import Response
+from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from sage_mq.batch.service import BatchService
@@ -26,12 +26,17 @@ from sage_mq.gateway.limits import MAX_BODY_BYTES, BodyLimits
 from sage_mq.gateway.management import management_router
 from sage_mq.gateway.metrics import CONTENT_TYPE, GatewayMetrics
 from sage_mq.gateway.openapi import document
-from sage_mq.gateway.proxy import Forwarder
+from sage_mq.gateway.proxy import Forwarder, openai_error
 from sage_mq.gateway.refusals import on_bad_body, on_http_error, on_our_error, on_too_deep
 from sage_mq.registry import Registry
 from sage_mq.routing import Router
 from sage_mq.settings import GatewayOptions, Settings
 from sage_mq.upstream import Upstream
+
+
+def _model(name: str) -> dict[str, Any]:
+    """OpenAI's model object for a model the fleet serves."""
+    return {"id": name, "object": "model", "created": 0, "owned_by": "sage-mq"}
 
 
 def app_from_env() -> FastAPI:
@@ -140,10 +145,13 @@ def create_app(
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        data = [
-            {"id": m, "object": "model", "created": 0, "owned_by": "sage-mq"}
-            for m in parts["registry"].models()
-        ]
-        return {"object": "list", "data": data}
+        return {"object": "list", "data": [_model(m) for m in parts["registry"].models()]}
+
+    @app.get("/v1/models/{model:path}")
+    async def model(model: str) -> Response:
+        if model in parts["registry"].models():
+            return JSONResponse(_model(model))
+        message = f"the model {model!r} is not served here (see GET /v1/models)"
+        return openai_error(404, message, "invalid_request_error", "model_not_found", "model")
 
     return app

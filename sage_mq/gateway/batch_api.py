@@ -1,6 +1,7 @@
 """OpenAI's Batch API on the gateway: files (``purpose=batch``) and batches.
 
-``POST /v1/files``, ``GET /v1/files``, ``GET /v1/files/{id}``, ``GET /v1/files/{id}/content``,
+``POST /v1/files``, ``GET /v1/files``, ``GET /v1/files/{id}``, ``DELETE /v1/files/{id}``,
+``GET /v1/files/{id}/content``,
 ``POST /v1/batches``, ``GET /v1/batches``, ``GET /v1/batches/{id}``,
 ``POST /v1/batches/{id}/cancel``; and one of ours, ``GET /v1/batches/{id}/results?after=N``:
 output and error lines in the order they finished, for callers who want results before the
@@ -17,7 +18,7 @@ from fastapi import APIRouter, File, Form, Path, Query, UploadFile
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
 from starlette.responses import JSONResponse, Response
 
-from sage_mq.batch.service import BatchNotFound, BatchService
+from sage_mq.batch.service import BatchNotCancellable, BatchNotFound, BatchService
 from sage_mq.errors import ControlPlaneUnavailable, InvalidRequest
 from sage_mq.fields import storable_text
 from sage_mq.gateway.proxy import openai_error
@@ -73,6 +74,10 @@ def _file_routes(router: APIRouter, service: Callable[[], BatchService]) -> None
     @router.get("/files/{file_id}")
     async def file_info(file_id: FileId) -> Response:
         return await _answer(_must(service().records.get_file(file_id), f"no file {file_id!r}"))
+
+    @router.delete("/files/{file_id}")
+    async def delete_file(file_id: FileId) -> Response:
+        return await _answer(service().delete_file(file_id))
 
     @router.get("/files/{file_id}/content")
     async def file_content(file_id: FileId) -> Response:
@@ -130,6 +135,8 @@ async def _answer(pending: Any) -> Response:
         return JSONResponse(await pending)
     except BatchNotFound as exc:
         return openai_error(404, str(exc), "invalid_request_error", "not_found")
+    except BatchNotCancellable as exc:
+        return openai_error(409, str(exc), "invalid_request_error", "batch_not_cancellable")
     except InvalidRequest as exc:
         return _bad(str(exc))
     except ControlPlaneUnavailable as exc:

@@ -22,9 +22,11 @@ from sage_mq.upstream import Upstream, UpstreamError, UpstreamResponse
 log = logging.getLogger(__name__)
 
 
-def openai_error(status: int, message: str, kind: str, code: str | None = None) -> JSONResponse:
+def openai_error(
+    status: int, message: str, kind: str, code: str | None = None, param: str | None = None
+) -> JSONResponse:
     """An error in OpenAI's shape: ``{"error": {"message", "type", "param", "code"}}``."""
-    body = {"error": {"message": message, "type": kind, "param": None, "code": code}}
+    body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
     return JSONResponse(body, status_code=status)
 
 
@@ -40,6 +42,9 @@ class Forwarder:
         replicas = self.registry.replicas(model)
         if not replicas:
             return self._nothing_serves(model)
+        kind = KIND_OF_PATH.get(path)
+        if kind is not None and all(r.kind != kind for r in replicas):
+            return _wrong_kind(model, replicas[0].kind, path)
         walk = Failover(self.router, model)
         while True:
             try:
@@ -133,7 +138,29 @@ class Forwarder:
             f"; models being served: {models}",
             "invalid_request_error",
             "model_not_found",
+            param="model",
         )
+
+
+KIND_OF_PATH = {
+    "/v1/chat/completions": "llm",
+    "/v1/completions": "llm",
+    "/v1/embeddings": "embedding",
+}
+"""The engine kind each inference path is for."""
+_PATH_FOR_KIND = {"llm": "/v1/chat/completions", "embedding": "/v1/embeddings"}
+
+
+def _wrong_kind(model: str, kind: str, path: str) -> JSONResponse:
+    """OpenAI's answer to a model sent to an endpoint it does not serve (404, param model)."""
+    return openai_error(
+        404,
+        f"{model!r} is an {'embedding' if kind == 'embedding' else 'LLM'} model and is not "
+        f"served on {path}; use {_PATH_FOR_KIND.get(kind, 'its own endpoint')}",
+        "invalid_request_error",
+        "model_not_supported",
+        param="model",
+    )
 
 
 def _last_event_end(buffer: bytes) -> int:

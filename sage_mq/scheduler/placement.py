@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 
 from sage_mq.engines.argv_policy import NodeAllowances, node_refusal
 from sage_mq.errors import InvalidRequest, PlacementError
+from sage_mq.memory import estimate_memory_gb
 from sage_mq.messages import StartEngine
+from sage_mq.spec import EngineSpec
 
 
 @dataclass(frozen=True)
@@ -81,6 +83,26 @@ def wants_gpu(kind: str, use_gpu: bool | None) -> bool:
     if use_gpu is None:
         return kind == "llm"
     return use_gpu
+
+
+def demand_for(spec: EngineSpec) -> Demand:
+    """What an engine of this spec needs of a node: GPUs and memory on each, and the node,
+    backend, arguments and port it asked for."""
+    gpu_count = spec.tensor_parallel_size * spec.pipeline_parallel_size
+    if not wants_gpu(spec.kind, spec.use_gpu):
+        gpu_count = 0
+    backend = spec.resolved_backend
+    total_gb = estimate_memory_gb(
+        spec.model, kind=spec.kind, backend=backend, required_memory_gb=spec.required_memory_gb
+    )
+    return Demand(
+        gpu_count,
+        total_gb / max(gpu_count, 1),
+        spec.node,
+        backend=backend,
+        extra_args=tuple(spec.extra_args),
+        port=spec.port,
+    )
 
 
 def check_request(req: StartEngine) -> None:
@@ -166,6 +188,19 @@ def _no_gpu_fits(demand: Demand, nodes: Sequence[NodeView]) -> str:
     if len(nodes) > _LISTED:
         seen.append(f"and {len(nodes) - _LISTED} more live node(s) with less free")
     return f"{need}; {'; '.join(seen)}"
+
+
+def with_engine(node: NodeView, placement: Placement, port: int) -> NodeView:
+    """The node as it would be with one more engine placed on it (a plan of several)."""
+    gpus = tuple(
+        replace(g, reserved_gb=g.reserved_gb + placement.memory_gb_per_gpu)
+        if g.index in placement.gpus
+        else g
+        for g in node.gpus
+    )
+    return replace(
+        node, gpus=gpus, engines=node.engines + 1, ports_in_use=node.ports_in_use | {port}
+    )
 
 
 def choose_port(node: NodeView, requested: int | None = None) -> int:

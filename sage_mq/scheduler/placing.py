@@ -6,7 +6,6 @@ import logging
 
 from sage_mq.engines.backends import gpu_memory_utilization
 from sage_mq.errors import InvalidRequest, PlacementError
-from sage_mq.memory import estimate_memory_gb
 from sage_mq.messages import (
     EngineFailed,
     EnginePlaced,
@@ -18,14 +17,13 @@ from sage_mq.messages import (
 )
 from sage_mq.scheduler.context import Context
 from sage_mq.scheduler.placement import (
-    Demand,
     NodeView,
     Placement,
     check_request,
     choose_port,
+    demand_for,
     place,
 )
-from sage_mq.scheduler.placement import wants_gpu as resolve_use_gpu
 from sage_mq.scheduler.tracking import Tracking
 from sage_mq.store import EngineRecord, EngineState, Reservation
 from sage_mq.wire import Envelope
@@ -78,23 +76,7 @@ class Placing:
 
     async def _place(self, record: EngineRecord) -> tuple[Placement, int]:
         nodes = await self.ctx.fleet.live()
-        wants = resolve_use_gpu(record.kind, record.use_gpu)
-        gpu_count = record.tensor_parallel_size * record.pipeline_parallel_size if wants else 0
-        total_gb = estimate_memory_gb(
-            record.model,
-            kind=record.kind,
-            backend=record.backend,
-            required_memory_gb=record.required_memory_gb,
-        )
-        demand = Demand(
-            gpu_count,
-            total_gb / max(gpu_count, 1),
-            record.requested_node,
-            backend=record.backend,
-            extra_args=tuple(record.extra_args),
-            port=record.requested_port,
-        )
-        placement = place(demand, nodes)
+        placement = place(demand_for(record.spec), nodes)
         node: NodeView | None = next(n for n in nodes if n.node_id == placement.node_id)
         for _attempt in range(3):
             if node is None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import signal
 import socket
 import socketserver
@@ -18,6 +17,8 @@ from pathlib import Path
 import pytest
 import redis
 
+from sage_mq.errors import ConfigError
+from sage_mq.local_redis import bundled_server, redis_executable
 from tests.helpers.tls import TlsFiles
 
 ROOT = Path(__file__).resolve().parent.parent.parent
@@ -52,9 +53,15 @@ class RedisServer:
         return f"rediss://{auth}127.0.0.1:{self.port}/0?ssl_ca_certs={self.tls.ca}"
 
     def start(self) -> None:
-        exe = shutil.which("redis-server")
-        if exe is None:
-            pytest.fail("redis-server is not on PATH (.ci/run installs it with apt-get)")
+        try:  # as `sage llm up` chooses: redis-server 7+ from PATH, else the bundled Valkey
+            exe = redis_executable()
+        except ConfigError as exc:
+            pytest.fail(str(exc))
+        if self.tls is not None and exe == bundled_server():
+            pytest.fail(
+                "TLS needs a redis-server built with it (apt-get install redis-server; .ci/run "
+                "does): the bundled Valkey has no TLS"
+            )
         argv = [
             exe,
             "--port",
