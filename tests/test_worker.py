@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 import zlib
+from pathlib import Path
 
 import pytest
 from rq import Queue
@@ -18,7 +19,7 @@ from rq.serializers import JSONSerializer
 from sage_mq.batch import make_worker, queue_name, rq_connection
 from sage_mq.errors import ConfigError
 from sage_mq.settings import ENV_NAMESPACE, ENV_REDIS_URL, Settings
-from tests.helpers.servers import Processes
+from tests.helpers.servers import Processes, RedisServer
 
 
 def _queue(settings: Settings) -> Queue:
@@ -138,3 +139,27 @@ def test_a_name_left_half_registered_by_a_redis_that_came_back_empty_is_taken(
     assert (
         "its previous run (its pid lost with Redis' data) is gone; taking its name" in done.stderr
     )
+
+
+def test_a_worker_outlives_redis_going_away_as_its_job_ends(
+    private_redis: RedisServer, processes: Processes, tmp_path: Path
+) -> None:
+    settings = Settings(redis_url=private_redis.url, namespace="outage")
+    worker = processes.sage("worker", ["llm", "worker", "run", "--name", "w9"], _env(settings))
+    job = _queue(settings).enqueue("time.sleep", 2.0)
+    deadline = time.monotonic() + 30
+    while job.get_status(refresh=True) != JobStatus.STARTED:
+        assert time.monotonic() < deadline, processes.log("worker")
+        time.sleep(0.05)
+    private_redis.kill()  # the job ends while Redis is away
+    time.sleep(4)
+    assert worker.poll() is None, processes.log("worker")
+    private_redis.start()  # back (empty): the worker goes on under its name
+    after = _queue(settings).enqueue("operator.add", 2, 3)
+    deadline = time.monotonic() + 30
+    while after.get_status(refresh=True) != JobStatus.FINISHED:
+        assert time.monotonic() < deadline and worker.poll() is None, processes.log("worker")
+        time.sleep(0.1)
+    assert "Redis went away as a job ended" in processes.log("worker")
+    worker.send_signal(signal.SIGTERM)
+    assert worker.wait(timeout=30) == 0, processes.log("worker")

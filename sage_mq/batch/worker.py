@@ -13,6 +13,7 @@ by rq's alarm as with a forking worker.
 from __future__ import annotations
 
 import logging
+import os
 import socket
 from collections.abc import Sequence
 
@@ -104,8 +105,9 @@ def take_name_of_dead_worker(worker: SimpleWorker) -> None:
     hostname, pid = stale.hostname, stale.pid
     if hostname is None and stale.last_heartbeat is None:
         return  # a registration that says nothing: as good as none
+    ours = pid == os.getpid()  # this process's worker, before Redis went away under it
     if hostname is not None and (
-        hostname != socket.gethostname() or (pid and psutil.pid_exists(pid))
+        hostname != socket.gethostname() or (pid and not ours and psutil.pid_exists(pid))
     ):
         raise ConfigError(
             f"a live worker named {worker.name!r} is registered (host {hostname}, pid {pid}); "

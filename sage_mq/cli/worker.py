@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import signal
+import time
 from typing import Annotated
 
 import typer
+from redis import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from rq.worker import SimpleWorker
 
 from sage_mq.batch import DEFAULT_QUEUES, make_worker
 from sage_mq.batch.sweeper import start_sweeper
@@ -15,6 +22,7 @@ from sage_mq.connection import redact_url
 from sage_mq.errors import SageMQError
 
 worker_app = typer.Typer(help="Batch workers (rq) for queued inference.")
+log = logging.getLogger(__name__)
 
 
 @worker_app.command("run")
@@ -33,8 +41,9 @@ def worker_run(
     """Run one worker until SIGINT/SIGTERM (a job in progress is finished first; a second
     signal ends it at once)."""
     settings = settings_for(redis_url)
+    names = queues.split(",")
     try:
-        worker = make_worker(settings, queues.split(","), name=name, concurrency=concurrency)
+        worker = make_worker(settings, names, name=name, concurrency=concurrency)
         if log_level.upper() in ("DEBUG", "INFO"):  # up runs its worker at WARNING: quiet
             typer.echo(
                 f"worker {worker.name} on {', '.join(worker.queue_names())} "
@@ -42,8 +51,37 @@ def worker_run(
                 err=True,
             )
         start_sweeper(settings)  # chunks whose worker was killed get run again
-        worker.work(burst=burst, logging_level=log_level)
+        while not _worked(worker, burst, log_level):  # Redis went away under a job
+            _wait_for_redis(worker.connection)
+            worker = make_worker(settings, names, name=worker.name, concurrency=concurrency)
     except SageMQError as exc:
         fail(str(exc))
     except RedisConnectionError as exc:
         fail(f"Redis unreachable at {redact_url(settings.redis_url)}: {exc}")
+
+
+def _worked(worker: SimpleWorker, burst: bool, log_level: str) -> bool:
+    """Run the worker; True when it ended as asked, False when Redis went away while it
+    finished a job (rq waits for Redis between jobs, not there)."""
+    try:
+        worker.work(burst=burst, logging_level=log_level)
+    except (RedisConnectionError, RedisTimeoutError) as exc:
+        log.warning(
+            "worker %s: Redis went away as a job ended (%s); waiting for it, then going on "
+            "under the same name (the sweeper runs that job's chunk again)",
+            worker.name,
+            exc,
+        )
+        return False
+    return True
+
+
+def _wait_for_redis(connection: Redis, poll_s: float = 1.0) -> None:
+    """Until Redis answers; SIGTERM and Ctrl-C end the wait (rq's handlers are not ours)."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    while True:
+        with contextlib.suppress(RedisConnectionError, RedisTimeoutError):
+            if connection.ping():
+                return
+        time.sleep(poll_s)

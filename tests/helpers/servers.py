@@ -20,6 +20,7 @@ import redis
 from sage_mq.errors import ConfigError
 from sage_mq.local_redis import bundled_server, redis_executable
 from tests.helpers.tls import TlsFiles
+from tests.helpers.tlsfront import TlsFront
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 
@@ -44,6 +45,8 @@ class RedisServer:
     """An ACL user of ``extra``'s to connect as (with ``password``), instead of ``default``."""
     tls: TlsFiles | None = None
     """Serve TLS only (``rediss://``), with these certificates."""
+    front: TlsFront | None = None
+    """The TLS front of a server built without TLS (the bundled Valkey)."""
 
     @property
     def url(self) -> str:
@@ -57,15 +60,14 @@ class RedisServer:
             exe = redis_executable()
         except ConfigError as exc:
             pytest.fail(str(exc))
-        if self.tls is not None and exe == bundled_server():
-            pytest.fail(
-                "TLS needs a redis-server built with it (apt-get install redis-server; .ci/run "
-                "does): the bundled Valkey has no TLS"
-            )
+        served = self.port
+        if self.tls is not None and exe == bundled_server():  # built without TLS: a front
+            served = free_port()
+            self.front = TlsFront(self.port, served, self.tls)
         argv = [
             exe,
             "--port",
-            str(self.port),
+            str(served),
             "--bind",
             "127.0.0.1",
             "--save",
@@ -78,12 +80,14 @@ class RedisServer:
         ]
         if self.password and not self.username:
             argv += ["--requirepass", self.password]
-        if self.tls is not None:
+        if self.tls is not None and self.front is None:
             argv[argv.index("--port") + 1] = "0"
             argv += ["--tls-port", str(self.port), "--tls-auth-clients", "no"]
             argv += ["--tls-cert-file", str(self.tls.cert), "--tls-key-file", str(self.tls.key)]
             argv += ["--tls-ca-cert-file", str(self.tls.ca)]
         self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        if self.front is not None:
+            self.front.start()
         client = redis.Redis.from_url(self.url, socket_timeout=0.5)
         deadline = time.monotonic() + 10
         while True:
@@ -100,6 +104,9 @@ class RedisServer:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(5)
+        if self.front is not None:
+            self.front.stop()
+            self.front = None
 
 
 class Processes:
