@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -27,6 +27,7 @@ def connect(settings: Settings) -> Redis:
     redis-py's default retry waits up to seconds per attempt; a control plane must notice an
     unreachable Redis quickly and let the caller decide, so retries are short and few.
     """
+    check_redis_url(settings.redis_url)
     try:
         return aioredis.Redis.from_url(
             settings.redis_url,
@@ -49,30 +50,33 @@ reply has three parts from 7.0 on (6.2's has two). Valkey, from 7.2, reports its
 async def check_server(redis: Any) -> None:
     """Raise :class:`ConfigError`, in one line, if the server is older than
     :data:`MIN_SERVER_VERSION` (:class:`ControlPlaneUnavailable` if it cannot be reached)."""
-    with redis_errors("asking the server its version"):
-        try:
-            reply = await redis.execute_command("HELLO")
-        except NoPermissionError:
-            return  # an ACL without HELLO: nothing to judge by; the fleet's commands will say
-        except ResponseError:
-            reply = None  # HELLO came in 6.0
-    problem = server_problem(reply, server_address(redis))
-    if problem is not None:
-        raise ConfigError(problem)
+    with redis_errors("asking the server its version"), _judging_hello(redis) as judge:
+        judge(await redis.execute_command("HELLO"))
 
 
 def check_server_blocking(redis: Any) -> None:
     """:func:`check_server` for a synchronous client (rq's worker, the CLI)."""
-    with redis_errors("asking the server its version"):
-        try:
-            reply = redis.execute_command("HELLO")
-        except NoPermissionError:
-            return
-        except ResponseError:
-            reply = None
-    problem = server_problem(reply, server_address(redis))
-    if problem is not None:
-        raise ConfigError(problem)
+    with redis_errors("asking the server its version"), _judging_hello(redis) as judge:
+        judge(redis.execute_command("HELLO"))
+
+
+@contextmanager
+def _judging_hello(redis: Any) -> Iterator[Callable[[Any], None]]:
+    """What both checks share: the reply judged (:class:`ConfigError` if too old), a server
+    without HELLO judged as one older than 6.0, and an ACL that refuses HELLO let through
+    (nothing to judge by; the fleet's own commands will say)."""
+
+    def judge(reply: Any) -> None:
+        problem = server_problem(reply, server_address(redis))
+        if problem is not None:
+            raise ConfigError(problem)
+
+    try:
+        yield judge
+    except NoPermissionError:
+        return
+    except ResponseError:  # HELLO came in 6.0
+        judge(None)
 
 
 def server_problem(hello: Sequence[Any] | Mapping[Any, Any] | None, where: str) -> str | None:

@@ -20,10 +20,14 @@ def error_body(
     }
 
 
+def model_object(model: str, owned_by: str) -> dict[str, Any]:
+    """OpenAI's model object (an entry of ``GET /v1/models``, or ``GET /v1/models/{model}``)."""
+    return {"id": model, "object": "model", "created": 0, "owned_by": owned_by}
+
+
 def models_body(model: str, owned_by: str) -> dict[str, Any]:
     """``GET /v1/models`` for a server of one model."""
-    entry = {"id": model, "object": "model", "created": 0, "owned_by": owned_by}
-    return {"object": "list", "data": [entry]}
+    return {"object": "list", "data": [model_object(model, owned_by)]}
 
 
 def embedding_inputs(body: dict[str, Any]) -> list[str]:

@@ -18,6 +18,7 @@ from sage_mq.batch.service import BatchService
 from sage_mq.broker import Broker
 from sage_mq.connection import check_server
 from sage_mq.control import ControlPlaneManager
+from sage_mq.engines.openai_shapes import model_object
 from sage_mq.errors import ControlPlaneUnavailable, SageMQError
 from sage_mq.gateway.auth import KeyCheck
 from sage_mq.gateway.batch_api import batch_router
@@ -32,11 +33,6 @@ from sage_mq.registry import Registry
 from sage_mq.routing import Router
 from sage_mq.settings import GatewayOptions, Settings
 from sage_mq.upstream import Upstream
-
-
-def _model(name: str) -> dict[str, Any]:
-    """OpenAI's model object for a model the fleet serves."""
-    return {"id": name, "object": "model", "created": 0, "owned_by": "sage-mq"}
 
 
 def app_from_env() -> FastAPI:
@@ -145,12 +141,15 @@ def create_app(
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [_model(m) for m in parts["registry"].models()]}
+        return {
+            "object": "list",
+            "data": [model_object(m, "sage-mq") for m in parts["registry"].models()],
+        }
 
     @app.get("/v1/models/{model:path}")
     async def model(model: str) -> Response:
         if model in parts["registry"].models():
-            return JSONResponse(_model(model))
+            return JSONResponse(model_object(model, "sage-mq"))
         message = f"the model {model!r} is not served here (see GET /v1/models)"
         return openai_error(404, message, "invalid_request_error", "model_not_found", "model")
 
