@@ -61,11 +61,20 @@ def marked_env(state_dir: Path, **extra: str) -> dict[str, str]:
 def marked_processes(state_dir: Path) -> list[str]:
     """Every live process a test started with ``state_dir`` as its marker (engines, workers,
     a private Redis: each inherits the environment), as command lines."""
+    return [" ".join(proc.info["cmdline"] or []) for proc in _marked(state_dir)]
+
+
+def marked_pids(state_dir: Path) -> list[int]:
+    """The pids of :func:`marked_processes`."""
+    return [proc.pid for proc in _marked(state_dir)]
+
+
+def _marked(state_dir: Path) -> list[psutil.Process]:
     found = []
     for proc in psutil.process_iter(["cmdline", "status"]):
         if proc.info["status"] == psutil.STATUS_ZOMBIE:
             continue
         with contextlib.suppress(psutil.Error, OSError):
             if proc.environ().get("SAGE_TEST_MARK") == str(state_dir):
-                found.append(" ".join(proc.info["cmdline"] or []))
+                found.append(proc)
     return found

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.helpers.engines import marked_env
+from tests.helpers.engines import marked_env, marked_pids
 from tests.helpers.servers import ROOT, free_port
 
 
@@ -70,3 +70,6 @@ def running_up(tmp_path: Path, *args: str, **env: str) -> Iterator[Up]:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(10)
+        for leftover in marked_pids(tmp_path):  # a failed test: its worker and Redis too
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(leftover, signal.SIGKILL)
