@@ -6,7 +6,7 @@ import contextlib
 import os
 import signal
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import openai
@@ -80,11 +80,29 @@ async def fleet(aredis: Redis, settings: Settings) -> Fleet:
 
 
 @pytest.fixture
+def sdk() -> Iterator[Callable[..., openai.OpenAI]]:
+    """OpenAI clients (``sdk(base_url, api_key="none")``, no retries), closed after the test:
+    a client left to the garbage collector leaves its pooled sockets unclosed."""
+    made: list[openai.OpenAI] = []
+
+    def client(base_url: str, api_key: str = "none") -> openai.OpenAI:
+        made.append(openai.OpenAI(base_url=base_url, api_key=api_key, max_retries=0))
+        return made[-1]
+
+    yield client
+    for each in made:
+        each.close()
+
+
+@pytest.fixture
 def batch_fleet(
-    processes: Processes, redis_server: RedisServer, tmp_path: Path
+    processes: Processes,
+    redis_server: RedisServer,
+    tmp_path: Path,
+    sdk: Callable[..., openai.OpenAI],
 ) -> tuple[FleetProcs, openai.OpenAI]:
     """A gateway over a fleet serving ``demo`` (a fake engine), and an OpenAI client on it."""
     fleet, url = run_gateway(processes, redis_server, tmp_path)
     start(fleet, "demo", "--extra-args", "--latency-ms 5")
     wait_for(lambda: models(url) == ["demo"])
-    return fleet, openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
+    return fleet, sdk(f"{url}/v1")

@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -46,20 +47,22 @@ def batch_workers(marker: Path) -> list[psutil.Process]:
     return found
 
 
-def test_sage_llm_up_serves_the_demo_and_ctrl_c_leaves_nothing(tmp_path: Path) -> None:
+def test_sage_llm_up_serves_the_demo_and_ctrl_c_leaves_nothing(
+    tmp_path: Path, sdk: Callable[..., openai.OpenAI]
+) -> None:
     keys = {"SAGE_MQ_API_KEY": API_KEY, "SAGE_MQ_ADMIN_KEY": ADMIN_KEY}  # up honours them
     with running_up(tmp_path, **keys) as up:
         text = up.out.read_text()
         assert f"{up.base}/v1" in text and "demo-chat" in text
         assert "inference wants a key; management: admin key" in text
         with pytest.raises(openai.AuthenticationError):
-            openai.OpenAI(base_url=f"{up.base}/v1", api_key="x", max_retries=0).models.list()
+            sdk(f"{up.base}/v1", "x").models.list()
         for key, status in ((None, 401), (API_KEY, 401), (ADMIN_KEY, 200)):
             headers = {"authorization": f"Bearer {key}"} if key else {}
             got = httpx.get(f"{up.base}/v1/management/engines", headers=headers, timeout=10)
             assert got.status_code == status, (key, got.text)
         assert httpx.get(f"{up.base}/metrics", timeout=10).status_code == 401
-        client = openai.OpenAI(base_url=f"{up.base}/v1", api_key=API_KEY, max_retries=0)
+        client = sdk(f"{up.base}/v1", API_KEY)
         answer = client.chat.completions.create(
             model="demo-chat", messages=[{"role": "user", "content": "hello"}]
         )
@@ -158,11 +161,13 @@ def test_up_starts_another_batch_worker_when_its_worker_dies(tmp_path: Path) -> 
     assert batch_workers(tmp_path) == []
 
 
-def test_up_on_a_machine_without_redis_runs_the_bundled_server(tmp_path: Path) -> None:
+def test_up_on_a_machine_without_redis_runs_the_bundled_server(
+    tmp_path: Path, sdk: Callable[..., openai.OpenAI]
+) -> None:
     venv_only = str(Path(sys.executable).parent)  # no redis-server here
     with running_up(tmp_path, PATH=venv_only) as up:
-        assert "its own: " in up.out.read_text() and "valkey-server" in up.out.read_text()
-        client = openai.OpenAI(base_url=f"{up.base}/v1", api_key="x", max_retries=0)
+        assert re.fullmatch(r"redis://\S+ \(its own: /\S+/valkey-server\)", up.redis_line)
+        client = sdk(f"{up.base}/v1", "x")
         answer = client.chat.completions.create(
             model="demo-chat", messages=[{"role": "user", "content": "hello"}]
         )

@@ -7,7 +7,7 @@ import signal
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -31,13 +31,13 @@ def gateway(
 
 
 def test_the_openai_sdk_works_unchanged_and_requests_spread_over_replicas(
-    gateway: tuple[FleetProcs, str],
+    gateway: tuple[FleetProcs, str], sdk: Callable[..., openai.OpenAI]
 ) -> None:
     fleet, url = gateway
     replicas = {start(fleet, "demo", "--extra-args", "--latency-ms 30")["engine_id"] for _ in "ab"}
     start(fleet, "mini-embed", "--engine-kind", "embedding")
     wait_for(lambda: set(models(url)) == {"demo", "mini-embed"})
-    client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
+    client = sdk(f"{url}/v1")
     answer = client.chat.completions.create(
         model="demo", messages=[{"role": "user", "content": "hello"}]
     )
@@ -67,12 +67,12 @@ def test_the_openai_sdk_works_unchanged_and_requests_spread_over_replicas(
 
 
 def test_a_dead_replica_costs_no_request_and_a_stopped_one_leaves_rotation(
-    gateway: tuple[FleetProcs, str],
+    gateway: tuple[FleetProcs, str], sdk: Callable[..., openai.OpenAI]
 ) -> None:
     fleet, url = gateway
     first, second = start(fleet, "demo"), start(fleet, "demo")
     wait_for(lambda: models(url) == ["demo"])
-    client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
+    client = sdk(f"{url}/v1")
     os.killpg(int(str(first["pid"])), signal.SIGKILL)  # still in rotation for a moment
     for _ in range(10):  # each request that meets the dead one goes on to the other
         answer = client.chat.completions.create(
@@ -240,7 +240,7 @@ def test_bad_requests_get_openai_errors_and_a_caller_leaving_mid_stream_frees_th
 
 
 def test_an_engine_is_asked_for_by_its_served_name_and_its_env_values_stay_hidden(
-    gateway: tuple[FleetProcs, str],
+    gateway: tuple[FleetProcs, str], sdk: Callable[..., openai.OpenAI]
 ) -> None:
     fleet, url = gateway
     secret = "hf_sekrit_0451"
@@ -260,7 +260,7 @@ def test_an_engine_is_asked_for_by_its_served_name_and_its_env_values_stay_hidde
     environ = Path(f"/proc/{record['pid']}/environ").read_bytes().split(b"\0")
     assert f"HF_TOKEN={secret}".encode() in environ and b"FROM_SHELL=shell-value-77" in environ
     wait_for(lambda: models(url) == ["gemma"])
-    client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
+    client = sdk(f"{url}/v1")
     answer = client.chat.completions.create(
         model="gemma", messages=[{"role": "user", "content": "hi"}]
     )

@@ -3,6 +3,11 @@ refuses an older one in one line."""
 
 from __future__ import annotations
 
+import os
+import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,7 +18,7 @@ from sage_mq.connection import check_server, server_problem
 from sage_mq.errors import ConfigError
 from sage_mq.local_redis import LocalRedis, bundled_server, redis_executable
 from tests.helpers.cli import ACTORS, sage
-from tests.helpers.servers import OldRedis, RedisServer
+from tests.helpers.servers import ROOT, OldRedis, RedisServer
 
 
 def hello(server: str, version: str) -> list[str]:
@@ -79,3 +84,30 @@ def test_without_a_server_anywhere_the_error_says_what_to_install(
     monkeypatch.setattr(local_redis, "bundled_server", lambda: None)
     with pytest.raises(ConfigError, match=r"install Redis 7.0 or newer \(apt-get install"):
         redis_executable()
+
+
+@pytest.mark.fleet
+def test_the_suite_runs_on_the_bundled_server_where_path_has_no_redis(tmp_path: Path) -> None:
+    """A machine without redis-server: the bus, a killed and restarted Redis and the TLS + ACL
+    fleet run on the bundled Valkey (behind the test fixtures' TLS front), as in CI's own run."""
+    python_only = str(Path(sys.executable).parent)
+    assert shutil.which("redis-server", path=python_only) is None
+    tests = [
+        "tests/test_bus.py",
+        "tests/test_redis_loss.py",
+        "tests/test_security.py::test_the_fleet_runs_on_tls_redis_as_an_acl_user_and_shows_no_secret",
+    ]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SAGE_MQ_")}
+    argv = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests]
+    argv += ["--basetemp", str(tmp_path / "inner")]  # never the outer run's temp directories
+    done = subprocess.run(
+        argv,
+        env=env | {"PATH": python_only},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    said = done.stdout + done.stderr
+    assert done.returncode == 0, said[-6000:]
+    assert re.search(r"\b\d{2,} passed\b", said) and " skipped" not in said, said[-3000:]

@@ -9,7 +9,7 @@ import os
 import re
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -51,7 +51,7 @@ def tls_redis(tmp_path: Path) -> Iterator[RedisServer]:
 
 
 def test_the_fleet_runs_on_tls_redis_as_an_acl_user_and_shows_no_secret(
-    processes: Processes, tls_redis: RedisServer, tmp_path: Path
+    processes: Processes, tls_redis: RedisServer, tmp_path: Path, sdk: Callable[..., openai.OpenAI]
 ) -> None:
     fleet = FleetProcs(processes, tls_redis, tmp_path / "state")
     namespace = fleet.env["SAGE_MQ_NAMESPACE"]
@@ -77,7 +77,7 @@ def test_the_fleet_runs_on_tls_redis_as_an_acl_user_and_shows_no_secret(
     wait_for(lambda: httpx.get(f"{url}/health", timeout=2).status_code == 200, 30)
     wait_for(lambda: set(models_with_key(url, keyed)) == {"demo", "mini-embed"})
 
-    client = openai.OpenAI(base_url=f"{url}/v1", api_key=API_KEY, max_retries=0)
+    client = sdk(f"{url}/v1", API_KEY)
     answer = client.chat.completions.create(
         model="demo", messages=[{"role": "user", "content": "hi"}]
     )
@@ -90,7 +90,7 @@ def test_the_fleet_runs_on_tls_redis_as_an_acl_user_and_shows_no_secret(
     done = wait_batch(client, batch.id, {"completed", "failed"})
     assert (done.status, done.request_counts.completed) == ("completed", 20)
     with pytest.raises(openai.AuthenticationError):
-        openai.OpenAI(base_url=f"{url}/v1", api_key="wrong", max_retries=0).models.list()
+        sdk(f"{url}/v1", "wrong").models.list()
 
     # The engine listens on the node's advertise address only, not on every interface.
     listening = [
@@ -108,8 +108,11 @@ def test_the_fleet_runs_on_tls_redis_as_an_acl_user_and_shows_no_secret(
     # Nobody was refused a key or a command: the fleet keeps to its namespace and rq's keys.
     assert admin.execute_command("ACL", "LOG") == []
     # Plain TCP is not served at all.
-    with pytest.raises(redis.ConnectionError):
-        redis.Redis(port=tls_redis.port, socket_timeout=2).ping()
+    with (
+        redis.Redis(port=tls_redis.port, socket_timeout=2) as plain,
+        pytest.raises(redis.ConnectionError),
+    ):
+        plain.ping()
 
     # An ACL that keeps the fleet from rq's keys: a clear answer, not a traceback.
     admin.execute_command("ACL", "SETUSER", "fleet", "resetkeys", f"~{namespace}:*")

@@ -41,7 +41,7 @@ def status(json_output: JsonFlag = False, redis_url: RedisUrl = None) -> None:
         return
     engines, nodes, gpus, streams = (summary[k] for k in ("engines", "nodes", "gpus", "streams"))
     states = ", ".join(f"{k} {v}" for k, v in sorted(engines["by_state"].items())) or "none"
-    console.print(f"redis       {redact_url(settings.redis_url)} ({source})")
+    console.print(f"redis       {redact_url(settings.redis_url)} ({source})", soft_wrap=True)
     console.print(f"namespace   {summary['namespace']}")
     console.print(f"nodes       {nodes['alive']} alive of {nodes['total']}")
     console.print(f"gpus        {gpus['total']} ({gpus['memory_total_gib']} GiB)")

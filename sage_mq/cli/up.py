@@ -138,10 +138,13 @@ def _banner(
     if plane.local is not None:
         where = f"{plane.local.url} (its own: {plane.local.executable})"
     console.print(Text.assemble(("sage-mq is up", "green"), f" (preset {preset})"))
-    console.print(f"  OpenAI API   {plane.gateway_url}")
-    console.print(f"  management   http://{plane.host}:{plane.port}/v1/management")
-    console.print(f"  Redis        {where}")
-    console.print(f"  keys         {_keys_line(keys)}")
+    for line in (
+        f"  OpenAI API   {plane.gateway_url}",
+        f"  management   http://{plane.host}:{plane.port}/v1/management",
+        f"  Redis        {where}",
+        f"  keys         {_keys_line(keys)}",
+    ):  # whole lines, never broken inside a URL or path (a log is 80 columns to rich)
+        console.print(line, soft_wrap=True)
     table = Table("ENGINE", "MODEL", "KIND", "STATE", "URL")
     for r in records:
         table.add_row(r.engine_id, r.served_name, r.kind, r.state.value, r.url or "-")

@@ -69,10 +69,14 @@ class TlsFront:
         try:
             conn.settimeout(10)
             tls = self._context.wrap_socket(conn, server_side=True)  # takes conn over
-            tls.settimeout(None)
-            inner = socket.create_connection(("127.0.0.1", self.inner))
         except (OSError, ssl.SSLError):
             self._drop(conn)
+            return
+        try:
+            tls.settimeout(None)
+            inner = socket.create_connection(("127.0.0.1", self.inner))
+        except OSError:  # the server is down (killed by a test): the client sees a close
+            self._drop(conn, tls)
             return
         with self._lock:
             self._open.discard(conn)

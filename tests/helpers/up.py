@@ -30,10 +30,15 @@ class Up:
         return f"http://127.0.0.1:{self.port}"
 
     @property
-    def redis_url(self) -> str:
-        found = re.search(r"Redis\s+(redis://\S+)", self.out.read_text())
+    def redis_line(self) -> str:
+        """The banner's Redis line, which must be one line however long its path."""
+        found = re.search(r"^  Redis +(.+)$", self.out.read_text(), re.MULTILINE)
         assert found is not None, self.out.read_text()
         return found.group(1)
+
+    @property
+    def redis_url(self) -> str:
+        return self.redis_line.split()[0]
 
     def ctrl_c(self, timeout: float = 60) -> float:
         """Send Ctrl-C; how long it took to end (it must end with status 0)."""

@@ -8,6 +8,7 @@ the README's test command runs it first. Without its manifest these tests are sk
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import signal
@@ -53,8 +54,9 @@ class RealFleet:
     url: str
     manifest: dict[str, Any]
 
-    @property
+    @functools.cached_property
     def client(self) -> openai.OpenAI:
+        """One client for the module's tests, closed with the fleet."""
         return openai.OpenAI(base_url=f"{self.url}/v1", api_key="none", max_retries=0, timeout=120)
 
     def start(self, model: str, *args: str) -> dict[str, Any]:
@@ -132,7 +134,9 @@ def real_fleet(
                     break
             assert time.monotonic() < deadline, processes.log("gateway")
             time.sleep(0.1)
-        yield RealFleet(fleet, url, manifest)
+        real = RealFleet(fleet, url, manifest)
+        yield real
+        real.client.close()
     finally:
         with contextlib.suppress(subprocess.SubprocessError, AssertionError):
             for record in fleet.json("llm", "engine", "list"):
