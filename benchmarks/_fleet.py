@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-import redis
 
+from sage_mq.connection import connect_blocking
+from sage_mq.settings import Settings
 from sage_mq.wire import Envelope, decode
 
 BENCH_MARK = "SAGE_BENCH_MARK"
@@ -32,7 +33,7 @@ class Fleet:
             "SAGE_MQ_NAMESPACE": "bench",
             BENCH_MARK: str(workdir),  # engines get no SAGE_MQ_* variable: this marks them
         }
-        self.redis = redis.Redis.from_url(url, decode_responses=True)
+        self.redis = connect_blocking(Settings(redis_url=url), decode_responses=True)
         self.procs: list[subprocess.Popen[bytes]] = []
         self.workdir = workdir
 

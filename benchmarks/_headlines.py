@@ -162,6 +162,19 @@ def upstream_client(r: dict[str, Any]) -> list[Row]:
     return rows  # fmt: skip
 
 
+def failover(r: dict[str, Any]) -> list[Row]:
+    wait, running = r["bus_wait"], r["kill_to_running_s"]
+    plain = "floor: the same writes not waiting for the replica"
+    return [
+        Row("bus round trip, writes wait for a replica, p50", wait["with_wait"]["p50_ms"], "ms",
+            wait["without_wait"]["p50_ms"], plain),
+        Row("bus round trip, writes wait for a replica, p99", wait["with_wait"]["p99_ms"], "ms",
+            wait["without_wait"]["p99_ms"], plain),
+        Row("primary kill -9 → a new start RUNNING, p50", running["p50"], "s"),
+        Row("primary kill -9 → a new start RUNNING, p99", running["p99"], "s"),
+    ]  # fmt: skip
+
+
 HEADLINES = {
     "bus_roundtrip": bus_roundtrip,
     "recovery": recovery,
@@ -170,4 +183,5 @@ HEADLINES = {
     "batch_throughput": batch_throughput,
     "real_engine": real_engine,
     "upstream_client": upstream_client,
+    "failover": failover,
 }

@@ -112,9 +112,14 @@ class Ours(Side):
 
     name = "ours (Bus + models)"
 
-    def __init__(self, url: str, batch: int) -> None:
+    def __init__(
+        self, url: str, batch: int, *, replica_acks: int | None = None, label: str = "ours"
+    ) -> None:
         settings = Settings(
-            redis_url=url, namespace=f"ours{batch}", bus=BusSettings(batch_size=batch, block_ms=100)
+            redis_url=url,
+            namespace=f"{label}{batch}",
+            bus=BusSettings(batch_size=batch, block_ms=100),
+            replica_acks=replica_acks,
         )
         self.agent_redis, self.client_redis = connect(settings), connect(settings)
         keys = Keys(settings.namespace)

@@ -35,6 +35,7 @@ FULL: dict[str, list[str]] = {name: [] for name in HEADLINES}
 QUICK: dict[str, list[str]] = {
     "bus_roundtrip": ["--n", "300"],
     "recovery": ["--trials", "2"],
+    "failover": ["--n", "300", "--trials", "1"],
     "scale": ["--nodes", "50", "--engines", "200", "--steady", "3"],
     "gateway_overhead": ["--requests", "500"],
     "batch_throughput": ["--requests", "200"],

@@ -35,6 +35,7 @@ from sage_mq.batch.service import BatchService
 from sage_mq.broker import Broker
 from sage_mq.connection import check_server
 from sage_mq.errors import ConfigError, InvalidRequest
+from sage_mq.redis_urls import SCHEMES as SENTINEL_SCHEMES
 from sage_mq.registry import Registry
 from sage_mq.routing import POLICIES, Router
 from sage_mq.settings import Settings, control_plane_url_from_env
@@ -112,7 +113,7 @@ class UnifiedInferenceClient:
             if embedded:
                 from sage_mq.embedded import EmbeddedControlPlane  # a whole fleet: only on ask
 
-                join = control_plane_url if url.startswith(("redis://", "rediss://")) else None
+                join = control_plane_url if _is_redis_url(url) and url[:4] != "unix" else None
                 plane = EmbeddedControlPlane(redis_url=join, port=_free_port(), fake_gpus=fake_gpus)
                 self._loop.run(plane.start())
                 self._closers.append(plane.close)
@@ -120,14 +121,14 @@ class UnifiedInferenceClient:
                 self._transport = GatewayTransport(plane.gateway_url, timeout)
             elif url.startswith(("http://", "https://")):
                 self._transport = GatewayTransport(url, timeout)
-            elif url.startswith(("redis://", "rediss://", "unix://")):
+            elif _is_redis_url(url):
                 self._transport = self._loop.run(
                     self._direct(url, namespace, Router(scheduling_policy), timeout)
                 )
             else:
                 raise ConfigError(
                     f"control_plane_url {url!r} is neither http(s):// (a gateway) "
-                    "nor redis(s):// (the registry)"
+                    "nor redis(s)://, redis(s)+sentinel:// or unix:// (the registry)"
                 )
             if isinstance(self._transport, GatewayTransport):
                 self._batches = HttpBatches(self._transport.base, self._transport.http)
@@ -251,6 +252,10 @@ class UnifiedInferenceClient:
         raise InvalidRequest(
             f"say which model (or set {kind} in create()): one of {', '.join(served) or 'none'}"
         )
+
+
+def _is_redis_url(url: str) -> bool:
+    return url.split("://", 1)[0].lower() in ("redis", "rediss", "unix", *SENTINEL_SCHEMES)
 
 
 def _vectors(answer: dict[str, Any]) -> list[list[float]]:

@@ -5,17 +5,23 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from typing import Any, cast
 
+import redis
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel as AsyncSentinel
 from redis.backoff import ExponentialBackoff
+from redis.connection import SSLConnection
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import InvalidResponse, NoPermissionError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.sentinel import Sentinel as BlockingSentinel
+from redis.sentinel import SentinelManagedConnection
 
 from sage_mq.errors import ConfigError, ControlPlaneUnavailable
+from sage_mq.redis_urls import check_redis_url, is_sentinel_url, parse_sentinel_url, redact_url
+from sage_mq.replication import ReplicaAcks, acks_for
 from sage_mq.settings import Settings
 
 Redis = aioredis.Redis
@@ -25,21 +31,106 @@ def connect(settings: Settings) -> Redis:
     """An asyncio Redis client with one reply shape (RESP2, str values) and fast failure.
 
     redis-py's default retry waits up to seconds per attempt; a control plane must notice an
-    unreachable Redis quickly and let the caller decide, so retries are short and few.
+    unreachable Redis quickly and let the caller decide, so retries are short and few. Under
+    Sentinel (:mod:`sage_mq.redis_urls`) each connection asks the sentinels for the primary.
     """
     check_redis_url(settings.redis_url)
+    options: dict[str, Any] = {
+        "protocol": 2,
+        "decode_responses": True,
+        "socket_timeout": settings.socket_timeout_s,
+        "socket_connect_timeout": settings.socket_timeout_s,
+        "health_check_interval": 30,
+        "retry": Retry(ExponentialBackoff(cap=0.5, base=0.05), retries=2),
+    }
+    client: FleetRedis
+    if is_sentinel_url(settings.redis_url):
+        client = _primary(AsyncSentinel, SentinelRedis, settings, options)
+    else:
+        try:
+            client = cast(FleetRedis, FleetRedis.from_url(settings.redis_url, **options))
+        except ValueError as exc:
+            raise ConfigError(f"bad Redis URL {redact_url(settings.redis_url)!r}: {exc}") from None
+    client.replica_acks = acks_for(settings.replicas_to_wait_for, settings.replica_ack_timeout_ms)
+    return client
+
+
+def connect_blocking(settings: Settings, **given: Any) -> redis.Redis:
+    """A synchronous client (bytes replies), as rq and the CLI's checks want: TLS, password and
+    ACL from the URL, the primary found through Sentinel under a Sentinel URL. No read timeout
+    unless ``options`` give one (rq sets one longer than its blocking dequeue)."""
+    check_redis_url(settings.redis_url)
+    options: dict[str, Any] = {"socket_connect_timeout": settings.socket_timeout_s}
+    options |= {"health_check_interval": 30, **given}
+    if is_sentinel_url(settings.redis_url):
+        tls = parse_sentinel_url(settings.redis_url).tls
+        options["connection_class"] = _ClosingSSLConnection if tls else _ClosingConnection
+        client: redis.Redis = _primary(BlockingSentinel, BlockingSentinelRedis, settings, options)
+        return client
     try:
-        return aioredis.Redis.from_url(
-            settings.redis_url,
-            protocol=2,
-            decode_responses=True,
-            socket_timeout=settings.socket_timeout_s,
-            socket_connect_timeout=settings.socket_timeout_s,
-            health_check_interval=30,
-            retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), retries=2),
-        )
+        return redis.Redis.from_url(settings.redis_url, **options)
     except ValueError as exc:
         raise ConfigError(f"bad Redis URL {redact_url(settings.redis_url)!r}: {exc}") from None
+
+
+def _primary(
+    sentinel_class: Any, redis_class: type, settings: Settings, options: dict[str, Any]
+) -> Any:
+    """The client of the primary that the URL's sentinels name, asked again on each connect."""
+    where = parse_sentinel_url(settings.redis_url)
+    sentinel_options = where.sentinel_kwargs(settings.socket_timeout_s)
+    sentinel = sentinel_class(list(where.sentinels), sentinel_kwargs=sentinel_options)
+    options = options | where.primary_kwargs()
+    if "connection_class" in options:  # the pool picks its TLS class by "ssl" only without one
+        options.pop("ssl", None)
+    return sentinel.master_for(where.service, redis_class=redis_class, **options)
+
+
+def _sentinels(client: Any) -> list[Any]:
+    return list(client.connection_pool.sentinel_manager.sentinels)
+
+
+class FleetRedis(aioredis.Redis):
+    """The fleet's asyncio client: redis-py's, with how many replicas its durable writes wait
+    for (:mod:`sage_mq.replication`)."""
+
+    replica_acks: ReplicaAcks | None = None
+
+
+class SentinelRedis(FleetRedis):
+    """The primary's client under Sentinel; closing it also closes its sentinels' clients."""
+
+    async def aclose(self, close_connection_pool: bool | None = None) -> None:
+        await super().aclose(close_connection_pool)
+        for sentinel in _sentinels(self):
+            await sentinel.aclose()
+
+
+class _ClosingConnection(SentinelManagedConnection):
+    """redis-py's synchronous Sentinel connection keeps a connection whose read was interrupted
+    (by default it does not disconnect, unlike every other connection): rq's worker, stopped by
+    SIGTERM in the middle of its blocking dequeue, sent its last commands on it and waited for
+    the dequeue's reply, 405 s. This one disconnects, as the others do."""
+
+    def read_response(  # type: ignore[no-untyped-def]
+        self, disable_decoding=False, *, disconnect_on_error=True, **kwargs
+    ):
+        return super().read_response(
+            disable_decoding, disconnect_on_error=disconnect_on_error, **kwargs
+        )
+
+
+class _ClosingSSLConnection(_ClosingConnection, SSLConnection):
+    pass
+
+
+class BlockingSentinelRedis(redis.Redis):
+    """:class:`SentinelRedis` for synchronous callers."""
+
+    def close(self) -> None:
+        super().close()
+        for sentinel in _sentinels(self):
+            sentinel.close()
 
 
 MIN_SERVER_VERSION = (7, 0)
@@ -103,35 +194,15 @@ def _text(value: Any) -> str:
 
 def server_address(redis: Any) -> str:
     """host:port (or the socket path) of a redis-py client, sync or asyncio; no credentials."""
-    kwargs = redis.connection_pool.connection_kwargs
+    pool = redis.connection_pool
+    if getattr(pool, "service_name", None):  # under Sentinel: the primary it found last
+        found = getattr(pool, "master_address", None)
+        where = f"{found[0]}:{found[1]}, " if found else ""
+        return f"{where}primary of {pool.service_name!r} under Sentinel"
+    kwargs = pool.connection_kwargs
     if "path" in kwargs:
         return str(kwargs["path"])
     return f"{kwargs.get('host', 'localhost')}:{kwargs.get('port', 6379)}"
-
-
-def check_redis_url(url: str) -> None:
-    """:class:`ConfigError` for a URL no Redis client takes (what :func:`connect` would say)."""
-    scheme = url.split("://", 1)[0].lower() if "://" in url else ""
-    if scheme not in ("redis", "rediss", "unix"):
-        raise ConfigError(
-            f"bad Redis URL {redact_url(url)!r}: it must begin with redis://, rediss:// (TLS) "
-            "or unix://"
-        )
-
-
-def redact_url(url: str) -> str:
-    """The URL with any password replaced by ``***``, safe for logs and messages."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "<unparseable url>"
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    port = f":{parts.port}" if parts.port else ""
-    netloc = f"{user}:***@{host}{port}"
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
 
 
 @contextmanager

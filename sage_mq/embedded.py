@@ -38,6 +38,7 @@ from sage_mq.gpu import GPUResourceManager
 from sage_mq.ids import check_id
 from sage_mq.local_redis import LocalRedis
 from sage_mq.presets import Preset, load_preset
+from sage_mq.redis_urls import url_secrets
 from sage_mq.scheduler.core import Scheduler
 from sage_mq.settings import (
     ENV_NAMESPACE,
@@ -48,7 +49,6 @@ from sage_mq.settings import (
     default_state_dir,
     engine_base_env,
     fake_gpus_from_env,
-    url_secrets,
 )
 from sage_mq.store import EngineRecord
 

@@ -9,13 +9,15 @@ import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import unquote, urlsplit
 
+from sage_mq.errors import ConfigError
 from sage_mq.keys import DEFAULT_NAMESPACE
+from sage_mq.redis_urls import is_sentinel_url, url_secrets
 
 DEFAULT_REDIS_URL = "redis://localhost:6379/0"
 ENV_REDIS_URL = "SAGE_MQ_REDIS_URL"
 ENV_NAMESPACE = "SAGE_MQ_NAMESPACE"
+ENV_REPLICA_ACKS = "SAGE_MQ_REPLICA_ACKS"
 ENV_FAKE_GPUS = "SAGE_MQ_FAKE_GPUS"
 ENV_STATE_DIR = "SAGE_MQ_STATE_DIR"
 ENV_RUNTIME_PREFIX = "SAGE_MQ_RUNTIME_"
@@ -158,6 +160,16 @@ class Settings:
     namespace: str = DEFAULT_NAMESPACE
     bus: BusSettings = field(default_factory=BusSettings)
     socket_timeout_s: float = 5.0
+    replica_acks: int | None = None
+    """Replicas a durable write waits for (``WAIT``, see :mod:`sage_mq.replication`); None:
+    one under Sentinel, none otherwise. Env ``SAGE_MQ_REPLICA_ACKS``."""
+    replica_ack_timeout_ms: int = 1000
+
+    @property
+    def replicas_to_wait_for(self) -> int:
+        if self.replica_acks is not None:
+            return self.replica_acks
+        return 1 if is_sentinel_url(self.redis_url) else 0
 
     @classmethod
     def from_env(
@@ -165,9 +177,13 @@ class Settings:
     ) -> Settings:
         """Settings from the environment, with explicit arguments taking precedence."""
         env = os.environ if env is None else env
+        acks = env.get(ENV_REPLICA_ACKS, "").strip()
+        if acks and not acks.isdigit():
+            raise ConfigError(f"{ENV_REPLICA_ACKS} must be a number of replicas (0: do not wait)")
         return cls(
             redis_url=redis_url or env.get(ENV_REDIS_URL) or DEFAULT_REDIS_URL,
             namespace=env.get(ENV_NAMESPACE) or DEFAULT_NAMESPACE,
+            replica_acks=int(acks) if acks else None,
         )
 
 
@@ -217,14 +233,3 @@ def engine_base_env(
         and name not in named
         and not any(secret in value for secret in hidden)
     }
-
-
-def url_secrets(url: str) -> list[str]:
-    """What in a Redis URL opens Redis: its password, and the URL itself when it has one."""
-    try:
-        password = urlsplit(url).password
-    except ValueError:
-        return [url]
-    if not password:
-        return []
-    return list(dict.fromkeys([unquote(password), password, url]))  # as sent, and as typed

@@ -12,6 +12,7 @@ from sage_mq.connection import Redis, redis_errors
 from sage_mq.hashes import from_hash, to_hash
 from sage_mq.keys import Keys
 from sage_mq.records import EngineRecord, EngineState, NodeRecord, Reservation
+from sage_mq.replication import durable_pipeline
 
 __all__ = ["EngineRecord", "EngineState", "NodeRecord", "Reservation", "Store", "oldest_first"]
 
@@ -69,7 +70,7 @@ class Store:
     # -- engines -------------------------------------------------------------------------
     async def put_engine(self, record: EngineRecord) -> None:
         """Write a whole engine record and add it to the engine set."""
-        async with self.redis.pipeline(transaction=True) as pipe:
+        async with durable_pipeline(self.redis, transaction=True) as pipe:
             pipe.hset(self.keys.engine(record.engine_id), mapping=to_hash(record))
             pipe.sadd(self.keys.engines, record.engine_id)
             with redis_errors("saving an engine record"):
@@ -79,10 +80,13 @@ class Store:
         """Write a new engine record unless one with its id exists; whether it was written."""
         flat = [item for pair in to_hash(record).items() for item in pair]
         with redis_errors("recording a new engine"):
-            added = await self._add(
-                keys=[self.keys.engine(record.engine_id), self.keys.engines],
-                args=[record.engine_id, *flat],
-            )
+            async with durable_pipeline(self.redis, transaction=False) as pipe:
+                await self._add(
+                    keys=[self.keys.engine(record.engine_id), self.keys.engines],
+                    args=[record.engine_id, *flat],
+                    client=pipe,
+                )
+                (added,) = await pipe.execute()
         return bool(added)
 
     async def update_engine(
@@ -100,7 +104,9 @@ class Store:
         updated = EngineRecord.model_validate(merged)  # a bad value raises, nothing is written
         fields = to_hash(updated, only={*changes, "updated_at"})
         with redis_errors("updating an engine record"):
-            await self.redis.hset(self.keys.engine(engine_id), mapping=fields)
+            async with durable_pipeline(self.redis, transaction=False) as pipe:
+                pipe.hset(self.keys.engine(engine_id), mapping=fields)
+                await pipe.execute()
         return updated
 
     async def get_engine(self, engine_id: str) -> EngineRecord | None:

@@ -16,7 +16,8 @@ from sage_mq.engines.backends import (
 )
 from sage_mq.errors import InvalidRequest
 from sage_mq.messages import LaunchEngine
-from sage_mq.settings import engine_base_env, url_secrets
+from sage_mq.redis_urls import url_secrets
+from sage_mq.settings import engine_base_env
 
 
 def launch(**overrides: Any) -> LaunchEngine:

@@ -3,9 +3,11 @@ refuses an older one in one line."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -87,27 +89,38 @@ def test_without_a_server_anywhere_the_error_says_what_to_install(
 
 
 @pytest.mark.fleet
+@pytest.mark.timeout(660)
 def test_the_suite_runs_on_the_bundled_server_where_path_has_no_redis(tmp_path: Path) -> None:
-    """A machine without redis-server: the bus, a killed and restarted Redis and the TLS + ACL
-    fleet run on the bundled Valkey (behind the test fixtures' TLS front), as in CI's own run."""
+    """A machine without redis-server: the bus, the store, the fleet, a killed and restarted
+    Redis, Sentinel failovers and the TLS + ACL fleet run on the bundled Valkey (behind the test
+    fixtures' TLS front), as they do on Redis in the rest of the run."""
     python_only = str(Path(sys.executable).parent)
     assert shutil.which("redis-server", path=python_only) is None
     tests = [
         "tests/test_bus.py",
+        "tests/test_store.py",
+        "tests/test_fleet.py",
         "tests/test_redis_loss.py",
+        "tests/test_sentinel.py",
         "tests/test_security.py::test_the_fleet_runs_on_tls_redis_as_an_acl_user_and_shows_no_secret",
     ]
     env = {k: v for k, v in os.environ.items() if not k.startswith("SAGE_MQ_")}
     argv = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests]
     argv += ["--basetemp", str(tmp_path / "inner")]  # never the outer run's temp directories
-    done = subprocess.run(
+    inner = subprocess.Popen(  # a group of its own: its servers go with it, whatever happens
         argv,
         env=env | {"PATH": python_only},
         cwd=ROOT,
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
         text=True,
-        timeout=600,
+        start_new_session=True,
     )
-    said = done.stdout + done.stderr
-    assert done.returncode == 0, said[-6000:]
+    try:
+        said, _ = inner.communicate(timeout=600)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(inner.pid, signal.SIGKILL)
+        inner.wait()
+    assert inner.returncode == 0, said[-6000:]
     assert re.search(r"\b\d{2,} passed\b", said) and " skipped" not in said, said[-3000:]

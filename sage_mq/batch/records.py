@@ -20,6 +20,7 @@ from sage_mq.batch.upload import InMemory, Readable, push_slices, store_file
 from sage_mq.batch.validate import BatchRequest
 from sage_mq.connection import Redis, redis_errors
 from sage_mq.keys import Keys
+from sage_mq.replication import durable_pipeline
 
 FINAL = frozenset({"completed", "failed", "expired", "cancelled"})
 WINDOW_S = {"24h": 24 * 3600}
@@ -195,7 +196,7 @@ class Records:
         queued = self.keys.batch_requests(batch_id)
         await push_slices(self.redis, queued, rows)  # a slice at a time; expires if we die
         with redis_errors("creating a batch"):
-            async with self.redis.pipeline(transaction=True) as pipe:
+            async with durable_pipeline(self.redis, transaction=True) as pipe:
                 pipe.persist(queued)
                 pipe.sadd(self.keys.batch_pending(batch_id), *range(chunks))
                 pipe.hset(self.keys.batch(batch_id), mapping=_flat(record))
@@ -275,14 +276,16 @@ class Records:
         """Keep one request's outcome (the first one only); True if this was the first."""
         with redis_errors("recording a result"):
             keys, args = self._record_args(batch_id, custom_id, line, ok)
-            first = await self._record(keys=keys, args=args)
+            async with durable_pipeline(self.redis, transaction=False) as pipe:
+                await self._record(keys=keys, args=args, client=pipe)
+                (first,) = await pipe.execute()
         return bool(first)
 
     async def record_many(self, batch_id: str, lines: dict[str, dict[str, Any]], ok: bool) -> int:
         """:meth:`record` for many requests (custom_id -> line) in one round trip; how many
         were first."""
         with redis_errors("recording results"):
-            async with self.redis.pipeline(transaction=False) as pipe:
+            async with durable_pipeline(self.redis, transaction=False) as pipe:
                 for custom_id, line in lines.items():
                     keys, args = self._record_args(batch_id, custom_id, line, ok)
                     await self._record(keys=keys, args=args, client=pipe)

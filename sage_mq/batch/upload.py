@@ -20,6 +20,7 @@ from sage_mq.batch.validate import MAX_FILE_BYTES, MAX_LINES, MAX_REQUESTS
 from sage_mq.connection import redis_errors
 from sage_mq.errors import ControlPlaneUnavailable, InvalidRequest
 from sage_mq.keys import Keys
+from sage_mq.replication import durable_pipeline
 
 SLICE_BYTES = 256 * 1024
 """Read and pushed at a time: a few milliseconds of work between two turns of the loop."""
@@ -92,7 +93,7 @@ async def store_file(
             "requests": counted.requests,
         }
         with redis_errors("storing a file"):
-            async with redis.pipeline(transaction=True) as pipe:
+            async with durable_pipeline(redis, transaction=True) as pipe:
                 if counted.lines:  # the list becomes the file's, and lasts
                     pipe.rename(unfinished, keys.file_lines(file_id))
                     pipe.persist(keys.file_lines(file_id))

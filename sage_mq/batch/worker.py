@@ -22,7 +22,7 @@ import redis
 from rq import Queue, SimpleWorker
 from rq.serializers import JSONSerializer
 
-from sage_mq.connection import check_server_blocking, redact_url
+from sage_mq.connection import check_server_blocking, connect_blocking
 from sage_mq.errors import ConfigError
 from sage_mq.keys import Keys
 from sage_mq.settings import Settings
@@ -52,18 +52,9 @@ def queue_name(settings: Settings, name: str) -> str:
 
 
 def rq_connection(settings: Settings) -> redis.Redis:
-    """A synchronous client, as rq wants (bytes replies; TLS, password and ACL from the URL).
-
-    No read timeout here: rq sets one longer than its blocking dequeue on the worker's client.
-    """
-    try:
-        return redis.Redis.from_url(
-            settings.redis_url,
-            socket_connect_timeout=settings.socket_timeout_s,
-            health_check_interval=30,
-        )
-    except ValueError as exc:
-        raise ConfigError(f"bad Redis URL {redact_url(settings.redis_url)!r}: {exc}") from None
+    """A synchronous client, as rq wants (bytes replies; TLS, password, ACL and Sentinel from
+    the URL). No read timeout here: rq sets one longer than its blocking dequeue."""
+    return connect_blocking(settings)
 
 
 def make_worker(

@@ -17,6 +17,7 @@ from redis.exceptions import ResponseError
 
 from sage_mq.connection import check_server, redis_errors
 from sage_mq.messages import Message
+from sage_mq.replication import durable_pipeline
 from sage_mq.wire import encode, envelope
 
 if TYPE_CHECKING:
@@ -138,8 +139,8 @@ class Group:
         self, settled: Sequence[tuple[Delivery, str | None]], outgoing: Outgoing = ()
     ) -> None:
         """Publish ``outgoing``, mark each message id done (None: no marker) and ack its
-        entry, all in one MULTI."""
-        async with self.redis.pipeline(transaction=True) as pipe:
+        entry, all in one MULTI (which a replica holds too, when the client waits for one)."""
+        async with durable_pipeline(self.redis, transaction=True) as pipe:
             for stream, message in outgoing:
                 pipe.xadd(
                     stream,
@@ -188,7 +189,7 @@ class Group:
             "fields_chars": str(len(fields)),
             "ts": f"{time.time():.6f}",
         }
-        async with self.redis.pipeline(transaction=True) as pipe:
+        async with durable_pipeline(self.redis, transaction=True) as pipe:
             pipe.xadd(self.keys.dead, record, maxlen=self.settings.dead_maxlen, approximate=True)
             pipe.xack(delivery.stream, self.group, delivery.entry_id)
             await pipe.execute()

@@ -24,9 +24,9 @@ from sage_mq.cli.common import (
     settings_for,
     setup_logging,
 )
-from sage_mq.connection import redact_url
 from sage_mq.errors import ConfigError
 from sage_mq.gpu import GPUResourceManager
+from sage_mq.redis_urls import redact_url, url_secrets
 from sage_mq.scheduler.core import Scheduler
 from sage_mq.settings import (
     AgentSettings,
@@ -36,7 +36,6 @@ from sage_mq.settings import (
     engine_base_env,
     fake_gpus_from_env,
     runtimes_from_env,
-    url_secrets,
 )
 
 scheduler_app = typer.Typer(help="The scheduler: places engines, keeps records in step.")

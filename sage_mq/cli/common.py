@@ -18,11 +18,11 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from sage_mq.connection import check_redis_url
 from sage_mq.errors import ConfigError, InvalidRequest, SageMQError
 from sage_mq.fleetfile import read_up_fleet
 from sage_mq.gateway.auth import check_exposure, is_loopback
 from sage_mq.ids import check_id
+from sage_mq.redis_urls import check_redis_url
 from sage_mq.settings import DEFAULT_REDIS_URL, ENV_REDIS_URL, Settings
 
 T = TypeVar("T")
@@ -36,7 +36,8 @@ RedisUrl = Annotated[
     typer.Option(
         "--redis-url",
         envvar=ENV_REDIS_URL,
-        help="Redis holding the fleet (password, ACL user and rediss:// TLS work). Default: "
+        help="Redis holding the fleet (password, ACL user, rediss:// TLS and redis+sentinel:// "
+        "work). Default: "
         f"the fleet `sage llm up` runs on this machine, else {DEFAULT_REDIS_URL}.",
         show_default=False,
     ),

@@ -6,7 +6,6 @@ import os
 import sys
 from typing import Annotated, Any
 
-import redis
 import typer
 import uvicorn
 from uvicorn.supervisors import Multiprocess
@@ -20,7 +19,7 @@ from sage_mq.cli.common import (
     settings_for,
     setup_logging,
 )
-from sage_mq.connection import check_server_blocking, redact_url
+from sage_mq.connection import check_server_blocking, connect_blocking
 from sage_mq.errors import ConfigError, ControlPlaneUnavailable
 from sage_mq.gateway import create_app
 from sage_mq.gateway.app import freeze_startup_heap
@@ -30,6 +29,7 @@ from sage_mq.gateway.serving import (
     GatewayConfig,
     bind_socket,
 )
+from sage_mq.redis_urls import redact_url
 from sage_mq.routing import POLICIES
 from sage_mq.settings import ENV_NAMESPACE, ENV_REDIS_URL, GatewayOptions, Settings
 
@@ -123,7 +123,7 @@ def refuse_old_server(settings: Settings) -> None:
     """One line and exit 1 for a server too old for the fleet, before uvicorn starts (from its
     startup, the same error comes with uvicorn's traceback); an unreachable Redis is the
     gateway's to wait for, as it does."""
-    client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=5, socket_timeout=5)
+    client = connect_blocking(settings, socket_timeout=5)
     try:
         check_server_blocking(client)
     except ConfigError as exc:

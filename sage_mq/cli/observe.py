@@ -19,10 +19,10 @@ from sage_mq.cli.common import (
     run,
     settings_for,
 )
-from sage_mq.connection import redact_url
 from sage_mq.control import ControlPlaneManager
 from sage_mq.engines.env_policy import masked
 from sage_mq.errors import DecodeError
+from sage_mq.redis_urls import redact_url
 from sage_mq.wire import decode, to_json
 
 

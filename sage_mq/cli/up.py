@@ -25,12 +25,12 @@ from sage_mq.cli.common import (
     run,
     setup_logging,
 )
-from sage_mq.connection import check_redis_url, redact_url
 from sage_mq.embedded import EmbeddedControlPlane, NodeOptions
 from sage_mq.errors import SageMQError
 from sage_mq.fleetfile import UpFleet
 from sage_mq.gateway.app import freeze_startup_heap
 from sage_mq.presets import load_preset
+from sage_mq.redis_urls import check_redis_url, redact_url
 from sage_mq.settings import (
     ENV_ADMIN_KEY,
     ENV_API_KEY,

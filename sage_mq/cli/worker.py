@@ -18,8 +18,8 @@ from sage_mq.batch import DEFAULT_QUEUES, make_worker
 from sage_mq.batch.sweeper import start_sweeper
 from sage_mq.batch.worker import DEFAULT_CONCURRENCY
 from sage_mq.cli.common import LogLevel, RedisUrl, fail, settings_for
-from sage_mq.connection import redact_url
 from sage_mq.errors import SageMQError
+from sage_mq.redis_urls import redact_url
 
 worker_app = typer.Typer(help="Batch workers (rq) for queued inference.")
 log = logging.getLogger(__name__)
@@ -66,6 +66,9 @@ def _worked(worker: SimpleWorker, burst: bool, log_level: str) -> bool:
     try:
         worker.work(burst=burst, logging_level=log_level)
     except (RedisConnectionError, RedisTimeoutError) as exc:
+        if getattr(worker, "_shutdown_requested_date", None) is not None:  # rq's, on a signal
+            log.warning("worker %s: stopped; Redis could not be told (%s)", worker.name, exc)
+            return True  # asked to stop: stop, whatever Redis did meanwhile
         log.warning(
             "worker %s: Redis went away as a job ended (%s); waiting for it, then going on "
             "under the same name (the sweeper runs that job's chunk again)",

@@ -8,9 +8,10 @@ import signal
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import redis
 from rq import SimpleWorker
 
+from sage_mq.connection import connect_blocking
+from sage_mq.settings import Settings
 from tests.chaos.harness import LIVENESS_TTL_S, NODES, WORKERS, ChaosFleet
 
 
@@ -66,7 +67,7 @@ def kill_gateway(fleet: ChaosFleet, rng: random.Random) -> str:
 
 def kill_worker(fleet: ChaosFleet, rng: random.Random) -> str:
     """The worker running a chunk of the batch, if one is (else either)."""
-    with redis.Redis.from_url(fleet.redis.url) as conn:  # bytes, as rq wants
+    with connect_blocking(Settings(redis_url=fleet.redis.url)) as conn:  # bytes, as rq wants
         found = [SimpleWorker.find_by_key(f"rq:worker:{w}", connection=conn) for w in WORKERS]
         busy = [w.name for w in found if w is not None and w.execution is not None]
     worker = rng.choice(busy or list(WORKERS))
@@ -81,7 +82,13 @@ def restart_redis_with_aof(fleet: ChaosFleet, rng: random.Random) -> str:
 
 def restart_redis_empty(fleet: ChaosFleet, rng: random.Random) -> str:
     fleet.restart_redis(keep_data=False)
-    return "kill -9, started again with no data"
+    return "kill -9 primary and replica, started again with no data"
+
+
+def fail_over_redis(fleet: ChaosFleet, rng: random.Random) -> str:
+    old = fleet.redis.primary_server().port
+    took = fleet.fail_over()
+    return f"kill -9 primary :{old}, replica promoted in {took:.1f} s"
 
 
 FAULTS = (
@@ -94,4 +101,5 @@ FAULTS = (
     Fault("kill -9 batch worker", kill_worker, recovery_includes_batch=True),
     Fault("Redis restart, AOF", restart_redis_with_aof),
     Fault("Redis restart, empty", restart_redis_empty, forgets=True),
+    Fault("Redis primary failover", fail_over_redis),
 )

@@ -1,6 +1,7 @@
 """The chaos fleet: real processes a test can kill, and a supervisor that starts them again.
 
-Redis (append-only file, fsync always), two schedulers, two node agents (fake GPUs, ports of
+Redis under Sentinel (a primary and a replica, each with an append-only file, fsync always,
+and three sentinels), two schedulers, two node agents (fake GPUs, ports of
 their own), a gateway, two batch workers, and fake engines. Every actor is started the way
 systemd would run it, and :meth:`ChaosFleet.revive` is what ``Restart=always`` does after a kill.
 """
@@ -9,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import signal
 import subprocess
 from dataclasses import dataclass
@@ -19,13 +19,14 @@ from typing import Any
 import httpx
 import redis
 
-from sage_mq.connection import connect
+from sage_mq.connection import connect, connect_blocking
 from sage_mq.keys import Keys
 from sage_mq.settings import Settings
 from sage_mq.store import Store
 from tests.helpers.fleetprocs import FleetProcs
 from tests.helpers.gateway import wait_for
-from tests.helpers.servers import Processes, RedisServer, free_port
+from tests.helpers.sentinel import SentinelGroup
+from tests.helpers.servers import Processes, free_port
 
 NODES = ("n1", "n2")
 WORKERS_PER_ENGINE = 1
@@ -61,9 +62,8 @@ class ChaosFleet:
     def __init__(self, processes: Processes, tmp: Path) -> None:
         self.processes = processes
         self.tmp = tmp
-        (tmp / "redis").mkdir(parents=True, exist_ok=True)
         aof = ["--appendonly", "yes", "--appendfsync", "always"]
-        self.redis = RedisServer(free_port(), tmp / "redis", extra=aof)
+        self.redis = SentinelGroup(tmp / "redis", extra=aof)
         self.procs = FleetProcs(processes, self.redis, tmp / "state")
         self.env = self.procs.env
         self.keys = Keys(self.env["SAGE_MQ_NAMESPACE"])
@@ -117,16 +117,33 @@ class ChaosFleet:
         return [a.name for a in self.actors.values() if not a.alive and a.kills == 0]
 
     def restart_redis(self, *, keep_data: bool) -> None:
-        """``kill -9`` Redis and start it again: with its append-only file, or empty."""
-        self.redis.kill()
-        if not keep_data:
-            shutil.rmtree(self.redis.workdir / "appendonlydir", ignore_errors=True)
-            (self.redis.workdir / "dump.rdb").unlink(missing_ok=True)
-        self.redis.start()
+        """``kill -9`` the primary and start it again on its append-only file; or (``keep_data``
+        False) both servers, started again empty: every copy of the data gone."""
+        primary = self.redis.primary_server()
+        if keep_data:
+            self.redis.restart(primary, keep_data=True)
+        else:
+            replica = next(s for s in self.redis.servers if s is not primary)
+            replica.kill()  # first: nothing to fail over to, nothing kept
+            self.redis.restart(primary, keep_data=False)
+            self.redis.restart(replica, keep_data=False, replica_of=primary)
+        self.redis.wait_replicated()
+
+    def fail_over(self) -> float:
+        """``kill -9`` the primary; once the sentinels have promoted the replica, the old
+        primary is started again (on its file) and becomes the new one's replica. Seconds to
+        the promotion."""
+        old = self.redis.primary_server()
+        took = self.redis.kill_primary()
+        self.redis.restart(old, keep_data=True, replica_of=self.redis.primary_server())
+        self.redis.wait_replicated()
+        return took
 
     # -- reading the fleet -------------------------------------------------------------------
     def client(self) -> redis.Redis:
-        return redis.Redis.from_url(self.redis.url, decode_responses=True, socket_timeout=5)
+        """A client of the primary (found through the sentinels)."""
+        settings = Settings(redis_url=self.redis.url)
+        return connect_blocking(settings, decode_responses=True, socket_timeout=5)
 
     def leader(self) -> str:
         with self.client() as client:

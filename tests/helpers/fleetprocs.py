@@ -11,17 +11,18 @@ import time
 from pathlib import Path
 from typing import Any
 
-import redis
-
+from sage_mq.connection import connect_blocking
 from sage_mq.keys import Keys
+from sage_mq.settings import Settings
 from sage_mq.wire import Envelope, decode
+from tests.helpers.sentinel import SentinelGroup
 from tests.helpers.servers import Processes, RedisServer, free_port
 
 
 class FleetProcs:
     """A scheduler and a node agent as real processes, and the CLI run as a user would."""
 
-    def __init__(self, procs: Processes, redis: RedisServer, state: Path) -> None:
+    def __init__(self, procs: Processes, redis: RedisServer | SentinelGroup, state: Path) -> None:
         self.procs = procs
         self.state = state
         self.env = {
@@ -84,7 +85,8 @@ class FleetProcs:
 
     def events(self, engine_id: str | None = None) -> list[Envelope]:
         """Every event so far (of one engine, if given), decoded."""
-        client = redis.Redis.from_url(self.env["SAGE_MQ_REDIS_URL"], decode_responses=True)
+        settings = Settings(redis_url=self.env["SAGE_MQ_REDIS_URL"])
+        client = connect_blocking(settings, decode_responses=True)
         try:
             rows = client.xrange(Keys(self.env["SAGE_MQ_NAMESPACE"]).events)
         finally:

@@ -100,6 +100,15 @@ class RedisServer:
                 time.sleep(0.02)
         client.close()
 
+    def pause(self) -> None:
+        """SIGSTOP: the server holds its connections and answers nothing (a hung host)."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)
+
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
