@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import re
 import signal
 import socket
@@ -28,7 +29,7 @@ from sage_mq.keys import Keys
 from sage_mq.scheduler.core import Scheduler
 from sage_mq.settings import Settings
 from sage_mq.store import EngineRecord, EngineState
-from tests.helpers.engines import engine_processes, marked_env, marked_processes
+from tests.helpers.engines import engine_processes, marked_env, marked_pids, marked_processes
 from tests.helpers.servers import free_port
 from tests.helpers.up import running_up
 
@@ -209,14 +210,21 @@ def test_up_stopped_while_its_engines_start_leaves_nothing(
     env.pop("SAGE_MQ_REDIS_URL", None)
     argv = [sys.executable, "-m", "sage_mq", "llm", "up", "--preset", str(preset)]
     argv += ["--port", str(free_port())]
-    up = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 60
-    while not engine_processes(tmp_path):  # started, and waiting for the engine to be ready
-        assert up.poll() is None and time.monotonic() < deadline
-        time.sleep(0.1)
-    started = time.monotonic()
-    up.send_signal(signum)
-    said = up.communicate(timeout=60)[0].decode()
+    with subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as up:
+        try:  # killed, and its pipe closed, if it does not stop: nothing left for later tests
+            deadline = time.monotonic() + 60
+            while not engine_processes(tmp_path):  # started, waiting for the engine to be ready
+                assert up.poll() is None and time.monotonic() < deadline
+                time.sleep(0.1)
+            started = time.monotonic()
+            up.send_signal(signum)
+            said = up.communicate(timeout=60)[0].decode()
+        finally:
+            if up.poll() is None:
+                up.kill()
+            for leftover in marked_pids(tmp_path):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(leftover, signal.SIGKILL)
     assert up.returncode == 0 and time.monotonic() - started < 30, said
     assert "sage-mq is up" not in said and "stopped 1 engine(s)" in said, said
     assert marked_processes(tmp_path) == []  # the engine, the worker, the private Redis
