@@ -12,7 +12,7 @@ from sage_mq.connection import Redis, redis_errors
 from sage_mq.hashes import from_hash, to_hash
 from sage_mq.keys import Keys
 from sage_mq.records import EngineRecord, EngineState, NodeRecord, Reservation
-from sage_mq.replication import durable_pipeline
+from sage_mq.replication import durable_pipeline, replica_acks_of
 
 __all__ = ["EngineRecord", "EngineState", "NodeRecord", "Reservation", "Store", "oldest_first"]
 
@@ -79,13 +79,15 @@ class Store:
     async def add_engine(self, record: EngineRecord) -> bool:
         """Write a new engine record unless one with its id exists; whether it was written."""
         flat = [item for pair in to_hash(record).items() for item in pair]
+        keys, args = (
+            [self.keys.engine(record.engine_id), self.keys.engines],
+            [record.engine_id, *flat],
+        )
         with redis_errors("recording a new engine"):
+            if replica_acks_of(self.redis) is None:
+                return bool(await self._add(keys=keys, args=args))
             async with durable_pipeline(self.redis, transaction=False) as pipe:
-                await self._add(
-                    keys=[self.keys.engine(record.engine_id), self.keys.engines],
-                    args=[record.engine_id, *flat],
-                    client=pipe,
-                )
+                await self._add(keys=keys, args=args, client=pipe)
                 (added,) = await pipe.execute()
         return bool(added)
 
@@ -104,9 +106,12 @@ class Store:
         updated = EngineRecord.model_validate(merged)  # a bad value raises, nothing is written
         fields = to_hash(updated, only={*changes, "updated_at"})
         with redis_errors("updating an engine record"):
-            async with durable_pipeline(self.redis, transaction=False) as pipe:
-                pipe.hset(self.keys.engine(engine_id), mapping=fields)
-                await pipe.execute()
+            if replica_acks_of(self.redis) is None:
+                await self.redis.hset(self.keys.engine(engine_id), mapping=fields)
+            else:  # the write and its WAIT on one connection
+                async with durable_pipeline(self.redis, transaction=False) as pipe:
+                    pipe.hset(self.keys.engine(engine_id), mapping=fields)
+                    await pipe.execute()
         return updated
 
     async def get_engine(self, engine_id: str) -> EngineRecord | None:
