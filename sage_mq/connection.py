@@ -227,11 +227,15 @@ def redis_errors(what: str) -> Iterator[None]:
 
 
 def raise_if_cancelled() -> None:
-    """Re-raise a cancellation that arrived as a timeout.
+    """Raise CancelledError in a task that was cancelled but carries on.
 
-    On Python 3.11, a task cancelled while a read timeout fires inside redis-py can see a
-    TimeoutError instead of CancelledError; a loop that retries on timeouts would then never
-    stop. Every handler of "Redis unreachable" calls this first.
+    On Python 3.11 redis-py can lose a cancellation: it sends each command under
+    ``asyncio.wait_for``, which returns the result and drops the cancellation when it arrives
+    as the send completes (3.12 rewrote ``wait_for``), and a cancellation met by a read
+    timeout can come back as a TimeoutError. The task still counts the request
+    (``Task.cancelling()``), so a loop that runs until cancelled checks here at each turn,
+    and every handler of "Redis unreachable" first: else whoever cancelled it waits for ever
+    (``sage llm up`` stopped while a preset's engine started did, 1 time in ~10).
     """
     try:
         task = asyncio.current_task()

@@ -105,7 +105,7 @@ class Registry:
         cursor = "$"
         reloaded = 0.0
         while True:
-            raise_if_cancelled()  # see NodeAgent._heartbeat
+            raise_if_cancelled()  # see connection.raise_if_cancelled
             try:
                 if time.monotonic() - reloaded > RELOAD_S:
                     cursor = await self.bus.last_id(self.bus.keys.events)

@@ -66,7 +66,7 @@ class LogShipper:
         offset = await self._shipped_up_to(engine_id, generation) if resume else 0
         partial = b""
         while not done.is_set():
-            raise_if_cancelled()  # see NodeAgent._heartbeat
+            raise_if_cancelled()  # see connection.raise_if_cancelled
             offset, partial = await self._ship_once(engine_id, path, generation, offset, partial)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(done.wait(), self.interval_s)

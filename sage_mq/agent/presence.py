@@ -99,10 +99,7 @@ class Presence:
         it was away or lost this node's records; ``each_beat()`` after every attempt."""
         cut_off_since: float | None = None
         while True:
-            # A cancellation that reached redis-py as its read timed out can come back as a
-            # retried command or a timeout (Python 3.11): it is still asked for, so end here,
-            # or whoever cancelled this loop would wait on it for ever.
-            raise_if_cancelled()
+            raise_if_cancelled()  # see connection.raise_if_cancelled
             await asyncio.sleep(self.agent.liveness_ttl_s / 3)
             try:
                 rejoined = await self.beat()

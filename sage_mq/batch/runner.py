@@ -20,7 +20,7 @@ from typing import Any
 from sage_mq.batch.ending import error_line, finish_chunk
 from sage_mq.batch.records import Records
 from sage_mq.broker import Broker
-from sage_mq.connection import redis_errors
+from sage_mq.connection import raise_if_cancelled, redis_errors
 from sage_mq.errors import ControlPlaneUnavailable
 from sage_mq.failover import Failover, worth_another
 from sage_mq.registry import Registry
@@ -172,12 +172,14 @@ async def _keep_lease(redis: Any, key: str) -> None:
     while True:
         with contextlib.suppress(Exception):
             await redis.set(key, "1", ex=LEASE_TTL_S)
+        raise_if_cancelled()  # see connection.raise_if_cancelled
         await asyncio.sleep(LEASE_TTL_S / 3)
 
 
 async def _watch_cancel(records: Records, batch_id: str, cancelled: asyncio.Event) -> None:
     """Sets ``cancelled`` once the batch is no longer in progress (cancelled or expiring)."""
     while True:
+        raise_if_cancelled()  # see connection.raise_if_cancelled
         await asyncio.sleep(0.5)
         with contextlib.suppress(ControlPlaneUnavailable):
             with redis_errors("reading a batch"):

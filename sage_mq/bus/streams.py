@@ -11,7 +11,7 @@ from typing import Any
 
 from sage_mq.bus.consumer import Consumer, Handler
 from sage_mq.bus.group import Group
-from sage_mq.connection import Redis, redis_errors
+from sage_mq.connection import Redis, raise_if_cancelled, redis_errors
 from sage_mq.errors import ConfigError
 from sage_mq.keys import Keys
 from sage_mq.messages import Message
@@ -140,6 +140,7 @@ class Bus:
         while True:
             with redis_errors(f"reading {stream}"):
                 reply = await self.redis.xread({stream: cursor}, count=256, block=block)
+            raise_if_cancelled()  # see connection.raise_if_cancelled
             for _name, rows in reply or ():
                 for entry_id, fields in rows:
                     cursor = entry_id

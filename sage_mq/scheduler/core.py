@@ -176,7 +176,7 @@ class Scheduler(Actor):
         ttl = self.ctx.scheduler.lease_ttl_s
         last_ok = time.monotonic()
         while True:
-            raise_if_cancelled()  # see NodeAgent._heartbeat
+            raise_if_cancelled()  # see connection.raise_if_cancelled
             await asyncio.sleep(ttl / 3)
             try:
                 if await lease.renew():
@@ -212,7 +212,7 @@ class Scheduler(Actor):
 
     async def _every(self, seconds: float, work: Callable[[], Coroutine[Any, Any, Any]]) -> None:
         while not self.stopping:
-            raise_if_cancelled()  # see NodeAgent._heartbeat
+            raise_if_cancelled()  # see connection.raise_if_cancelled
             try:
                 await work()
             except ControlPlaneUnavailable as exc:
