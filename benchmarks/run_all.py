@@ -9,12 +9,14 @@ ratio, with the machine, the date and the command.
 
 ``--quick`` runs each with a small load, to check that the whole chain works (its figures are
 not the ones to quote); ``--skip NAME`` leaves one out (``real_engine`` needs the engines
-``scripts/prepare_engines.py`` makes).
+``scripts/prepare_engines.py`` makes). Each has 300 s (quick) or an hour to finish: one that
+overruns is killed with everything it started and reported failed, and the others still run.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -53,21 +55,42 @@ QUICK: dict[str, list[str]] = {
 }
 
 
-def run(name: str, args: list[str], results: Path) -> dict[str, Any]:
-    """One benchmark as its own process; its JSON, with how it was run."""
+RUN_MARK = "SAGE_BENCH_RUN"
+"""In the environment of a benchmark and of every process it starts (servers, fleets, engines):
+what a benchmark that overran its time left is found by."""
+QUICK_TIMEOUT_S, FULL_TIMEOUT_S = 300, 3600
+
+
+def run(name: str, args: list[str], results: Path, timeout_s: float) -> dict[str, Any]:
+    """One benchmark as its own process; its JSON, with how it was run. One that overruns
+    ``timeout_s`` is killed with all it started, and fails: the others still run."""
     out = results / f"{name}.json"
     command = ["python", f"benchmarks/{name}.py", *args]
     print(f"== {' '.join(command)}", flush=True)
     started = time.monotonic()
-    done = subprocess.run(
-        [sys.executable, f"benchmarks/{name}.py", *args, "--out", str(out)], cwd=ROOT, check=False
-    )
+    mark = f"{os.getpid()}-{name}"
+    argv = [sys.executable, f"benchmarks/{name}.py", *args, "--out", str(out)]
+    proc = subprocess.Popen(argv, cwd=ROOT, env={**os.environ, RUN_MARK: mark})
+    try:
+        failed = f"exit {proc.wait(timeout=timeout_s)}"
+    except subprocess.TimeoutExpired:
+        failed = f"timed out after {timeout_s:.0f} s"
+        print(f"== {name} {failed}: killed, with what it started", flush=True)
+        _kill_marked(mark)
+        proc.wait()
     seconds = time.monotonic() - started
     shown = out.relative_to(ROOT) if out.is_relative_to(ROOT) else out
     ran = {"name": name, "command": command, "seconds": seconds, "json": str(shown)}
-    if done.returncode != 0:
-        return ran | {"failed": done.returncode}
+    if proc.returncode != 0:
+        return ran | {"failed": failed}
     return ran | {"figures": json.loads(out.read_text())}
+
+
+def _kill_marked(mark: str) -> None:
+    for proc in psutil.process_iter():
+        with contextlib.suppress(psutil.Error, OSError):
+            if proc.environ().get(RUN_MARK) == mark:
+                proc.kill()
 
 
 def report(runs: list[dict[str, Any]], quick: bool) -> str:
@@ -93,7 +116,7 @@ def report(runs: list[dict[str, Any]], quick: bool) -> str:
     ]
     for r in runs:
         if "failed" in r:
-            lines.append(f"| {r['name']} | **failed** (exit {r['failed']}) | | | | | no |")
+            lines.append(f"| {r['name']} | **failed** ({r['failed']}) | | | | | no |")
             continue
         for row in HEADLINES[r["name"]](r["figures"]):
             lines.append(_row(r["name"], row))
@@ -144,8 +167,11 @@ if __name__ == "__main__":
     options = parser.parse_args()
     options.results.mkdir(parents=True, exist_ok=True)
     plan = QUICK if options.quick else FULL
+    timeout_s = QUICK_TIMEOUT_S if options.quick else FULL_TIMEOUT_S
     runs = [
-        run(name, args, options.results) for name, args in plan.items() if name not in options.skip
+        run(name, args, options.results, timeout_s)
+        for name, args in plan.items()
+        if name not in options.skip
     ]
     options.out.write_text(report(runs, options.quick))
     print(f"wrote {options.out}")
