@@ -3,7 +3,8 @@
 Replication is asynchronous: a write the primary acknowledged but had not yet sent to a replica
 is gone once Sentinel promotes that replica. The writes the fleet answers for (a request taken,
 a command for a node, an engine record's transition, a handler's output settled with its ack, a
-batch created or a result recorded) go through :func:`durable_pipeline`, which ends them with
+batch created or a result recorded) go through :func:`durable_pipeline` (or, one command,
+:func:`durable_write`), which ends them with
 ``WAIT <replicas> <timeout>`` on the same connection: the caller hears "done" only once a
 replica holds them too. (``WAIT`` counts what *this connection* wrote, so it cannot be sent
 apart from the write.)
@@ -16,8 +17,10 @@ then sets ``min-replicas-to-write`` on the server.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -73,6 +76,23 @@ def durable_pipeline(redis: aioredis.Redis, *, transaction: bool) -> Any:
     if acks is None or not acks.waiting:
         return redis.pipeline(transaction=transaction)
     return AckedPipeline(redis.connection_pool, redis.response_callbacks, transaction, None, acks)
+
+
+async def durable_write(redis: aioredis.Redis, write: Callable[[Any], Any]) -> Any:
+    """One write command, sent by ``write(client)``, that must outlive a failover; its reply.
+
+    The single command it is when no replica is to be waited for; else queued in a pipeline
+    that ends with ``WAIT`` on the same connection (``write`` may then return an awaitable,
+    as a script queued on a pipeline does)."""
+    acks = replica_acks_of(redis)
+    if acks is None or not acks.waiting:
+        return await write(redis)
+    async with durable_pipeline(redis, transaction=False) as pipe:
+        queued = write(pipe)
+        if inspect.isawaitable(queued):
+            await queued
+        (reply,) = await pipe.execute()
+    return reply
 
 
 class AckedPipeline(Pipeline):

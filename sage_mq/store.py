@@ -12,7 +12,7 @@ from sage_mq.connection import Redis, redis_errors
 from sage_mq.hashes import from_hash, to_hash
 from sage_mq.keys import Keys
 from sage_mq.records import EngineRecord, EngineState, NodeRecord, Reservation
-from sage_mq.replication import durable_pipeline, replica_acks_of
+from sage_mq.replication import durable_pipeline, durable_write
 
 __all__ = ["EngineRecord", "EngineState", "NodeRecord", "Reservation", "Store", "oldest_first"]
 
@@ -84,11 +84,9 @@ class Store:
             [record.engine_id, *flat],
         )
         with redis_errors("recording a new engine"):
-            if replica_acks_of(self.redis) is None:
-                return bool(await self._add(keys=keys, args=args))
-            async with durable_pipeline(self.redis, transaction=False) as pipe:
-                await self._add(keys=keys, args=args, client=pipe)
-                (added,) = await pipe.execute()
+            added = await durable_write(
+                self.redis, lambda client: self._add(keys=keys, args=args, client=client)
+            )
         return bool(added)
 
     async def update_engine(
@@ -105,13 +103,9 @@ class Store:
         merged = {**dict(current), **changes, "updated_at": time.time()}
         updated = EngineRecord.model_validate(merged)  # a bad value raises, nothing is written
         fields = to_hash(updated, only={*changes, "updated_at"})
+        key = self.keys.engine(engine_id)
         with redis_errors("updating an engine record"):
-            if replica_acks_of(self.redis) is None:
-                await self.redis.hset(self.keys.engine(engine_id), mapping=fields)
-            else:  # the write and its WAIT on one connection
-                async with durable_pipeline(self.redis, transaction=False) as pipe:
-                    pipe.hset(self.keys.engine(engine_id), mapping=fields)
-                    await pipe.execute()
+            await durable_write(self.redis, lambda client: client.hset(key, mapping=fields))
         return updated
 
     async def get_engine(self, engine_id: str) -> EngineRecord | None:

@@ -22,6 +22,7 @@ from sage_mq.connection import check_server, connect, connect_blocking, server_a
 from sage_mq.errors import ConfigError, ControlPlaneUnavailable
 from sage_mq.keys import Keys
 from sage_mq.messages import StopEngine
+from sage_mq.records import EngineRecord, EngineState
 from sage_mq.redis_urls import (
     check_redis_url,
     parse_sentinel_url,
@@ -29,6 +30,8 @@ from sage_mq.redis_urls import (
     url_secrets,
 )
 from sage_mq.settings import BusSettings, Settings
+from sage_mq.spec import EngineSpec
+from sage_mq.store import Store
 from sage_mq.wire import Envelope
 from tests.helpers.sentinel import SERVICE, SentinelGroup
 from tests.helpers.servers import Processes, RedisServer
@@ -184,6 +187,10 @@ async def test_durable_writes_wait_for_the_replica_and_carry_on_without_one(
         await bus.publish_many("s:requests", [StopEngine(engine_id="b"), StopEngine(engine_id="c")])
         assert _waits(primary) == 2  # one per round trip, on the connection that wrote
         assert sentinel_group.replica_has("s:requests", 3)
+        store = Store(client, Keys("s"))
+        assert await store.add_engine(EngineRecord.pending("e1", EngineSpec(model="m")))
+        await store.update_engine("e1", state=EngineState.STARTING)
+        assert _waits(primary) == 4  # a new record, a record's change
 
         sentinel_group.replica.pause()  # SIGSTOP: it acknowledges nothing
         started = time.monotonic()
@@ -192,7 +199,7 @@ async def test_durable_writes_wait_for_the_replica_and_carry_on_without_one(
         assert "reached 0 of 1 replicas within 300 ms" in caplog.text
         started = time.monotonic()
         await bus.publish("s:requests", StopEngine(engine_id="e"))  # no waiting for a while
-        assert time.monotonic() - started < 0.25 and _waits(primary) == 3
+        assert time.monotonic() - started < 0.25 and _waits(primary) == 5
     finally:
         sentinel_group.replica.resume()
         await client.aclose()

@@ -15,7 +15,7 @@ from sage_mq.connection import Redis, raise_if_cancelled, redis_errors
 from sage_mq.errors import ConfigError
 from sage_mq.keys import Keys
 from sage_mq.messages import Message
-from sage_mq.replication import durable_pipeline, replica_acks_of
+from sage_mq.replication import durable_pipeline, durable_write
 from sage_mq.settings import BusSettings
 from sage_mq.wire import Envelope, encode, envelope
 
@@ -50,11 +50,11 @@ class Bus:
     async def publish(self, stream: str, message: Message | Envelope) -> str:
         """Append one message to a stream (capped with ``MAXLEN ~``); returns the entry id."""
         env = message if isinstance(message, Envelope) else envelope(message)
-        if replica_acks_of(self.redis) is not None:  # the write and its WAIT, one connection
-            return (await self.publish_each([(stream, env)]))[0]
+        fields, maxlen = encode(env), self.maxlen(stream)
         with redis_errors(f"publishing {env.type} to {stream}"):
-            entry_id: str = await self.redis.xadd(
-                stream, encode(env), maxlen=self.maxlen(stream), approximate=True
+            entry_id: str = await durable_write(
+                self.redis,
+                lambda client: client.xadd(stream, fields, maxlen=maxlen, approximate=True),
             )
         return entry_id
 
