@@ -13,9 +13,7 @@ first result each way, and writes JSON. Target: the queue reaches ≥ 50 % of di
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import json
 import os
 import platform
 import sys
@@ -29,6 +27,7 @@ import httpx
 
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks._cli import finish, parser_for
 from benchmarks._fleet import Fleet
 from benchmarks._redis import redis_server
 from sage_mq import UnifiedInferenceClient
@@ -137,16 +136,9 @@ def _print(r: dict[str, Any]) -> None:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = parser_for(__doc__, "batch_throughput")
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--engine-latency-ms", type=float, default=20.0)
-    parser.add_argument(
-        "--out", type=Path, default=Path("benchmarks/results/batch_throughput.json")
-    )
     args = parser.parse_args()
-    figures = main(args.requests, args.concurrency, args.engine_latency_ms)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(figures, indent=2))
-    _print(figures)
-    print(f"wrote {args.out}")
+    finish(main(args.requests, args.concurrency, args.engine_latency_ms), args.out, _print)

@@ -12,9 +12,7 @@ number of times. Prints p50/p99, the ratios, and commands/s with and without bat
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import json
 import platform
 import sys
 import time
@@ -26,6 +24,7 @@ import redis.asyncio as aioredis
 
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks._cli import finish, parser_for
 from benchmarks._redis import percentile, redis_server
 from sage_mq.bus import Bus, Outgoing
 from sage_mq.connection import connect
@@ -263,12 +262,7 @@ def _print(r: dict[str, Any]) -> None:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = parser_for(__doc__, "bus_roundtrip")
     parser.add_argument("--n", type=int, default=3000)
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/bus_roundtrip.json"))
     args = parser.parse_args()
-    figures = asyncio.run(main(args.n))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(figures, indent=2))
-    _print(figures)
-    print(f"wrote {args.out}")
+    finish(asyncio.run(main(args.n)), args.out, _print)

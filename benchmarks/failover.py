@@ -15,9 +15,7 @@ costs each write.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import json
 import platform
 import sys
 import tempfile
@@ -27,6 +25,7 @@ from typing import Any
 
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks._cli import finish, parser_for
 from benchmarks._fleet import Fleet
 from benchmarks._redis import percentile
 from benchmarks.bus_roundtrip import Ours, interleaved_latencies, summary
@@ -131,13 +130,8 @@ def _print(r: dict[str, Any]) -> None:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = parser_for(__doc__, "failover")
     parser.add_argument("--n", type=int, default=2000)
     parser.add_argument("--trials", type=int, default=5)
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/failover.json"))
     args = parser.parse_args()
-    figures = main(args.n, args.trials)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(figures, indent=2))
-    _print(figures)
-    print(f"wrote {args.out}")
+    finish(main(args.n, args.trials), args.out, _print)

@@ -27,11 +27,9 @@ per answer; ``--engine-latency-ms 50`` shows the gateway's share of such a reque
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import gc
-import json
 import os
 import platform
 import sys
@@ -46,6 +44,7 @@ import psutil
 
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks._cli import finish, parser_for
 from benchmarks._fleet import Fleet
 from benchmarks._redis import percentile, redis_server
 from sage_mq import UnifiedInferenceClient
@@ -302,7 +301,7 @@ def _print(r: dict[str, Any]) -> None:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = parser_for(__doc__, "gateway_overhead")
     parser.add_argument("--requests", type=int, default=5000)
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument(
@@ -312,12 +311,9 @@ if __name__ == "__main__":
         help="the fake engine's time per answer (0: pure overhead, the worst case)",
     )
     parser.add_argument("--gateway-workers", type=int, default=1, help="gateway processes")
-    parser.add_argument(
-        "--out", type=Path, default=Path("benchmarks/results/gateway_overhead.json")
-    )
     args = parser.parse_args()
-    figures = main(args.requests, args.concurrency, args.engine_latency_ms, args.gateway_workers)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(figures, indent=2))
-    _print(figures)
-    print(f"wrote {args.out}")
+    finish(
+        main(args.requests, args.concurrency, args.engine_latency_ms, args.gateway_workers),
+        args.out,
+        _print,
+    )

@@ -27,7 +27,6 @@ Needs the engines ``python scripts/prepare_engines.py`` makes (run it first; sec
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import os
@@ -46,6 +45,7 @@ import psutil
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks import batch_throughput, gateway_overhead
+from benchmarks._cli import finish, parser_for
 from benchmarks._fleet import BENCH_MARK, Fleet
 from benchmarks._redis import redis_server
 
@@ -256,16 +256,15 @@ def _print(r: dict[str, Any]) -> None:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = parser_for(__doc__, "real_engine")
     parser.add_argument("--requests", type=int, default=200)
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--trials", type=int, default=2, help="vLLM starts by hand")
     parser.add_argument("--llama-trials", type=int, default=4, help="llama.cpp starts by hand")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/real_engine.json"))
     args = parser.parse_args()
-    figures = main(args.requests, args.concurrency, args.max_tokens, args.trials, args.llama_trials)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(figures, indent=2))
-    _print(figures)
-    print(f"wrote {args.out}")
+    finish(
+        main(args.requests, args.concurrency, args.max_tokens, args.trials, args.llama_trials),
+        args.out,
+        _print,
+    )

@@ -17,8 +17,6 @@ Printed beside the anchors' defaults; writes JSON.
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import platform
 import random
@@ -31,6 +29,7 @@ from typing import Any
 
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks._cli import finish, parser_for
 from benchmarks._fleet import Fleet
 from benchmarks._redis import percentile, redis_server
 
@@ -218,12 +217,7 @@ def _print(r: dict[str, Any]) -> None:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = parser_for(__doc__, "recovery")
     parser.add_argument("--trials", type=int, default=10)
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/recovery.json"))
     args = parser.parse_args()
-    figures = main(args.trials)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(figures, indent=2))
-    _print(figures)
-    print(f"wrote {args.out}")
+    finish(main(args.trials), args.out, _print)

@@ -17,7 +17,6 @@ aiohttp is in the ``bench`` extra (and ``dev``); without it its side is skipped 
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import gc
@@ -36,6 +35,7 @@ import httpx
 
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks._cli import finish, parser_for
 from benchmarks._fleet import BENCH_MARK
 from benchmarks._redis import free_port
 from sage_mq.upstream import Upstream
@@ -213,13 +213,9 @@ def _print(r: dict[str, Any]) -> None:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = parser_for(__doc__, "upstream_client")
     parser.add_argument("--requests", type=int, default=6000)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--blocks", type=int, default=6)
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/upstream_client.json"))
     args = parser.parse_args()
-    result = main(args.requests, args.concurrency, args.blocks)
-    _print(result)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    finish(main(args.requests, args.concurrency, args.blocks), args.out, _print)

@@ -7,7 +7,6 @@ import json
 import os
 import signal
 import sys
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -20,21 +19,12 @@ from sage_mq.keys import Keys
 from sage_mq.messages import NodeHealth, StopEngine
 from sage_mq.settings import BusSettings, Settings
 from sage_mq.wire import Envelope, decode, envelope
+from tests.helpers.events import recorder
 from tests.helpers.servers import Processes, RedisServer
 
 
 def make_bus(redis: Redis, settings: Settings) -> Bus:
     return Bus(redis, Keys(settings.namespace), settings.bus)
-
-
-def recorder() -> tuple[list[str], Callable[[Envelope], Awaitable[None]]]:
-    seen: list[str] = []
-
-    async def handler(env: Envelope) -> None:
-        assert isinstance(env.payload, StopEngine)
-        seen.append(env.payload.engine_id)
-
-    return seen, handler
 
 
 async def pending_count(redis: Redis, stream: str, group: str = "g") -> int:

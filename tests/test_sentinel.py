@@ -32,7 +32,7 @@ from sage_mq.redis_urls import (
 from sage_mq.settings import BusSettings, Settings
 from sage_mq.spec import EngineSpec
 from sage_mq.store import Store
-from sage_mq.wire import Envelope
+from tests.helpers.events import recorder
 from tests.helpers.sentinel import SERVICE, SentinelGroup
 from tests.helpers.servers import Processes, RedisServer
 
@@ -127,12 +127,7 @@ async def test_a_blocked_stream_reader_carries_on_against_the_promoted_replica(
     )
     client = connect(settings)
     bus = Bus(client, Keys(settings.namespace), settings.bus)
-    seen: list[str] = []
-
-    async def handler(env: Envelope) -> None:
-        assert isinstance(env.payload, StopEngine)
-        seen.append(env.payload.engine_id)
-
+    seen, handler = recorder()
     consumer = bus.consumer(["s:requests"], "g", "c1", handler)
     task = asyncio.create_task(consumer.run())
     try:

@@ -1,14 +1,27 @@
-"""Waiting for events on a test's ``<ns>:events`` stream."""
+"""Waiting for events on a test's ``<ns>:events`` stream; noting what a bus consumer handled."""
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from sage_mq.connection import Redis
 from sage_mq.keys import Keys
+from sage_mq.messages import StopEngine
 from sage_mq.wire import Envelope, decode
+
+
+def recorder() -> tuple[list[str], Callable[[Envelope], Awaitable[None]]]:
+    """A bus handler that notes the engine id of each StopEngine it is given, in order."""
+    seen: list[str] = []
+
+    async def handler(env: Envelope) -> None:
+        assert isinstance(env.payload, StopEngine)
+        seen.append(env.payload.engine_id)
+
+    return seen, handler
 
 
 class Events:
