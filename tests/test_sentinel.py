@@ -93,7 +93,7 @@ def sentinel_group(tmp_path: Path) -> Iterator[SentinelGroup]:
         group.start()
         yield group
     finally:
-        group.stop()
+        group.kill()
 
 
 async def test_clients_follow_the_primary_through_a_failover(

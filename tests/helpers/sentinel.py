@@ -116,8 +116,6 @@ class SentinelGroup:
         self.primary.kill()
         self.replica.kill()
 
-    stop = kill
-
     def _replica_args(self) -> list[str]:
         return [*self.extra, "--replicaof", "127.0.0.1", str(self.primary.port)]
 
