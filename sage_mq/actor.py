@@ -11,10 +11,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 from collections.abc import Coroutine
 from typing import Any, Self, TypeVar
 
 T = TypeVar("T")
+
+
+def freeze_startup_heap() -> None:
+    """Put what start-up made (modules, pydantic's and FastAPI's schemas: ~90,000 objects) out
+    of the garbage collector's sight, so a full collection scans only what the work left behind.
+    For a process that is only sage-mq (an actor, the gateway, ``up``). Unfrozen, a full
+    collection stalled the gateway's requests in flight for 40-50 ms, and the scheduler at
+    1,000 nodes for 28-45 ms, 10 ms frozen (seen with a ``gc.callbacks`` timer under load)."""
+    gc.collect()
+    gc.freeze()
 
 
 class Actor:

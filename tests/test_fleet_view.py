@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
+
 from sage_mq.connection import Redis
 from sage_mq.gpu import FakeGpus
 from sage_mq.keys import Keys
-from sage_mq.scheduler.fleet import FleetView
+from sage_mq.scheduler.fleet import FOREIGN_TTL_S, FleetView
 from sage_mq.settings import Settings
 from sage_mq.store import NodeRecord, Reservation, Store
 
@@ -67,3 +70,19 @@ async def test_its_own_writes_show_at_once_and_a_lost_port_race_reads_the_node_a
     (node,) = await view.live()
     assert node.gpus[1].reserved_gb == 0 and node.ports_in_use == {40001}
     assert await store.ports_in_use("a") == {40001: "someone-else"}
+
+
+async def test_a_port_held_by_another_process_is_free_again_when_its_time_is_up(
+    aredis: Redis, settings: Settings
+) -> None:
+    store = Store(aredis, Keys(settings.namespace))
+    view = FleetView(store)
+    await register(store, "a")
+    await view.look()
+    view.mark_foreign("a", 40000, now=time.monotonic() - FOREIGN_TTL_S + 0.2)
+    (node,) = await view.live()
+    assert 40000 in node.ports_in_use
+    assert 40000 in (await view.live())[0].ports_in_use  # asked again: the same picture
+    await asyncio.sleep(0.3)
+    (node,) = await view.live()
+    assert 40000 not in node.ports_in_use

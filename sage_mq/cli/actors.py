@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 
+from sage_mq.actor import freeze_startup_heap
 from sage_mq.agent.node import NodeAgent
 from sage_mq.agent.runtimes import parse_runtimes
 from sage_mq.cli.common import (
@@ -87,6 +88,7 @@ def scheduler_run(
     async def main() -> None:
         async with Scheduler(settings, name=name, scheduler=healing) as scheduler:
             on_signals(scheduler.stop)
+            freeze_startup_heap()
             typer.echo(f"scheduler {scheduler.name} on {redact_url(settings.redis_url)}", err=True)
             await scheduler.run()
 
@@ -149,6 +151,7 @@ def node_run(
         agent = NodeAgent(settings, agent_settings, gpus=gpus, base_env=base_env)
         async with agent:
             on_signals(agent.stop)
+            freeze_startup_heap()
             typer.echo(
                 f"node agent {node} ({len(gpus.gpus())} GPUs) on {redact_url(settings.redis_url)}",
                 err=True,

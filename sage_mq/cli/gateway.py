@@ -10,6 +10,7 @@ import typer
 import uvicorn
 from uvicorn.supervisors import Multiprocess
 
+from sage_mq.actor import freeze_startup_heap
 from sage_mq.cli.common import (
     Insecure,
     LogLevel,
@@ -22,7 +23,6 @@ from sage_mq.cli.common import (
 from sage_mq.connection import check_server_blocking, connect_blocking
 from sage_mq.errors import ConfigError, ControlPlaneUnavailable
 from sage_mq.gateway import create_app
-from sage_mq.gateway.app import freeze_startup_heap
 from sage_mq.gateway.serving import (
     BODY_TIMEOUT_S,
     HEADER_TIMEOUT_S,

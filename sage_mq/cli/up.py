@@ -9,6 +9,7 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
+from sage_mq.actor import freeze_startup_heap
 from sage_mq.agent.runtimes import parse_runtimes
 from sage_mq.cli.common import (
     AllowCommand,
@@ -28,7 +29,6 @@ from sage_mq.cli.common import (
 from sage_mq.embedded import EmbeddedControlPlane, NodeOptions
 from sage_mq.errors import SageMQError
 from sage_mq.fleetfile import UpFleet
-from sage_mq.gateway.app import freeze_startup_heap
 from sage_mq.presets import load_preset
 from sage_mq.redis_urls import check_redis_url, redact_url
 from sage_mq.settings import (

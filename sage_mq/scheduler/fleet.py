@@ -12,6 +12,7 @@ finishing a handler) is seen within 30 ticks.
 
 from __future__ import annotations
 
+import math
 import time
 
 from sage_mq.engines.argv_policy import NodeAllowances
@@ -34,6 +35,10 @@ class FleetView:
         self._views: dict[str, NodeView] = {}
         self._foreign: dict[str, dict[int, float]] = {}
         """Node -> port -> until when: ports found held by processes that are not ours."""
+        self._live: list[NodeView] | None = None
+        """What :meth:`live` gave last, until a node's view or liveness changes."""
+        self._foreign_due = math.inf
+        """When the first port held by another process is free again (the views change)."""
         self._loaded = False
         self._next = 0
         """Where the rolling re-read goes on at the next look."""
@@ -68,6 +73,7 @@ class FleetView:
         for node_id, epoch in epochs.items():
             if node_id in self._records and self._alive.get(node_id) != (epoch is not None):
                 self._alive[node_id] = epoch is not None
+                self._live = None
         return [(self._records[n], self._alive[n]) for n in sorted(self._records)]
 
     async def set_status(self, node_id: str, status: str) -> None:
@@ -85,7 +91,7 @@ class FleetView:
         self._alive = {record.node_id: alive for record, alive in listed}
         self._reservations = {node_id: held for node_id, (held, _ports) in usage.items()}
         self._ports = {node_id: ports for node_id, (_held, ports) in usage.items()}
-        self._views = {}
+        self._views, self._live = {}, None
         self._loaded = True
         return listed
 
@@ -97,6 +103,7 @@ class FleetView:
         await self._read([node_id])
         if node_id in self._records:
             self._alive[node_id] = await self.store.is_alive(node_id)
+            self._live = None
 
     async def _read(self, node_ids: list[str]) -> None:
         if not node_ids:
@@ -111,7 +118,7 @@ class FleetView:
             self._records[node_id] = record
             self._alive.setdefault(node_id, True)
             self._reservations[node_id], self._ports[node_id] = usage[node_id]
-            self._views.pop(node_id, None)
+            self._stale(node_id)
 
     async def _read_usage(self, node_ids: list[str]) -> None:
         if not node_ids:
@@ -119,23 +126,34 @@ class FleetView:
         for node_id, (held, ports) in (await self.store.node_usage(node_ids)).items():
             if (held, ports) != (self._reservations.get(node_id), self._ports.get(node_id)):
                 self._reservations[node_id], self._ports[node_id] = held, ports
-                self._views.pop(node_id, None)
+                self._stale(node_id)
 
     def _drop(self, node_id: str) -> None:
         for table in (self._records, self._alive, self._reservations, self._ports, self._views):
             table.pop(node_id, None)
+        self._live = None
+
+    def _stale(self, node_id: str) -> None:
+        """The node's view is to be made again (and the list of live ones with it)."""
+        self._views.pop(node_id, None)
+        self._live = None
 
     async def live(self) -> list[NodeView]:
         """Every node alive at the last look, with its reservations and ports applied."""
         if not self._loaded:
             await self.refresh()
-        return [self._view(node_id) for node_id, alive in self._alive.items() if alive]
+        if self._live is None or time.monotonic() >= self._foreign_due:
+            self._live = [self._view(node_id) for node_id, alive in self._alive.items() if alive]
+            self._foreign_due = min(
+                (min(held.values()) for held in self._foreign.values() if held), default=math.inf
+            )
+        return list(self._live)
 
     async def assign_port(self, node_id: str, port: int, engine_id: str) -> bool:
         """Take a port in Redis; on success the picture has it, on failure it is read again."""
         if await self.store.assign_port(node_id, port, engine_id):
             self._ports.setdefault(node_id, {})[port] = engine_id
-            self._views.pop(node_id, None)
+            self._stale(node_id)
             return True
         await self.refresh_node(node_id)
         return False
@@ -143,7 +161,7 @@ class FleetView:
     async def reserve_gpus(self, node_id: str, engine_id: str, reservation: Reservation) -> None:
         await self.store.reserve_gpus(node_id, engine_id, reservation)
         self._reservations.setdefault(node_id, {})[engine_id] = reservation
-        self._views.pop(node_id, None)
+        self._stale(node_id)
 
     async def release(self, node_id: str, engine_id: str, port: int | None) -> None:
         """Give back an engine's port (if it holds it) and GPU reservation on a node."""
@@ -151,20 +169,20 @@ class FleetView:
             await self.release_port(node_id, port, engine_id)
         await self.store.release_gpus(node_id, engine_id)
         self._reservations.get(node_id, {}).pop(engine_id, None)
-        self._views.pop(node_id, None)
+        self._stale(node_id)
 
     async def release_port(self, node_id: str, port: int, engine_id: str) -> None:
         """Give back a port, if this engine holds it."""
         await self.store.release_port(node_id, port, engine_id)
         if self._ports.get(node_id, {}).get(port) == engine_id:
             del self._ports[node_id][port]
-        self._views.pop(node_id, None)
+        self._stale(node_id)
 
     def mark_foreign(self, node_id: str, port: int, now: float | None = None) -> None:
         """Another process holds this port: assign it to no engine for ``FOREIGN_TTL_S``."""
         now = time.monotonic() if now is None else now
         self._foreign.setdefault(node_id, {})[port] = now + FOREIGN_TTL_S
-        self._views.pop(node_id, None)
+        self._stale(node_id)
 
     def _view(self, node_id: str) -> NodeView:
         view = self._views.get(node_id)
@@ -205,9 +223,22 @@ def node_view(
         engines=len(set(ports.values()) | set(reservations)),
         port_range=(record.port_range_start, record.port_range_end),
         ports_in_use=frozenset(ports).union(foreign),
-        allowances=NodeAllowances(
-            commands=frozenset(record.allowed_commands),
-            engine_flags=frozenset(record.allowed_engine_flags),
-            backends=None if record.runtimes is None else frozenset(record.runtimes),
+        allowances=_shared(
+            NodeAllowances(
+                commands=frozenset(record.allowed_commands),
+                engine_flags=frozenset(record.allowed_engine_flags),
+                backends=None if record.runtimes is None else frozenset(record.runtimes),
+            )
         ),
     )
+
+
+_ALLOWANCES: dict[NodeAllowances, NodeAllowances] = {}
+
+
+def _shared(allowances: NodeAllowances) -> NodeAllowances:
+    """One object for equal allowances (a fleet's nodes mostly share theirs): placement tells
+    them apart by identity, at no cost per node."""
+    if len(_ALLOWANCES) > 1024:  # operators changing allowances for ever: start again
+        _ALLOWANCES.clear()
+    return _ALLOWANCES.setdefault(allowances, allowances)

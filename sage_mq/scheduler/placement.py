@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from bisect import bisect_left
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -122,23 +123,27 @@ def place(demand: Demand, nodes: Sequence[NodeView]) -> Placement:
         fewest = min(candidates, key=lambda n: (n.engines, n.node_id))
         return Placement(fewest.node_id, fewest.address, (), 0.0)
     count, need = demand.gpu_count, demand.memory_gb_per_gpu
-    best: tuple[float, str] | None = None
-    chosen: tuple[NodeView, tuple[tuple[float, int], ...]] | None = None
-    for node in candidates:  # best fit: the tightest GPUs that hold it; score = GiB left over
-        free = node.free_ascending
-        start = bisect_left(free, (need - 1e-9, -1))
-        if len(free) - start < count:
+    least = (need - 1e-9, -1)
+    best_left, best_id, chosen = math.inf, "", None
+    for node in candidates:  # best fit: the tightest GPUs that hold it, least GiB left over
+        free = node.free_ascending  # (written for speed: it runs for every node, 100s a second)
+        start = bisect_left(free, least)
+        end = start + count
+        if end > len(free):
             continue
-        fit = free[start : start + count]
-        score = (sum(f for f, _index in fit) - count * need, node.node_id)
-        if best is None or score < best:
-            best, chosen = score, (node, fit)
+        left = free[start][0] - need if count == 1 else _sum_free(free[start:end]) - count * need
+        if left < best_left or (left == best_left and node.node_id < best_id):
+            best_left, best_id, chosen = left, node.node_id, (node, start, end)
     if chosen is None:
         raise PlacementError(_no_gpu_fits(demand, candidates))
-    target, fit = chosen
-    gpus = tuple(sorted(index for _free, index in fit))
+    target, start, end = chosen
+    gpus = tuple(sorted(index for _free, index in target.free_ascending[start:end]))
     smallest = min(g.total_gb for g in target.gpus if g.index in gpus)
     return Placement(target.node_id, target.address, gpus, need, smallest)
+
+
+def _sum_free(fit: Sequence[tuple[float, int]]) -> float:
+    return sum(free for free, _index in fit)
 
 
 def _candidates(demand: Demand, nodes: Sequence[NodeView]) -> list[NodeView]:
@@ -150,17 +155,24 @@ def _candidates(demand: Demand, nodes: Sequence[NodeView]) -> list[NodeView]:
             raise PlacementError(f"node {demand.node!r} is not live (live nodes: {live})")
         raise PlacementError("no live node: start one with `sage llm node run --node-id ID`")
     # Nodes of one fleet mostly share their port range and allowances: judge each kind once
-    # (at 1,000 nodes this was most of a placement's cost).
+    # (at 1,000 nodes this was most of a placement's cost), and a run of nodes of the kind just
+    # judged without even a look-up (the fleet's picture shares one object among equals).
     judged: dict[tuple[tuple[int, int], NodeAllowances], str | None] = {}
-    refusals = {}
+    allowed, refused = [], set()
+    last: tuple[tuple[int, int], NodeAllowances] | None = None
+    refusal: str | None = None
     for n in pinned:
-        kind = (n.port_range, n.allowances)
-        if kind not in judged:
-            judged[kind] = demand.refusal(n)
-        refusals[n.node_id] = judged[kind]
-    allowed = [n for n in pinned if refusals[n.node_id] is None]
+        if last is None or n.allowances is not last[1] or n.port_range != last[0]:
+            last = (n.port_range, n.allowances)
+            if last not in judged:
+                judged[last] = demand.refusal(n)
+            refusal = judged[last]
+        if refusal is None:
+            allowed.append(n)
+        else:
+            refused.add(refusal)
     if not allowed:
-        reasons = sorted({r for r in refusals.values() if r is not None})
+        reasons = sorted(refused)
         where = f"node {demand.node!r}" if demand.node else f"none of {len(pinned)} live node(s)"
         raise PlacementError(f"{where} will take it: {'; '.join(reasons[:3])}")
     return allowed
