@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from sage_mq.diagnostics import dump_on_sigusr1
 from sage_mq.errors import ConfigError, InvalidRequest, SageMQError
 from sage_mq.fleetfile import read_up_fleet
 from sage_mq.gateway.auth import check_exposure, is_loopback
@@ -186,10 +187,12 @@ def run(coro_fn: Callable[[], Coroutine[Any, Any, T]]) -> T:
 
 
 def on_signals(stop: Callable[[], None]) -> None:
-    """SIGINT/SIGTERM only ask the actor to stop (call inside the running loop)."""
+    """SIGINT/SIGTERM only ask the actor to stop; SIGUSR1 writes what it is doing to its log
+    (see :mod:`sage_mq.diagnostics`). Call inside the running loop."""
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop)
+    dump_on_sigusr1(loop)
 
 
 def setup_logging(level: str) -> None:
