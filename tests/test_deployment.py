@@ -1,4 +1,5 @@
-"""The deployment files: docker-compose.yml, workers/Dockerfile and the systemd units.
+"""The deployment files: docker-compose.yml (and compose.sentinel.yml over it), workers/Dockerfile
+and the systemd units.
 
 No Docker engine or systemd runs here, so their structure is checked, and every command they
 run is parsed by the real CLI (an unknown command or option fails here, not on a GPU host).
@@ -17,6 +18,7 @@ import typer
 import yaml
 
 from sage_mq.cli import app
+from sage_mq.redis_urls import check_redis_url, parse_sentinel_url
 from sage_mq.settings import ENV_REDIS_URL
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -25,6 +27,11 @@ SYSTEMD = ROOT / "workers" / "systemd"
 
 def _compose() -> dict[str, Any]:
     loaded: dict[str, Any] = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    return loaded
+
+
+def _sentinel_override() -> dict[str, Any]:
+    loaded: dict[str, Any] = yaml.safe_load((ROOT / "compose.sentinel.yml").read_text())
     return loaded
 
 
@@ -146,3 +153,28 @@ def test_the_node_agent_unit_leaves_engines_running_when_the_agent_restarts() ->
     }
     env = (SYSTEMD / "sage-mq.env").read_text()
     assert f"{ENV_REDIS_URL}=" in env and "0600" in env
+
+
+def test_the_sentinel_override_puts_every_role_behind_three_sentinels() -> None:
+    base, over = _compose()["services"], _sentinel_override()["services"]
+    sentinels = ["sentinel-1", "sentinel-2", "sentinel-3"]
+    for name in (n for n in base if n != "redis"):  # every sage-mq role
+        url = over[name]["environment"][ENV_REDIS_URL]
+        check_redis_url(url)
+        where = parse_sentinel_url(url)
+        assert where.service == "sage" and [host for host, _port in where.sentinels] == sentinels
+        assert set(over[name]["depends_on"]) == set(sentinels)
+    for name in sentinels:
+        script = over[name]["command"][-1]
+        assert over[name]["hostname"] == name
+        assert "'sentinel monitor sage redis 6379 2'" in script  # a quorum of two of three
+        assert "sentinel announce-hostnames yes" in script and "exec redis-sentinel" in script
+
+
+def test_the_sentinel_override_keeps_both_copies_in_append_only_files() -> None:
+    base, over = _compose()["services"], _sentinel_override()["services"]
+    primary, replica = over["redis"]["command"], over["redis-replica"]["command"]
+    assert primary[: len(base["redis"]["command"])] == base["redis"]["command"]
+    assert replica[replica.index("--replicaof") + 1 :][:2] == ["redis", "6379"]
+    assert replica[replica.index("--appendonly") + 1] == "yes"
+    assert "redis-replica-data" in _sentinel_override()["volumes"]
