@@ -19,6 +19,15 @@ async def register(store: Store, node_id: str, gpus: str = "2x24GiB", epoch: int
     await store.put_node(record, 60)
 
 
+async def one_node_looked_at(aredis: Redis, settings: Settings) -> tuple[Store, FleetView]:
+    """A store, and a fleet picture that has seen its one node ``a``."""
+    store = Store(aredis, Keys(settings.namespace))
+    view = FleetView(store)
+    await register(store, "a")
+    await view.look()
+    return store, view
+
+
 async def test_each_look_notices_joins_deaths_and_restarted_agents(
     aredis: Redis, settings: Settings
 ) -> None:
@@ -54,10 +63,7 @@ async def test_usage_written_behind_its_back_is_seen_within_thirty_looks(
 async def test_its_own_writes_show_at_once_and_a_lost_port_race_reads_the_node_again(
     aredis: Redis, settings: Settings
 ) -> None:
-    store = Store(aredis, Keys(settings.namespace))
-    view = FleetView(store)
-    await register(store, "a")
-    await view.look()
+    store, view = await one_node_looked_at(aredis, settings)
     await view.reserve_gpus("a", "e1", Reservation(gpus=[1], memory_gb=10))
     assert await view.assign_port("a", 40000, "e1")
     (node,) = await view.live()
@@ -75,10 +81,7 @@ async def test_its_own_writes_show_at_once_and_a_lost_port_race_reads_the_node_a
 async def test_a_port_held_by_another_process_is_free_again_when_its_time_is_up(
     aredis: Redis, settings: Settings
 ) -> None:
-    store = Store(aredis, Keys(settings.namespace))
-    view = FleetView(store)
-    await register(store, "a")
-    await view.look()
+    _store, view = await one_node_looked_at(aredis, settings)
     view.mark_foreign("a", 40000, now=time.monotonic() - FOREIGN_TTL_S + 0.2)
     (node,) = await view.live()
     assert 40000 in node.ports_in_use
