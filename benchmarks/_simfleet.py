@@ -21,6 +21,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from sage_mq.bus import Bus
+from sage_mq.connection import raise_if_cancelled
 from sage_mq.gpu import FakeGpus
 from sage_mq.hashes import to_hash
 from sage_mq.keys import Keys
@@ -129,6 +130,7 @@ class SimulatedFleet:
                         await pipe.execute()
                 except (RedisTimeoutError, RedisConnectionError) as exc:  # beat on, as agents do
                     print(f"simulated heartbeats: {exc!r}; beating on", file=sys.stderr)
+                raise_if_cancelled()  # redis-py can drop a cancellation: see its docstring
                 await asyncio.sleep(max(0.0, interval_s / slices - (time.monotonic() - started)))
 
     async def answer_commands(self) -> None:
@@ -161,6 +163,7 @@ class SimulatedFleet:
                         ms, seq = self._cursors[stream].split("-")
                         pipe.xtrim(stream, minid=f"{ms}-{int(seq) + 1}", approximate=False)
                     await pipe.execute()
+            raise_if_cancelled()  # redis-py can drop a cancellation: see its docstring
             await asyncio.sleep(_POLL_S)  # one XREAD names 1,000 streams: not after every entry
 
     def _health_report(self, node: SimulatedNode) -> dict[str, str]:

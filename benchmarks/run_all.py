@@ -76,7 +76,7 @@ def run(name: str, args: list[str], results: Path, timeout_s: float) -> dict[str
     except subprocess.TimeoutExpired:
         failed = f"timed out after {timeout_s:.0f} s"
         print(f"== {name} {failed}: killed, with what it started", flush=True)
-        _kill_marked(mark)
+        _kill_all(proc.pid, mark)
         proc.wait()
     seconds = time.monotonic() - started
     shown = out.relative_to(ROOT) if out.is_relative_to(ROOT) else out
@@ -86,11 +86,20 @@ def run(name: str, args: list[str], results: Path, timeout_s: float) -> dict[str
     return ran | {"figures": json.loads(out.read_text())}
 
 
-def _kill_marked(mark: str) -> None:
+def _kill_all(pid: int, mark: str) -> None:
+    """The benchmark, what it started (a redis-server among them: it rewrites its environment,
+    so only its parentage finds it) and whatever else carries its mark (engines in sessions
+    of their own)."""
+    found: list[psutil.Process] = []
+    with contextlib.suppress(psutil.Error):
+        found = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
     for proc in psutil.process_iter():
         with contextlib.suppress(psutil.Error, OSError):
             if proc.environ().get(RUN_MARK) == mark:
-                proc.kill()
+                found.append(proc)
+    for proc in found:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
 
 
 def report(runs: list[dict[str, Any]], quick: bool) -> str:

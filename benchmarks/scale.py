@@ -40,6 +40,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 from benchmarks._redis import percentile, redis_server
 from benchmarks._simfleet import SimulatedFleet
 from sage_mq.bus import Bus
+from sage_mq.connection import raise_if_cancelled
 from sage_mq.keys import Keys
 from sage_mq.messages import StartEngine
 
@@ -90,6 +91,7 @@ async def sample_lag(redis: Any, keys: Keys, into: list[float]) -> None:
     while True:
         ages = [await oldest_unhandled_age(redis, s) for s in (keys.events, keys.requests)]
         into.append(max(ages))
+        raise_if_cancelled()  # redis-py can drop a cancellation: see its docstring
         await asyncio.sleep(0.1)
 
 
