@@ -11,8 +11,10 @@ apart from the write.)
 
 With no replica to answer in time (the only one is down), the fleet keeps working on the primary
 alone rather than stop: the shortfall is logged, and writes stop waiting for
-:data:`SHORTFALL_PAUSE_S` before they try again. An operator who would rather refuse writes
-then sets ``min-replicas-to-write`` on the server.
+:data:`SHORTFALL_PAUSE_S`, except one a second that waits at most :data:`PROBE_MS`: once a
+replica answers it, every write waits again (a replica back after a failover is waited for
+within a second, not ten). An operator who would rather refuse writes then sets
+``min-replicas-to-write`` on the server.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from redis.asyncio.client import Pipeline
 log = logging.getLogger(__name__)
 
 SHORTFALL_PAUSE_S = 10.0
+PROBE_EVERY_S, PROBE_MS = 1.0, 100
 
 
 class ReplicaAcks:
@@ -42,20 +45,33 @@ class ReplicaAcks:
         self.timeout_ms = timeout_ms
         self.shortfalls = 0
         self._paused_until = 0.0
+        self._next_probe = 0.0
 
-    @property
-    def waiting(self) -> bool:
-        return time.monotonic() >= self._paused_until
+    def wait_ms(self) -> int | None:
+        """How long the next durable write waits for its replicas; None: it does not wait."""
+        now = time.monotonic()
+        if now >= self._paused_until:
+            return self.timeout_ms
+        if now >= self._next_probe:  # paused: is a replica back?
+            self._next_probe = now + PROBE_EVERY_S
+            return min(PROBE_MS, self.timeout_ms)
+        return None
 
     def judge(self, acknowledged: int) -> None:
-        """Note how many replicas acknowledged; a shortfall is logged and pauses waiting."""
+        """Note how many replicas acknowledged; a shortfall is logged and pauses waiting, and
+        enough of them again ends the pause."""
         if acknowledged >= self.replicas:
+            self._paused_until = 0.0
             return
+        if time.monotonic() < self._paused_until:
+            return  # a probe while paused: said already
         self.shortfalls += 1
+        self._next_probe = time.monotonic() + PROBE_EVERY_S
         self._paused_until = time.monotonic() + SHORTFALL_PAUSE_S
         log.warning(
             "a write reached %d of %d replicas within %d ms: it is on the primary only, and a "
-            "failover now would lose it; writes go on without waiting for %.0f s",
+            "failover now would lose it; writes go on without waiting until one answers again "
+            "(asked each second; %.0f s at most)",
             acknowledged,
             self.replicas,
             self.timeout_ms,
@@ -73,9 +89,17 @@ def durable_pipeline(redis: aioredis.Redis, *, transaction: bool) -> Any:
     """A pipeline whose writes wait for a replica when the client's policy says so (typed as
     loosely as the store's client: replies are RESP2 strings, see ``connection.connect``)."""
     acks = replica_acks_of(redis)
-    if acks is None or not acks.waiting:
+    return _pipeline(redis, transaction, acks, None if acks is None else acks.wait_ms())
+
+
+def _pipeline(
+    redis: aioredis.Redis, transaction: bool, acks: ReplicaAcks | None, wait_ms: int | None
+) -> Any:
+    if acks is None or wait_ms is None:
         return redis.pipeline(transaction=transaction)
-    return AckedPipeline(redis.connection_pool, redis.response_callbacks, transaction, None, acks)
+    return AckedPipeline(
+        redis.connection_pool, redis.response_callbacks, transaction, None, acks, wait_ms
+    )
 
 
 async def durable_write(redis: aioredis.Redis, write: Callable[[Any], Any]) -> Any:
@@ -85,9 +109,10 @@ async def durable_write(redis: aioredis.Redis, write: Callable[[Any], Any]) -> A
     that ends with ``WAIT`` on the same connection (``write`` may then return an awaitable,
     as a script queued on a pipeline does)."""
     acks = replica_acks_of(redis)
-    if acks is None or not acks.waiting:
+    wait_ms = None if acks is None else acks.wait_ms()
+    if acks is None or wait_ms is None:
         return await write(redis)
-    async with durable_pipeline(redis, transaction=False) as pipe:
+    async with _pipeline(redis, False, acks, wait_ms) as pipe:
         queued = write(pipe)
         if inspect.isawaitable(queued):
             await queued
@@ -105,9 +130,10 @@ class AckedPipeline(Pipeline):
         transaction: bool,
         shard_hint: str | None,
         acks: ReplicaAcks,
+        wait_ms: int,
     ) -> None:
         super().__init__(pool, callbacks, transaction, shard_hint)
-        self.acks = acks
+        self.acks, self.wait_ms = acks, wait_ms
 
     async def _execute_transaction(  # type: ignore[no-untyped-def]
         self, connection, commands, raise_on_error
@@ -116,14 +142,14 @@ class AckedPipeline(Pipeline):
         replies: list[Any] = await super()._execute_transaction(
             connection, commands, raise_on_error
         )
-        await connection.send_command("WAIT", self.acks.replicas, self.acks.timeout_ms)
+        await connection.send_command("WAIT", self.acks.replicas, self.wait_ms)
         self.acks.judge(int(await connection.read_response()))
         return replies
 
     async def _execute_pipeline(  # type: ignore[no-untyped-def]
         self, connection, commands, raise_on_error
     ) -> list[Any]:
-        wait: Any = (("WAIT", self.acks.replicas, self.acks.timeout_ms), {})
+        wait: Any = (("WAIT", self.acks.replicas, self.wait_ms), {})
         replies: list[Any] = await super()._execute_pipeline(
             connection, [*commands, wait], raise_on_error
         )

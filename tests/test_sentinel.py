@@ -195,6 +195,11 @@ async def test_durable_writes_wait_for_the_replica_and_carry_on_without_one(
         started = time.monotonic()
         await bus.publish("s:requests", StopEngine(engine_id="e"))  # no waiting for a while
         assert time.monotonic() - started < 0.25 and _waits(primary) == 5
+        sentinel_group.replica.resume()  # back: within a second, writes wait for it again
+        await asyncio.sleep(1.1)
+        await bus.publish("s:requests", StopEngine(engine_id="f"))  # the probe: it answers
+        await bus.publish("s:requests", StopEngine(engine_id="g"))
+        assert _waits(primary) == 7 and sentinel_group.replica_has("s:requests", 7)
     finally:
         sentinel_group.replica.resume()
         await client.aclose()
