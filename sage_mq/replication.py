@@ -88,18 +88,23 @@ def replica_acks_of(redis: Any) -> ReplicaAcks | None:
 def durable_pipeline(redis: aioredis.Redis, *, transaction: bool) -> Any:
     """A pipeline whose writes wait for a replica when the client's policy says so (typed as
     loosely as the store's client: replies are RESP2 strings, see ``connection.connect``)."""
+    return _pipeline(redis, transaction, _waiting(redis))
+
+
+def _waiting(redis: aioredis.Redis) -> tuple[ReplicaAcks, int] | None:
+    """The client's policy and how long this write waits; None: it does not wait."""
     acks = replica_acks_of(redis)
-    return _pipeline(redis, transaction, acks, None if acks is None else acks.wait_ms())
+    wait_ms = None if acks is None else acks.wait_ms()
+    return None if acks is None or wait_ms is None else (acks, wait_ms)
 
 
 def _pipeline(
-    redis: aioredis.Redis, transaction: bool, acks: ReplicaAcks | None, wait_ms: int | None
+    redis: aioredis.Redis, transaction: bool, waiting: tuple[ReplicaAcks, int] | None
 ) -> Any:
-    if acks is None or wait_ms is None:
+    if waiting is None:
         return redis.pipeline(transaction=transaction)
-    return AckedPipeline(
-        redis.connection_pool, redis.response_callbacks, transaction, None, acks, wait_ms
-    )
+    pool, callbacks = redis.connection_pool, redis.response_callbacks
+    return AckedPipeline(pool, callbacks, transaction, None, *waiting)
 
 
 async def durable_write(redis: aioredis.Redis, write: Callable[[Any], Any]) -> Any:
@@ -108,11 +113,10 @@ async def durable_write(redis: aioredis.Redis, write: Callable[[Any], Any]) -> A
     The single command it is when no replica is to be waited for; else queued in a pipeline
     that ends with ``WAIT`` on the same connection (``write`` may then return an awaitable,
     as a script queued on a pipeline does)."""
-    acks = replica_acks_of(redis)
-    wait_ms = None if acks is None else acks.wait_ms()
-    if acks is None or wait_ms is None:
+    waiting = _waiting(redis)
+    if waiting is None:
         return await write(redis)
-    async with _pipeline(redis, False, acks, wait_ms) as pipe:
+    async with _pipeline(redis, False, waiting) as pipe:
         queued = write(pipe)
         if inspect.isawaitable(queued):
             await queued
