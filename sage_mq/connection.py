@@ -12,16 +12,20 @@ import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel as AsyncSentinel
 from redis.backoff import ExponentialBackoff
-from redis.connection import SSLConnection
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import InvalidResponse, NoPermissionError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.sentinel import Sentinel as BlockingSentinel
-from redis.sentinel import SentinelManagedConnection
 
 from sage_mq.errors import ConfigError, ControlPlaneUnavailable
 from sage_mq.redis_urls import check_redis_url, is_sentinel_url, parse_sentinel_url, redact_url
 from sage_mq.replication import ReplicaAcks, acks_for
+from sage_mq.sentinel_clients import (
+    BlockingPrimaryConnection,
+    BlockingPrimarySSLConnection,
+    PrimaryConnection,
+    PrimarySSLConnection,
+)
 from sage_mq.settings import Settings
 
 Redis = aioredis.Redis
@@ -45,6 +49,8 @@ def connect(settings: Settings) -> Redis:
     }
     client: FleetRedis
     if is_sentinel_url(settings.redis_url):
+        tls = parse_sentinel_url(settings.redis_url).tls
+        options["connection_class"] = PrimarySSLConnection if tls else PrimaryConnection
         client = _primary(AsyncSentinel, SentinelRedis, settings, options)
     else:
         try:
@@ -64,7 +70,9 @@ def connect_blocking(settings: Settings, **given: Any) -> redis.Redis:
     options |= {"health_check_interval": 30, **given}
     if is_sentinel_url(settings.redis_url):
         tls = parse_sentinel_url(settings.redis_url).tls
-        options["connection_class"] = _ClosingSSLConnection if tls else _ClosingConnection
+        options["connection_class"] = (
+            BlockingPrimarySSLConnection if tls else BlockingPrimaryConnection
+        )
         client: redis.Redis = _primary(BlockingSentinel, BlockingSentinelRedis, settings, options)
         return client
     try:
@@ -104,24 +112,6 @@ class SentinelRedis(FleetRedis):
         await super().aclose(close_connection_pool)
         for sentinel in _sentinels(self):
             await sentinel.aclose()
-
-
-class _ClosingConnection(SentinelManagedConnection):
-    """redis-py's synchronous Sentinel connection keeps a connection whose read was interrupted
-    (by default it does not disconnect, unlike every other connection): rq's worker, stopped by
-    SIGTERM in the middle of its blocking dequeue, sent its last commands on it and waited for
-    the dequeue's reply, 405 s. This one disconnects, as the others do."""
-
-    def read_response(  # type: ignore[no-untyped-def]
-        self, disable_decoding=False, *, disconnect_on_error=True, **kwargs
-    ):
-        return super().read_response(
-            disable_decoding, disconnect_on_error=disconnect_on_error, **kwargs
-        )
-
-
-class _ClosingSSLConnection(_ClosingConnection, SSLConnection):
-    pass
 
 
 class BlockingSentinelRedis(redis.Redis):

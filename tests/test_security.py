@@ -57,7 +57,7 @@ def test_the_fleet_runs_on_tls_redis_as_an_acl_user_and_shows_no_secret(
     namespace = fleet.env["SAGE_MQ_NAMESPACE"]
     admin = redis.Redis.from_url(tls_redis.url, decode_responses=True)
     # The fleet's user reaches its own keys and rq's, nothing else, and no admin commands.
-    rules = ["on", f">{FLEET_PW}", f"~{namespace}:*", "~rq:*", "&*", "+@all", "-@admin"]
+    rules = ["on", f">{FLEET_PW}", f"~{namespace}:*", "~rq:*", "&*", "+@all", "-@admin", "+role"]
     admin.execute_command("ACL", "SETUSER", "fleet", *rules)
     fleet.env["SAGE_MQ_REDIS_URL"] = tls_redis.url.replace(f":{ADMIN_PW}@", f"fleet:{FLEET_PW}@")
     fleet.env |= {"SAGE_MQ_API_KEY": API_KEY, "SAGE_MQ_ADMIN_KEY": ADMIN_KEY}
