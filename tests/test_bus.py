@@ -199,8 +199,9 @@ async def test_entries_of_a_dead_consumer_are_claimed_by_another_after_min_idle(
     assert detail == []  # acked by the survivor
 
 
+@pytest.mark.parametrize("learns", ["deposed", "lease lapsed"])
 async def test_a_consumer_stopped_mid_batch_hands_the_rest_to_the_next_at_once(
-    aredis: Redis, settings: Settings
+    aredis: Redis, settings: Settings, learns: str
 ) -> None:
     slow = Settings(redis_url=settings.redis_url, namespace=settings.namespace,
                     bus=BusSettings(block_ms=100, claim_min_idle_ms=60_000))  # fmt: skip
@@ -208,13 +209,17 @@ async def test_a_consumer_stopped_mid_batch_hands_the_rest_to_the_next_at_once(
     stream = f"{settings.namespace}:s"
     await bus.publish_many(stream, [StopEngine(engine_id=f"e{i}") for i in range(4)])
     seen, record = recorder()
+    leading = [True]
 
-    async def deposed(env: Envelope) -> None:  # a leader that learns it was deposed
+    async def leader(env: Envelope) -> None:
         await record(env)
-        first.stop()
+        if learns == "deposed":  # told by its lease keeper
+            first.stop()
+        else:  # its lease may have lapsed meanwhile: its gate closes, it stops by itself
+            leading[0] = False
 
-    first = bus.consumer([stream], "g", "old-leader", deposed)
-    await first.run()
+    first = bus.consumer([stream], "g", "old-leader", leader, gate=lambda: leading[0])
+    await asyncio.wait_for(first.run(), 10)
     assert seen == ["e0"] and await pending_count(aredis, stream) == 3
     successor = bus.consumer([stream], "g", "new-leader", record)  # no takeover: min idle 60 s
     await successor.run(until_idle=True)

@@ -35,6 +35,36 @@ async def test_one_lease_holder_at_a_time_and_each_term_a_larger_epoch(
     assert await b.holder() is None
 
 
+async def test_a_leader_knows_its_lease_may_have_lapsed_before_a_standby_can_take_it(
+    aredis: Redis, settings: Settings
+) -> None:
+    keys = Keys(settings.namespace)
+    a, b = Lease(aredis, keys, "a", 0.5), Lease(aredis, keys, "b", 0.5)
+    assert not a.holds()
+    assert await a.acquire() == 1 and a.holds()
+    await asyncio.sleep(0.3)
+    assert await a.renew() and a.holds()  # renewed: sure again for most of the TTL
+    while a.holds():  # cut off from Redis from here on: no renewal, no I/O to ask
+        await asyncio.sleep(0.01)
+        assert await b.acquire() is None, "a standby took the lease while a still held it"
+    await asyncio.sleep(0.1)  # Redis expires the key by its own clock, a little later
+    assert await b.acquire() == 2 and not a.holds()
+
+
+async def test_a_leader_unsure_of_its_lease_goes_on_in_the_same_epoch_if_it_still_holds_it(
+    aredis: Redis, settings: Settings
+) -> None:
+    keys = Keys(settings.namespace)
+    late = Lease(aredis, keys, "late", 2.0)
+    assert await late.acquire() == 1
+    for _ in range(300):  # its renewal is late (a stalled event loop): it stops acting
+        if not late.holds():
+            break
+        await asyncio.sleep(0.01)
+    assert await late.acquire() == 1 and late.holds()  # nobody took it meanwhile
+    assert await late.holder() == "late:1"
+
+
 async def test_a_standby_scheduler_takes_over_when_the_leader_stops(
     aredis: Redis, settings: Settings
 ) -> None:

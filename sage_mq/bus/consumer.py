@@ -37,8 +37,10 @@ class Consumer:
         *,
         takeover: bool = False,
         trim: bool = False,
+        gate: Callable[[], bool] | None = None,
     ) -> None:
         self._group = group
+        self._gate = gate
         self.settings = group.settings
         self.group = group.group
         self.name = group.name
@@ -130,6 +132,9 @@ class Consumer:
         done = await self._group.done_already(ids)
         settled: list[tuple[Delivery, Envelope]] = []
         for i, (delivery, env) in enumerate(decoded):
+            if self._gate is not None and not self._gate():
+                log.warning("%s/%s: may no longer handle messages; stopping", self.group, self.name)
+                self.stop()
             if self._stopping.is_set():
                 await self._hand_back([d for d, _env in decoded[i:]])
                 break

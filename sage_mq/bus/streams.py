@@ -6,7 +6,7 @@ See :mod:`sage_mq.bus` for the delivery guarantees.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 from sage_mq.bus.consumer import Consumer, Handler
@@ -157,12 +157,16 @@ class Bus:
         *,
         takeover: bool = False,
         trim: bool = False,
+        gate: Callable[[], bool] | None = None,
     ) -> Consumer:
         """A consumer of ``streams`` in ``group``, calling ``handler`` for every message.
 
         With ``takeover`` it first claims every entry pending in the group, however fresh: for
         a consumer that knows the previous one is gone (a new leader after a failover). With
         ``trim`` it deletes what it has settled, for a stream it alone reads (a node's
-        commands): the stream then holds exactly what is still to be carried out.
+        commands): the stream then holds exactly what is still to be carried out. A ``gate``
+        is asked before each message: once it says False the consumer hands back what it
+        read, unhandled, and stops (a leader whose lease may have lapsed).
         """
-        return Consumer(Group(self, streams, group, name), handler, takeover=takeover, trim=trim)
+        member = Group(self, streams, group, name)
+        return Consumer(member, handler, takeover=takeover, trim=trim, gate=gate)

@@ -13,7 +13,6 @@ import contextlib
 import logging
 import os
 import socket
-import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -103,13 +102,16 @@ class Scheduler(Actor):
         if self._active is not None:
             self._active.stop()
 
-    def _consumer(self, *, takeover: bool = False) -> Consumer:
+    def _consumer(self, lease: Lease | None = None) -> Consumer:
+        """The consumer of requests and events; a leader's (``lease``) claims everything
+        pending (its predecessor's too) and handles nothing once its lease may have lapsed."""
         return self.bus.consumer(
             [self.keys.requests, self.keys.events],
             SCHEDULER_GROUP,
             self.name,
             self.handle,
-            takeover=takeover,
+            takeover=lease is not None,
+            gate=None if lease is None else lease.holds,
         )
 
     async def start(self) -> None:
@@ -154,13 +156,13 @@ class Scheduler(Actor):
         log.info("scheduler %s leads (epoch %d)", self.name, epoch)
         with contextlib.suppress(ControlPlaneUnavailable):
             await self.ctx.emit(SchedulerElected(name=self.name, epoch=epoch))
-        consumer = self._active = self._consumer(takeover=True)  # the predecessor's pending too
+        consumer = self._active = self._consumer(lease)
         if self.stopping:
             consumer.stop()
         interval, timer_poll = self.ctx.scheduler.health_interval_s, self.ctx.scheduler.timer_poll_s
         helpers = [
-            asyncio.create_task(self._every(interval, self.tick), name="ticks"),
-            asyncio.create_task(self._every(timer_poll, self.fire_timers), name="timers"),
+            asyncio.create_task(self._every(interval, self.tick, lease), name="ticks"),
+            asyncio.create_task(self._every(timer_poll, self.fire_timers, lease), name="timers"),
             asyncio.create_task(self._keep(lease, consumer), name="lease"),
         ]
         try:
@@ -174,17 +176,15 @@ class Scheduler(Actor):
     async def _keep(self, lease: Lease, consumer: Consumer) -> None:
         """Renew the lease every TTL/3; stop leading the moment it may be someone else's."""
         ttl = self.ctx.scheduler.lease_ttl_s
-        last_ok = time.monotonic()
         while True:
             raise_if_cancelled()  # see connection.raise_if_cancelled
             await asyncio.sleep(ttl / 3)
             try:
                 if await lease.renew():
-                    last_ok = time.monotonic()
                     continue
                 log.error("scheduler %s lost the leader lease (epoch %d)", self.name, lease.epoch)
             except ControlPlaneUnavailable as exc:
-                if time.monotonic() - last_ok < ttl:
+                if lease.holds():
                     continue
                 log.error("scheduler %s cannot renew its lease for %.0fs: %s", self.name, ttl, exc)
             consumer.stop()
@@ -210,11 +210,14 @@ class Scheduler(Actor):
         """Publish every durable timer that is due (restarts waiting out their backoff)."""
         return await self.ctx.timers.fire_due(self.bus, now)
 
-    async def _every(self, seconds: float, work: Callable[[], Coroutine[Any, Any, Any]]) -> None:
+    async def _every(
+        self, seconds: float, work: Callable[[], Coroutine[Any, Any, Any]], lease: Lease
+    ) -> None:
         while not self.stopping:
             raise_if_cancelled()  # see connection.raise_if_cancelled
             try:
-                await work()
+                if lease.holds():
+                    await work()
             except ControlPlaneUnavailable as exc:
                 log.warning("scheduler %s: %s", self.name, exc)
             await self.pause(seconds)
