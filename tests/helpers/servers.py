@@ -76,6 +76,8 @@ class RedisServer:
             "no",
             "--dir",
             str(self.workdir),
+            "--logfile",
+            str(self.workdir / "redis-server.log"),  # appended to across restarts
             *self.extra,
         ]
         if self.password and not self.username:
