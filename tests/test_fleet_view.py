@@ -89,3 +89,23 @@ async def test_a_port_held_by_another_process_is_free_again_when_its_time_is_up(
     await asyncio.sleep(0.3)
     (node,) = await view.live()
     assert 40000 not in node.ports_in_use
+
+
+async def test_a_placement_makes_only_its_node_s_view_again_in_the_same_order(
+    aredis: Redis, settings: Settings
+) -> None:
+    store = Store(aredis, Keys(settings.namespace))
+    view = FleetView(store)
+    for node_id in ("a", "b", "c"):
+        await register(store, node_id)
+    await view.look()
+    before = await view.live()
+    await view.reserve_gpus("b", "e1", Reservation(gpus=[0], memory_gb=10))
+    after = await view.live()
+    assert [n.node_id for n in after] == ["a", "b", "c"]
+    assert after[0] is before[0] and after[2] is before[2]  # untouched: not made again
+    assert after[1].gpus[0].reserved_gb == 10
+    await aredis.delete(Keys(settings.namespace).node_alive("a"))
+    await view.look()
+    await view.reserve_gpus("c", "e2", Reservation(gpus=[1], memory_gb=5))
+    assert [(n.node_id, n.gpus[1].reserved_gb) for n in await view.live()] == [("b", 0), ("c", 5)]

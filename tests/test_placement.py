@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import random
+from dataclasses import replace
+
 import pytest
 from pydantic import ValidationError
 
@@ -10,6 +13,7 @@ from sage_mq.errors import InvalidRequest, PlacementError
 from sage_mq.messages import StartEngine
 from sage_mq.scheduler.placement import (
     Demand,
+    FreeIndex,
     GpuView,
     NodeView,
     check_request,
@@ -155,3 +159,57 @@ def test_no_fit_names_the_roomiest_nodes_not_the_whole_fleet() -> None:
     message = str(err.value)
     assert message.count("GPU(s), free GiB") == 8 and "and 992 more live node(s)" in message
     assert "n0019: 1 GPU(s), free GiB [19.0]" in message  # the most free memory is named
+
+
+def random_fleet(rng: random.Random, size: int) -> list[NodeView]:
+    """Nodes of 1-8 GPUs of a few sizes, partly reserved in steps that make ties common."""
+    fleet = []
+    for i in range(size):
+        total = rng.choice((24.0, 48.0, 80.0))
+        frees = [
+            rng.choice((0.0, 10.0, 20.0, 24.0, total / 2, total)) for _ in range(rng.randint(1, 8))
+        ]
+        fleet.append(
+            node(f"n{rng.randrange(10_000):04d}-{i}", *((min(f, total), total) for f in frees))
+        )
+    return fleet
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_the_free_index_chooses_what_a_look_at_every_node_chooses(seed: int) -> None:
+    rng = random.Random(seed)
+    nodes = random_fleet(rng, rng.randint(1, 60))
+    refused = NodeAllowances(backends=frozenset({"llamacpp"}))  # no vllm: never a candidate
+    nodes = [replace(n, allowances=refused) if rng.random() < 0.2 else n for n in nodes]
+    index = FreeIndex(nodes)
+    for _ in range(30):
+        demand = Demand(rng.choice((1, 1, 2, 4)), rng.choice((5.0, 10.0, 12.0, 20.0, 24.0, 40.0)))
+        if rng.random() < 0.1:
+            demand = replace(demand, node=rng.choice(nodes).node_id)
+        try:
+            expected = place(demand, nodes)
+        except PlacementError as exc:
+            with pytest.raises(PlacementError) as raised:
+                place(demand, nodes, index)
+            assert str(raised.value) == str(exc)
+            continue
+        assert place(demand, nodes, index) == expected
+        # The engine goes there: the index follows the one node that changed.
+        taken = {i: expected.memory_gb_per_gpu for i in expected.gpus}
+        (target,) = [n for n in nodes if n.node_id == expected.node_id]
+        changed = replace(
+            target,
+            gpus=tuple(
+                replace(g, reserved_gb=g.reserved_gb + taken.get(g.index, 0.0)) for g in target.gpus
+            ),
+        )
+        nodes = [changed if n is target else n for n in nodes]
+        index.put(changed)
+    index.drop(nodes[0].node_id)
+    rest = nodes[1:]
+    for count, need in ((1, 10.0), (2, 20.0)):
+        try:
+            expected = place(Demand(count, need), rest)
+        except PlacementError:
+            continue
+        assert place(Demand(count, need), rest, index) == expected

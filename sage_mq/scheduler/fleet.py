@@ -17,7 +17,7 @@ import time
 
 from sage_mq.engines.argv_policy import NodeAllowances
 from sage_mq.gpu import GIB
-from sage_mq.scheduler.placement import GpuView, NodeView
+from sage_mq.scheduler.placement import FreeIndex, GpuView, NodeView
 from sage_mq.store import NodeRecord, Reservation, Store
 
 FOREIGN_TTL_S = 600.0
@@ -35,8 +35,13 @@ class FleetView:
         self._views: dict[str, NodeView] = {}
         self._foreign: dict[str, dict[int, float]] = {}
         """Node -> port -> until when: ports found held by processes that are not ours."""
-        self._live: list[NodeView] | None = None
-        """What :meth:`live` gave last, until a node's view or liveness changes."""
+        self._live: dict[str, NodeView] | None = None
+        """The live nodes' views :meth:`live` gave last; None: make them all again (a node's
+        liveness changed, or one left)."""
+        self._dirty: set[str] = set()
+        """Nodes whose views changed since (a placement's port and GPUs): made again alone."""
+        self.index = FreeIndex()
+        """The live nodes' GPUs by free GiB (see :class:`FreeIndex`), kept with :meth:`live`."""
         self._foreign_due = math.inf
         """When the first port held by another process is free again (the views change)."""
         self._loaded = False
@@ -134,20 +139,33 @@ class FleetView:
         self._live = None
 
     def _stale(self, node_id: str) -> None:
-        """The node's view is to be made again (and the list of live ones with it)."""
+        """The node's view is to be made again, at the next :meth:`live`."""
         self._views.pop(node_id, None)
-        self._live = None
+        self._dirty.add(node_id)
 
     async def live(self) -> list[NodeView]:
-        """Every node alive at the last look, with its reservations and ports applied."""
+        """Every node alive at the last look, with its reservations and ports applied.
+
+        A placement changes one node: only its view is made again (at 1,000 nodes, making
+        them all cost more than choosing among them)."""
         if not self._loaded:
             await self.refresh()
         if self._live is None or time.monotonic() >= self._foreign_due:
-            self._live = [self._view(node_id) for node_id, alive in self._alive.items() if alive]
+            self._live = {n: self._view(n) for n, alive in self._alive.items() if alive}
+            self.index = FreeIndex(list(self._live.values()))
             self._foreign_due = min(
                 (min(held.values()) for held in self._foreign.values() if held), default=math.inf
             )
-        return list(self._live)
+        else:
+            for node_id in self._dirty:
+                if self._alive.get(node_id):
+                    self._live[node_id] = view = self._view(node_id)
+                    self.index.put(view)
+                else:
+                    self._live.pop(node_id, None)
+                    self.index.drop(node_id)
+        self._dirty.clear()
+        return list(self._live.values())
 
     async def assign_port(self, node_id: str, port: int, engine_id: str) -> bool:
         """Take a port in Redis; on success the picture has it, on failure it is read again."""
@@ -182,6 +200,7 @@ class FleetView:
         """Another process holds this port: assign it to no engine for ``FOREIGN_TTL_S``."""
         now = time.monotonic() if now is None else now
         self._foreign.setdefault(node_id, {})[port] = now + FOREIGN_TTL_S
+        self._foreign_due = min(self._foreign_due, now + FOREIGN_TTL_S)
         self._stale(node_id)
 
     def _view(self, node_id: str) -> NodeView:

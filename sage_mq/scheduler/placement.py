@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import math
-from bisect import bisect_left
-from collections.abc import Sequence
+from bisect import bisect_left, insort
+from collections.abc import Container, Sequence
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 
@@ -116,16 +116,43 @@ def check_request(req: StartEngine) -> None:
         )
 
 
-def place(demand: Demand, nodes: Sequence[NodeView]) -> Placement:
-    """Choose a node (and GPUs) for an engine, or raise :class:`PlacementError` saying why."""
-    candidates = _candidates(demand, nodes)
-    if demand.gpu_count == 0:
-        fewest = min(candidates, key=lambda n: (n.engines, n.node_id))
-        return Placement(fewest.node_id, fewest.address, (), 0.0)
+Fit = tuple[NodeView, int, int]
+"""A node and the slice of its ``free_ascending`` GPUs an engine would take."""
+
+
+def place(demand: Demand, nodes: Sequence[NodeView], index: FreeIndex | None = None) -> Placement:
+    """Choose a node (and GPUs) for an engine, or raise :class:`PlacementError` saying why.
+
+    Best fit: the tightest GPUs that hold it, least GiB left over (ties: the first node id).
+    With an ``index`` of the same nodes it looks only at GPUs that hold the engine, from the
+    tightest up; without one it looks at every node. Both choose the same."""
     count, need = demand.gpu_count, demand.memory_gb_per_gpu
+    if index is not None and len(index) != len(nodes):
+        index = None  # not of these nodes
+    if index is not None and count and nodes and demand.node is None and index.all_take(demand):
+        candidates: Sequence[NodeView] = nodes  # the common case: judged by kind of node
+        chosen = index.best_fit(count, need, None)
+    else:
+        candidates = _candidates(demand, nodes)
+        if count == 0:
+            fewest = min(candidates, key=lambda n: (n.engines, n.node_id))
+            return Placement(fewest.node_id, fewest.address, (), 0.0)
+        if index is None:
+            chosen = _scan(candidates, count, need)
+        else:
+            chosen = index.best_fit(count, need, {n.node_id for n in candidates})
+    if chosen is None:
+        raise PlacementError(_no_gpu_fits(demand, candidates))
+    target, start, end = chosen
+    gpus = tuple(sorted(i for _free, i in target.free_ascending[start:end]))
+    smallest = min(g.total_gb for g in target.gpus if g.index in gpus)
+    return Placement(target.node_id, target.address, gpus, need, smallest)
+
+
+def _scan(candidates: Sequence[NodeView], count: int, need: float) -> Fit | None:
     least = (need - 1e-9, -1)
     best_left, best_id, chosen = math.inf, "", None
-    for node in candidates:  # best fit: the tightest GPUs that hold it, least GiB left over
+    for node in candidates:
         free = node.free_ascending  # (written for speed: it runs for every node, 100s a second)
         start = bisect_left(free, least)
         end = start + count
@@ -134,16 +161,90 @@ def place(demand: Demand, nodes: Sequence[NodeView]) -> Placement:
         left = free[start][0] - need if count == 1 else _sum_free(free[start:end]) - count * need
         if left < best_left or (left == best_left and node.node_id < best_id):
             best_left, best_id, chosen = left, node.node_id, (node, start, end)
-    if chosen is None:
-        raise PlacementError(_no_gpu_fits(demand, candidates))
-    target, start, end = chosen
-    gpus = tuple(sorted(index for _free, index in target.free_ascending[start:end]))
-    smallest = min(g.total_gb for g in target.gpus if g.index in gpus)
-    return Placement(target.node_id, target.address, gpus, need, smallest)
+    return chosen
 
 
 def _sum_free(fit: Sequence[tuple[float, int]]) -> float:
     return sum(free for free, _index in fit)
+
+
+class FreeIndex:
+    """Every GPU of a set of nodes, ordered by free GiB, for best fit without a look at every
+    node: from the first GPU that holds the engine up, each node is judged at its tightest GPU
+    that does, and the walk stops once a node's GPUs could only leave more over than the best
+    fit found (``count`` GPUs of at least that much free each), or as much with a later node id
+    (GPUs of equal free GiB come in node id order, and ties go to the first). At 1,000 nodes a
+    placement then judges a few nodes, not 1,000. The scheduler's picture of the fleet keeps
+    one up to date, node by node, as placements change them."""
+
+    _TOLERANCE = 1e-6
+
+    def __init__(self, nodes: Sequence[NodeView] = ()) -> None:
+        self._nodes: dict[str, NodeView] = {}
+        self._kinds: dict[tuple[tuple[int, int], NodeAllowances], dict[str, NodeView]] = {}
+        """Nodes by what decides whether they take an engine at all (port range, allowances):
+        a fleet has a few kinds, so a demand is judged a few times, not once per node."""
+        for n in nodes:
+            self._add(n)
+        self._gpus = sorted(
+            (free, n.node_id, i) for n in self._nodes.values() for free, i in n.free_ascending
+        )
+
+    def __len__(self) -> int:
+        return len(self._nodes)
+
+    def put(self, node: NodeView) -> None:
+        """Add a node, or replace what the index holds of it."""
+        self.drop(node.node_id)
+        self._add(node)
+        for free, i in node.free_ascending:
+            insort(self._gpus, (free, node.node_id, i))
+
+    def drop(self, node_id: str) -> None:
+        old = self._nodes.pop(node_id, None)
+        if old is None:
+            return
+        for free, i in old.free_ascending:
+            del self._gpus[bisect_left(self._gpus, (free, node_id, i))]
+        kind = (old.port_range, old.allowances)
+        del self._kinds[kind][node_id]
+        if not self._kinds[kind]:
+            del self._kinds[kind]
+
+    def all_take(self, demand: Demand) -> bool:
+        """Whether every node would take the engine, capacity aside."""
+        return all(demand.refusal(next(iter(k.values()))) is None for k in self._kinds.values())
+
+    def _add(self, node: NodeView) -> None:
+        self._nodes[node.node_id] = node
+        self._kinds.setdefault((node.port_range, node.allowances), {})[node.node_id] = node
+
+    def best_fit(self, count: int, need: float, allowed: Container[str] | None) -> Fit | None:
+        """What :func:`place` would choose among the nodes (those ``allowed``, if given)."""
+        least = (need - 1e-9, -1)
+        best_left, best_id, chosen = math.inf, "", None
+        judged: set[str] = set()
+        gpus = self._gpus
+        for position in range(bisect_left(gpus, (need - 1e-9,)), len(gpus)):
+            free, node_id, _i = gpus[position]
+            bound = count * (free - need)  # the least this node, and every one after, leaves
+            if bound > best_left + self._TOLERANCE or (
+                bound >= best_left - self._TOLERANCE and node_id > best_id
+            ):
+                break  # none after can fit tighter; at most as tight, with a later node id
+            if node_id in judged or (allowed is not None and node_id not in allowed):
+                continue
+            judged.add(node_id)
+            node = self._nodes[node_id]
+            fit = node.free_ascending
+            start = bisect_left(fit, least)
+            end = start + count
+            if end > len(fit):
+                continue
+            left = fit[start][0] - need if count == 1 else _sum_free(fit[start:end]) - count * need
+            if left < best_left or (left == best_left and node_id < best_id):
+                best_left, best_id, chosen = left, node_id, (node, start, end)
+        return chosen
 
 
 def _candidates(demand: Demand, nodes: Sequence[NodeView]) -> list[NodeView]:

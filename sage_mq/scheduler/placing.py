@@ -76,7 +76,7 @@ class Placing:
 
     async def _place(self, record: EngineRecord) -> tuple[Placement, int]:
         nodes = await self.ctx.fleet.live()
-        placement = place(demand_for(record.spec), nodes)
+        placement = place(demand_for(record.spec), nodes, self.ctx.fleet.index)
         node: NodeView | None = next(n for n in nodes if n.node_id == placement.node_id)
         for _attempt in range(3):
             if node is None:
