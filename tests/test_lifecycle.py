@@ -243,3 +243,20 @@ def test_a_process_that_fails_the_environ_read_is_passed_over(
     ours = Ours()
     monkeypatch.setattr(processes.psutil, "process_iter", lambda: iter([Exiting(), ours]))
     assert processes.marked("n1/e1/1") == [ours]
+
+
+async def test_an_exit_watch_cancelled_twice_closes_its_descriptor_once() -> None:
+    """An engine that exited (the watch fired and cancelled itself) and was then stopped
+    cancelled its watch again, closing the descriptor number a second time: by then another
+    thread's listing of /proc had it, and `sage llm up` failed to stop (EBADF)."""
+    child = await asyncio.create_subprocess_exec(sys.executable, "-c", "pass")
+    exited = asyncio.Event()
+    cancel = processes.watch_exit(child.pid, exited.set)
+    await asyncio.wait_for(exited.wait(), 10)  # fired: it cancelled itself
+    await child.wait()
+    reused = os.open(os.devnull, os.O_RDONLY)  # the lowest free number: the watch's old one
+    try:
+        cancel()  # the stop path cancels it again
+        os.fstat(reused)  # still open
+    finally:
+        os.close(reused)

@@ -159,10 +159,16 @@ def watch_exit(pid: int, on_exit: Callable[[], None]) -> Callable[[], None]:
         cancel()
         on_exit()
 
-    def cancel() -> None:
-        with contextlib.suppress(ValueError, OSError):
+    closed = False
+
+    def cancel() -> None:  # once only: a second close would close whatever reused the number
+        nonlocal closed
+        if closed:
+            return
+        closed = True
+        with contextlib.suppress(ValueError, OSError, RuntimeError):  # RuntimeError: loop closed
             loop.remove_reader(fd)
-            os.close(fd)
+        os.close(fd)
 
     loop.add_reader(fd, fire)
     return cancel
