@@ -100,12 +100,17 @@ class Store:
         current = current or await self.get_engine(engine_id)
         if current is None:
             return None
-        merged = {**dict(current), **changes, "updated_at": time.time()}
-        updated = EngineRecord.model_validate(merged)  # a bad value raises, nothing is written
-        fields = to_hash(updated, only={*changes, "updated_at"})
+        updated, fields = _changed(current, changes)
         key = self.keys.engine(engine_id)
         with redis_errors("updating an engine record"):
             await durable_write(self.redis, lambda client: client.hset(key, mapping=fields))
+        return updated
+
+    def queue_engine_update(self, pipe: Any, current: EngineRecord, **changes: Any) -> EngineRecord:
+        """:meth:`update_engine` of a record just read, queued on ``pipe`` to be sent with other
+        writes; the record as it will be."""
+        updated, fields = _changed(current, changes)
+        pipe.hset(self.keys.engine(current.engine_id), mapping=fields)
         return updated
 
     async def get_engine(self, engine_id: str) -> EngineRecord | None:
@@ -274,9 +279,15 @@ class Store:
 
     async def reserve_gpus(self, node_id: str, engine_id: str, reservation: Reservation) -> None:
         """Record an engine's GPU reservation on a node."""
-        key = self.keys.node_reservations(node_id)
         with redis_errors("reserving GPUs"):
-            await self.redis.hset(key, engine_id, reservation.model_dump_json())
+            await self.queue_reservation(self.redis, node_id, engine_id, reservation)
+
+    def queue_reservation(
+        self, pipe: Any, node_id: str, engine_id: str, reservation: Reservation
+    ) -> Any:
+        """:meth:`reserve_gpus` queued on ``pipe`` (or sent, on a client)."""
+        key = self.keys.node_reservations(node_id)
+        return pipe.hset(key, engine_id, reservation.model_dump_json())
 
     async def release_gpus(self, node_id: str, engine_id: str) -> None:
         """Drop an engine's GPU reservation on a node."""
@@ -302,3 +313,10 @@ class Store:
         with redis_errors("reading GPU reservations"):
             rows = await self.redis.hgetall(self.keys.node_reservations(node_id))
         return {eid: Reservation.model_validate_json(raw) for eid, raw in rows.items()}
+
+
+def _changed(current: EngineRecord, changes: dict[str, Any]) -> tuple[EngineRecord, dict[str, str]]:
+    """The record with ``changes`` (and a new ``updated_at``), and the fields to write: a bad
+    value raises here, before anything is written."""
+    updated = EngineRecord.model_validate({**dict(current), **changes, "updated_at": time.time()})
+    return updated, to_hash(updated, only={*changes, "updated_at"})

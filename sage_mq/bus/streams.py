@@ -65,12 +65,16 @@ class Bus:
     async def publish_each(self, items: Sequence[tuple[str, Message | Envelope]]) -> list[str]:
         """Append each message to its stream, all in one round trip."""
         async with durable_pipeline(self.redis, transaction=False) as pipe:
-            for stream, message in items:
-                env = message if isinstance(message, Envelope) else envelope(message)
-                pipe.xadd(stream, encode(env), maxlen=self.maxlen(stream), approximate=True)
+            self.queue_each(pipe, items)
             with redis_errors(f"publishing {len(items)} messages"):
                 ids: list[str] = await pipe.execute()
         return ids
+
+    def queue_each(self, pipe: Any, items: Sequence[tuple[str, Message | Envelope]]) -> None:
+        """:meth:`publish_each` queued on ``pipe``, to be sent with other writes."""
+        for stream, message in items:
+            env = message if isinstance(message, Envelope) else envelope(message)
+            pipe.xadd(stream, encode(env), maxlen=self.maxlen(stream), approximate=True)
 
     async def broadcast(self, streams: Sequence[str], message: Message) -> None:
         """The same entry (one envelope, encoded once) appended to many streams, in one round

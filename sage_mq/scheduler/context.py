@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
 
 from sage_mq.broker import Broker
+from sage_mq.connection import redis_errors
 from sage_mq.messages import Message, RequestRejected
+from sage_mq.replication import durable_pipeline
 from sage_mq.scheduler.fleet import FleetView
 from sage_mq.scheduler.steady import SteadyEngines
 from sage_mq.scheduler.timers import Timers
@@ -40,10 +44,28 @@ class Context:
     ) -> None:
         """Send commands to one node agent, in order, fenced by our epoch, after ``events``:
         all in one round trip."""
+        await self.bus.publish_each(self._commands(node_id, messages, events))
+
+    def queue_command(
+        self, pipe: Any, node_id: str, *messages: Message, events: Sequence[Message] = ()
+    ) -> None:
+        """:meth:`command` queued on a pipeline of :meth:`together`."""
+        self.bus.queue_each(pipe, self._commands(node_id, messages, events))
+
+    def _commands(
+        self, node_id: str, messages: Sequence[Message], events: Sequence[Message]
+    ) -> list[tuple[str, Message]]:
         stream = self.keys.node_commands(node_id)
-        await self.bus.publish_each(
-            [(self.keys.events, e) for e in events] + [(stream, self.fence(m)) for m in messages]
-        )
+        return [(self.keys.events, e) for e in events] + [(stream, self.fence(m)) for m in messages]
+
+    @asynccontextmanager
+    async def together(self, what: str) -> AsyncIterator[Any]:
+        """A pipeline whose queued writes are sent when the block ends: in one round trip, all
+        or none (MULTI), waiting for a replica once for them all under Sentinel."""
+        async with durable_pipeline(self.store.redis, transaction=True) as pipe:
+            yield pipe
+            with redis_errors(what):
+                await pipe.execute()
 
     def fence(self, message: Message) -> Message:
         """The command stamped with this leader's epoch."""

@@ -178,6 +178,11 @@ class FleetView:
 
     async def reserve_gpus(self, node_id: str, engine_id: str, reservation: Reservation) -> None:
         await self.store.reserve_gpus(node_id, engine_id, reservation)
+        self.reserved(node_id, engine_id, reservation)
+
+    def reserved(self, node_id: str, engine_id: str, reservation: Reservation) -> None:
+        """A reservation written (with other writes, see ``Store.queue_reservation``): the
+        picture has it."""
         self._reservations.setdefault(node_id, {})[engine_id] = reservation
         self._stale(node_id)
 

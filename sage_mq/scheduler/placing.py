@@ -88,40 +88,46 @@ class Placing:
         raise PlacementError(f"could not assign a port on {placement.node_id}: ports keep changing")
 
     async def _launch_new(self, record: EngineRecord, placement: Placement, port: int) -> None:
+        """Reserve the GPUs, record the engine STARTING there and send the node its launch
+        command: one round trip, all or none (the port is taken before, with HSETNX)."""
         node_id = placement.node_id
+        reservation = None
         if placement.gpus:
             reservation = Reservation(
                 gpus=list(placement.gpus), memory_gb=placement.memory_gb_per_gpu
             )
-            await self.ctx.fleet.reserve_gpus(node_id, record.engine_id, reservation)
         fraction = None
         if record.backend == "vllm" and placement.gpus:
             fraction = gpu_memory_utilization(
                 placement.memory_gb_per_gpu, placement.smallest_gpu_gb
             )
-        placed = await self.ctx.store.update_engine(
-            record.engine_id,
-            current=record,
-            state=S.STARTING,
-            node=node_id,
-            host=placement.address,
-            port=port,
-            url=f"http://{placement.address}:{port}",
-            gpus=list(placement.gpus),
-            generation=next_generation(record),
-            spent_generation=next_generation(record),
-            gpu_memory_utilization=fraction,
-            memory_gb=placement.memory_gb_per_gpu * max(len(placement.gpus), 1),
-        )
-        assert placed is not None
-        announced = EnginePlaced(
-            engine_id=record.engine_id,
-            node=node_id,
-            port=port,
-            gpus=placement.gpus,
-            memory_gb=placement.memory_gb_per_gpu,
-        )
-        await self.ctx.command(node_id, launch_command(placed), events=[announced])
+        async with self.ctx.together("launching an engine") as pipe:
+            if reservation is not None:
+                self.ctx.store.queue_reservation(pipe, node_id, record.engine_id, reservation)
+            placed = self.ctx.store.queue_engine_update(
+                pipe,
+                record,
+                state=S.STARTING,
+                node=node_id,
+                host=placement.address,
+                port=port,
+                url=f"http://{placement.address}:{port}",
+                gpus=list(placement.gpus),
+                generation=next_generation(record),
+                spent_generation=next_generation(record),
+                gpu_memory_utilization=fraction,
+                memory_gb=placement.memory_gb_per_gpu * max(len(placement.gpus), 1),
+            )
+            announced = EnginePlaced(
+                engine_id=record.engine_id,
+                node=node_id,
+                port=port,
+                gpus=placement.gpus,
+                memory_gb=placement.memory_gb_per_gpu,
+            )
+            self.ctx.queue_command(pipe, node_id, launch_command(placed), events=[announced])
+        if reservation is not None:
+            self.ctx.fleet.reserved(node_id, record.engine_id, reservation)
         log.info(
             "placed %s on %s port %d GPUs %s",
             record.engine_id,
