@@ -1,4 +1,4 @@
-"""Pure autoscaling policy for deployments (DESIGN.md §9): how many replicas a deployment wants
+"""Pure autoscaling policy for deployments (docs/contract.md): how many replicas a deployment wants
 now, from its load, its replicas and the time. No I/O; tested with tables of cases.
 
 Up at once, toward ``ceil(load / target_in_flight)`` within the bounds, counting the replicas
