@@ -4,10 +4,10 @@ the primary.
 redis-py trusts the first sentinel that answers, and checks nothing but PING on the server it
 names. Sentinels learn of a failover from each other a second or two apart, so one that lags
 can still name the old primary, and that server may be back already as the new one's replica,
-serving its old data to reads (writes fail with READONLY, reads do not). An agent that read an
-engine's record there saw it RUNNING after it had been set STOPPING, so it never recorded the
-stop. Redis' guide for Sentinel clients asks for a ``ROLE`` check after each connect; this
-module does it (sync and asyncio), and asks the next sentinel when the server is a replica.
+serving its old data to reads (writes fail with READONLY, reads do not): a handler reading a
+record there would act on an old state. Redis' guide for Sentinel clients asks for a ``ROLE``
+check after each connect; this module does it (sync and asyncio), and asks the next sentinel
+when the server is a replica.
 """
 
 from __future__ import annotations
@@ -47,9 +47,13 @@ def _text(value: Any) -> str:
     return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
 
 
-def _refused(pool: Any, problem: str) -> RedisConnectionError:
-    """The error that makes redis-py's connect retry, with the sentinel that named the replica
-    put last so that the retry asks another."""
+def _refusal(pool: Any, address: tuple[str, int], reply: Any) -> RedisConnectionError | None:
+    """None if ``reply`` (to ``ROLE``; None: not allowed to ask) lets the connection serve as
+    the primary; else the error that makes redis-py's connect retry, with the sentinel that
+    named the replica put last so that the retry asks another."""
+    problem = None if reply is None else role_problem(reply, address, pool.service_name)
+    if problem is None:
+        return None
     sentinels = pool.sentinel_manager.sentinels
     sentinels.append(sentinels.pop(0))
     log.warning("%s", problem)
@@ -57,8 +61,8 @@ def _refused(pool: Any, problem: str) -> RedisConnectionError:
 
 
 def _cannot_tell(exc: NoPermissionError) -> None:
-    """An ACL without ROLE (docs/security.md grants it): connect as redis-py would, and say so
-    once per process."""
+    """An ACL without ROLE (docs/security.md grants it): connect as redis-py would (no reply to
+    judge), and say so once per process."""
     global _warned_no_role
     if not _warned_no_role:
         _warned_no_role = True
@@ -74,17 +78,16 @@ class PrimaryConnection(aiosentinel.SentinelManagedConnection):
 
     async def connect_to(self, address: tuple[str, int]) -> None:
         await super().connect_to(address)  # type: ignore[no-untyped-call]
-        pool = self.connection_pool
         try:
             await self.send_command("ROLE")
             reply = await self.read_response()
         except NoPermissionError as exc:
             _cannot_tell(exc)
-            return
-        problem = role_problem(reply, address, pool.service_name)
-        if problem is not None:
+            reply = None
+        refusal = _refusal(self.connection_pool, address, reply)
+        if refusal is not None:
             await self.disconnect()
-            raise _refused(pool, problem)
+            raise refusal
 
 
 class PrimarySSLConnection(PrimaryConnection, aioconnection.SSLConnection):
@@ -107,17 +110,16 @@ class BlockingPrimaryConnection(sentinel.SentinelManagedConnection):
 
     def connect_to(self, address: tuple[str, int]) -> None:
         super().connect_to(address)  # type: ignore[no-untyped-call]
-        pool = self.connection_pool
         try:
             self.send_command("ROLE")  # type: ignore[no-untyped-call]
             reply = self.read_response()  # type: ignore[no-untyped-call]
         except NoPermissionError as exc:
             _cannot_tell(exc)
-            return
-        problem = role_problem(reply, address, pool.service_name)
-        if problem is not None:
+            reply = None
+        refusal = _refusal(self.connection_pool, address, reply)
+        if refusal is not None:
             self.disconnect()  # type: ignore[no-untyped-call]
-            raise _refused(pool, problem)
+            raise refusal
 
     def read_response(  # type: ignore[no-untyped-def]
         self, disable_decoding=False, *, disconnect_on_error=True, **kwargs

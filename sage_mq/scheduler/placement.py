@@ -150,18 +150,26 @@ def place(demand: Demand, nodes: Sequence[NodeView], index: FreeIndex | None = N
 
 
 def _scan(candidates: Sequence[NodeView], count: int, need: float) -> Fit | None:
-    least = (need - 1e-9, -1)
     best_left, best_id, chosen = math.inf, "", None
     for node in candidates:
-        free = node.free_ascending  # (written for speed: it runs for every node, 100s a second)
-        start = bisect_left(free, least)
-        end = start + count
-        if end > len(free):
-            continue
-        left = free[start][0] - need if count == 1 else _sum_free(free[start:end]) - count * need
-        if left < best_left or (left == best_left and node.node_id < best_id):
-            best_left, best_id, chosen = left, node.node_id, (node, start, end)
+        fit = _node_fit(node, count, need)
+        if fit is not None and (
+            fit[0] < best_left or (fit[0] == best_left and node.node_id < best_id)
+        ):
+            best_left, best_id, chosen = fit[0], node.node_id, (node, fit[1], fit[2])
     return chosen
+
+
+def _node_fit(node: NodeView, count: int, need: float) -> tuple[float, int, int] | None:
+    """The GiB ``node`` would leave over on its tightest ``count`` GPUs that hold ``need``
+    each, and where those are in its ``free_ascending``; None if it has too few."""
+    free = node.free_ascending
+    start = bisect_left(free, (need - 1e-9, -1))
+    end = start + count
+    if end > len(free):
+        return None
+    left = free[start][0] - need if count == 1 else _sum_free(free[start:end]) - count * need
+    return left, start, end
 
 
 def _sum_free(fit: Sequence[tuple[float, int]]) -> float:
@@ -221,7 +229,6 @@ class FreeIndex:
 
     def best_fit(self, count: int, need: float, allowed: Container[str] | None) -> Fit | None:
         """What :func:`place` would choose among the nodes (those ``allowed``, if given)."""
-        least = (need - 1e-9, -1)
         best_left, best_id, chosen = math.inf, "", None
         judged: set[str] = set()
         gpus = self._gpus
@@ -235,15 +242,11 @@ class FreeIndex:
             if node_id in judged or (allowed is not None and node_id not in allowed):
                 continue
             judged.add(node_id)
-            node = self._nodes[node_id]
-            fit = node.free_ascending
-            start = bisect_left(fit, least)
-            end = start + count
-            if end > len(fit):
-                continue
-            left = fit[start][0] - need if count == 1 else _sum_free(fit[start:end]) - count * need
-            if left < best_left or (left == best_left and node_id < best_id):
-                best_left, best_id, chosen = left, node_id, (node, start, end)
+            fit = _node_fit(self._nodes[node_id], count, need)
+            if fit is not None and (
+                fit[0] < best_left or (fit[0] == best_left and node_id < best_id)
+            ):
+                best_left, best_id, chosen = fit[0], node_id, (self._nodes[node_id], fit[1], fit[2])
         return chosen
 
 
