@@ -310,6 +310,7 @@ def test_waiting_with_no_scheduler_says_so_instead_of_hanging(
 
 def test_following_only_new_events_starts_from_now(fleet: FleetProcs) -> None:
     with following(fleet, "events", "--follow", "-n", "0") as events:
+        read_until(events, "node.health")  # the follower reads: what comes now, it sees
         record = fleet.json("llm", "engine", "start", "demo", "--backend", "fake", "--wait")
         seen = read_until(events, "engine.ready")
     assert not any("node.joined" in line for line in seen)  # older than the follow
