@@ -136,6 +136,7 @@ def test_our_engines_flags_are_what_their_parsers_take(backend: str, server: obj
         (["--embedding", "true"], "--embedding cannot be given"),
         (["--port", "1"], "--port cannot be given"),
         (["--api_key", "k"], "--api-key cannot be given"),
+        (["--interrupt_requests", "true"], "--interrupt-requests cannot be given"),
     ],
 )
 def test_llamacpp_flags_sage_mq_sets_are_refused_in_either_spelling(

@@ -160,8 +160,11 @@ def test_unknown_backend_is_refused() -> None:
 
 
 def test_health_paths_and_startup_times_per_backend() -> None:
-    assert health_paths("llm") == ("/health", "/v1/models")
-    assert health_paths("embedding") == ("/health",)
+    assert health_paths("vllm", "llm") == ("/health", "/v1/models")
+    assert health_paths("embedding", "embedding") == ("/health",)
+    # llama.cpp has no /health, and its /v1/models waits for the model's lock
+    assert health_paths("llamacpp", "llm") == health_paths("llamacpp", "embedding")
+    assert health_paths("llamacpp", "llm") == ("/health", "/docs")
     assert startup_timeout_s("vllm") > 600 > startup_timeout_s("fake")
 
 
@@ -209,7 +212,8 @@ def test_llamacpp_argv_puts_every_layer_on_given_gpus_and_serves_embeddings_when
         "--n_gpu_layers",
         layers,
     ]
-    assert (argv[11:13] == ["--embedding", "true"]) is embedding
+    assert argv[11:13] == ["--interrupt_requests", "false"]  # requests queue, none is cut off
+    assert (argv[13:15] == ["--embedding", "true"]) is embedding
     assert argv[-4:] == ["--model_alias", "gemma", "--n_ctx", "2048"]
 
 

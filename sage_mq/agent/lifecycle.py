@@ -281,11 +281,11 @@ class EngineLifecycleManager:
         return self._http
 
     async def health_check(self, engine_id: str, timeout: float = 5.0) -> bool:
-        """True if the engine answers its health endpoint (LLMs fall back to ``/v1/models``)."""
+        """True if the engine answers its health endpoint (see ``backends.health_paths``)."""
         engine = self.engines.get(engine_id)
         if engine is None or not engine.alive:
             return False
-        for path in health_paths(engine.kind):
+        for path in health_paths(engine.backend, engine.kind):
             try:
                 response = await self._client().get(engine.url + path, timeout=timeout)
             except httpx.HTTPError:

@@ -72,6 +72,7 @@ _SET_BY_US = {
             "--model-alias",
             "--n-gpu-layers",
             "--embedding",
+            "--interrupt-requests",
             "--api-key",
             "--root-path",
         }
@@ -259,7 +260,15 @@ def _check_reserved(backend: str, args: Sequence[str]) -> None:
             raise InvalidRequest(_set_by_us(backend, reserved))
 
 
+_WHY_SET = {
+    "--interrupt-requests": "sage-mq sets it to false: on, each request that waits for the "
+    "model would end the answer being streamed",
+}
+
+
 def _set_by_us(backend: str, flag: str) -> str:
+    if flag in _WHY_SET:
+        return f"{flag} cannot be given to backend {backend!r}: {_WHY_SET[flag]}"
     return (
         f"{flag} cannot be given to backend {backend!r}: sage-mq sets it (model, host and port "
         "come from the request and its placement, GPU use from use_gpu; use the "

@@ -52,8 +52,17 @@ def permanent_exit(backend: str, returncode: int | None) -> str | None:
     return _PERMANENT.get(backend, {}).get(returncode) if returncode is not None else None
 
 
-def health_paths(kind: str) -> tuple[str, ...]:
-    """Readiness/health endpoints: LLMs ``/health`` then ``/v1/models``; embeddings ``/health``."""
+def health_paths(backend: str, kind: str) -> tuple[str, ...]:
+    """Readiness/health endpoints, tried in order until one answers 200: LLMs ``/health`` then
+    ``/v1/models``; embeddings ``/health``.
+
+    llama.cpp's server has no ``/health``, and its ``/v1/models`` takes the model's lock: a probe
+    there waits behind the generation in progress (a busy engine would fail its probes and be
+    restarted). It loads its model before it listens, so an answer from FastAPI's ``/docs``
+    page, which takes no lock, says as much, for its chat and embedding engines alike.
+    """
+    if backend == "llamacpp":
+        return ("/health", "/docs")
     return ("/health",) if kind == "embedding" else ("/health", "/v1/models")
 
 
@@ -118,6 +127,10 @@ def _llamacpp(cmd: LaunchEngine, py: str) -> list[str]:
         *_server(cmd, py),
         "--n_gpu_layers",
         "-1" if device(cmd) == "cuda" else "0",
+        # Its default ends the answer being streamed, with [DONE], whenever another request
+        # waits for the model (the gateway's next request, a probe): requests queue instead.
+        "--interrupt_requests",
+        "false",
     ]
     if cmd.kind == "embedding":
         argv += ["--embedding", "true"]

@@ -11,6 +11,7 @@ import json
 import math
 import os
 import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ import httpx
 import openai
 import pytest
 
+from sage_mq.engines.backends import health_paths
 from tests.realengine.conftest import ENGINE_START_S, RealFleet, alive, process_tree
 
 pytestmark = [pytest.mark.realengine, pytest.mark.fleet, pytest.mark.timeout(900)]
@@ -164,6 +166,38 @@ def test_llamacpp_serves_chat_from_the_gguf(
     chunks = list(ask(client, GGUF_CHAT, "Count to five.", stream=True))
     said = [(c.choices[0].delta.content, c.choices[0].finish_reason) for c in chunks if c.choices]
     assert len(chunks) > 2, f"{len(chunks)} chunk(s) streamed: {said}"  # once in CI: 1
+
+
+def test_llamacpp_streams_to_the_end_while_probed_and_asked_again(
+    real_fleet: RealFleet, llama_chat: dict[str, Any]
+) -> None:
+    """llama.cpp's server, left to its defaults, ends the answer being streamed (with [DONE])
+    whenever another request waits for the model, and its /v1/models waits behind the
+    generation: a second caller, or the agent's next probe, cut streams short (seen in CI as
+    one-chunk answers). Here a probe and a second request come mid-stream; both streams end
+    with a finish reason and the probe answers at once."""
+    client = real_fleet.client
+    first = ask(client, GGUF_CHAT, "Count from one to fifty.", stream=True, max_tokens=64)
+    head = [next(first) for _ in range(2)]  # the role, then the first words: it is generating
+    second: list[Any] = []
+    asking = threading.Thread(
+        target=lambda: second.extend(
+            c for c in ask(client, GGUF_CHAT, "Name a colour.", stream=True) if c.choices
+        )
+    )
+    asking.start()
+    started = time.monotonic()
+    answered = [
+        httpx.get(llama_chat["url"] + path, timeout=5).status_code
+        for path in health_paths("llamacpp", "llm")
+    ]
+    probed_s = time.monotonic() - started
+    chunks = [c for c in head + list(first) if c.choices]
+    asking.join(timeout=120)
+    assert 200 in answered and probed_s < 2, (answered, probed_s)
+    for streamed in (chunks, second):
+        said = [(c.choices[0].delta.content, c.choices[0].finish_reason) for c in streamed]
+        assert said and said[-1][1] in ("stop", "length"), said
 
 
 def test_a_50_request_batch_runs_through_rq_workers_on_the_real_engine(
