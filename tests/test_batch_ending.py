@@ -17,6 +17,7 @@ import redis
 
 from sage_mq import UnifiedInferenceClient
 from sage_mq.batch.ending import STUCK_FINALIZING_S
+from sage_mq.batch.runner import LEASE_TTL_S
 from sage_mq.batch.service import BatchService
 from sage_mq.batch.sweeper import sweep
 from sage_mq.connection import Redis
@@ -158,6 +159,29 @@ async def test_the_sweeper_finishes_endings_a_dead_process_left_half_done(
         assert batch["request_counts"] == {"total": 3, "completed": 3, "failed": 0}
     assert (await service.get(busy))["status"] == "finalizing"
     assert await aredis.smembers(keys.batches_active) == {busy}
+
+
+async def test_a_chunk_a_worker_took_and_never_ran_runs_again(
+    settings: Settings, aredis: Redis
+) -> None:
+    """rq moves a job to an intermediate list as a worker takes it, then marks it started: a
+    worker that dies in between (or a failover that loses the mark, seen in the chaos suite)
+    leaves it QUEUED in no queue. The sweeper runs it again once it has been so for a lease's
+    time, and not before (its worker may be starting it)."""
+    service = BatchService(settings, aredis)
+    keys, queue = service.records.keys, service.queue
+    batch_id = await _batch_of(service, 3)
+    taken = (await aredis.hgetall(keys.batch_jobs(batch_id)))["0"]
+    assert await aredis.lmove(queue.key, queue.intermediate_queue_key, "LEFT", "RIGHT") == taken
+    assert await sweep(service) == []  # first seen so: its worker may be starting it now
+    assert await sweep(service) == []
+    first_seen = queue.intermediate_queue.get_first_seen_key(taken)
+    await aredis.set(first_seen, str(time.time() - LEASE_TTL_S - 1))
+    assert await sweep(service) == [(batch_id, 0)]
+    again = (await aredis.hgetall(keys.batch_jobs(batch_id)))["0"]
+    assert again != taken and await aredis.lrange(queue.key, 0, -1) == [again]
+    assert await aredis.lrange(queue.intermediate_queue_key, 0, -1) == []
+    assert await sweep(service) == []  # the new job waits its turn
 
 
 async def test_an_outcome_is_recorded_once_whichever_hash_it_went_to(

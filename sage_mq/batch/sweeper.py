@@ -4,8 +4,9 @@ ran out, and finishing endings a dead process left half-done.
 Every worker process runs a sweeper thread; one at a time sweeps (a lock with a TTL). A chunk
 of an active batch needs another run when nothing is doing it: no lease (the worker running it
 keeps one alive) and its rq job is not waiting in the queue: the job started long enough ago
-and its worker is gone (killed), it failed, or it is missing. A chunk that needed this
-:data:`MAX_RUNS` times ends: its requests without an outcome are failed with the reason.
+and its worker is gone (killed), a worker took it and went away before starting it, it failed,
+or it is missing. A chunk that needed this :data:`MAX_RUNS` times ends: its requests without an
+outcome are failed with the reason.
 
 What rq does is left to rq: the queue, the jobs and their registries, the workers' registration
 and heartbeats, failed-job records (read here through rq's ``Job`` API). What stays ours, and
@@ -106,11 +107,14 @@ async def _requeue_stranded(service: BatchService, batch: dict[str, Any]) -> lis
     pending = await records.redis.smembers(keys.batch_pending(batch_id))
     if not pending:  # the last chunk's process died between finishing it and finalizing
         await finalize(records, batch_id)
+    queued: set[str] | None = None  # the queue's job ids, read once, if needed
     for member in pending:
         number = int(member)
         if await records.redis.exists(keys.batch_lease(batch_id, number)):
             continue  # running
-        why = await asyncio.to_thread(_why_stranded, service, jobs.get(str(number)))
+        if queued is None:
+            queued = set(await asyncio.to_thread(service.queue.get_job_ids))
+        why = await asyncio.to_thread(_why_stranded, service, jobs.get(str(number)), queued)
         if why is None:
             continue
         runs = await records.redis.hincrby(keys.batch_jobs(batch_id), f"{number}:runs", 1)
@@ -123,8 +127,9 @@ async def _requeue_stranded(service: BatchService, batch: dict[str, Any]) -> lis
     return requeued
 
 
-def _why_stranded(service: BatchService, job_id: str | None) -> str | None:
-    """Why nothing is doing a chunk without a lease, or None if its job is still coming."""
+def _why_stranded(service: BatchService, job_id: str | None, queued: set[str]) -> str | None:
+    """Why nothing is doing a chunk without a lease, or None if its job is still coming
+    (``queued``: the ids of the jobs in the queue)."""
     if job_id is None:
         return "it has no job"
     try:
@@ -134,6 +139,8 @@ def _why_stranded(service: BatchService, job_id: str | None) -> str | None:
     except NoSuchJobError:
         return "its job is gone"
     status = job.get_status(refresh=False)
+    if status == JobStatus.QUEUED and job_id not in queued and _taken_and_dropped(service, job_id):
+        return "its worker took it from the queue and went away before running it"
     if status in _WAITING:
         return None
     if status == JobStatus.STARTED:
@@ -142,6 +149,27 @@ def _why_stranded(service: BatchService, job_id: str | None) -> str | None:
             return None  # just taken: its lease comes in a moment
         return "its worker went away mid-run"
     return f"its job ended {status.value if status else 'unknown'} without finishing it"
+
+
+def _taken_and_dropped(service: BatchService, job_id: str) -> bool:
+    """Whether a QUEUED job not in the queue was taken from it by a worker that never started
+    it.
+
+    rq moves a job to an intermediate list as a worker takes it, and marks it started a moment
+    later; a worker that dies in between (or whose Redis failed over in between, losing the
+    mark) leaves it there, QUEUED, and rq notices only at a maintenance pass (every 10 minutes)
+    a minute after first seeing it. Here: out of the queue for :data:`LEASE_TTL_S` (from when
+    this or rq's sweep first saw it so, with rq's own marker), it is taken off that list and the
+    chunk runs again.
+    """
+    waiting_room = service.queue.intermediate_queue
+    if waiting_room.set_first_seen(job_id):
+        return False  # a worker may be starting it right now: look again next sweep
+    first_seen = waiting_room.get_first_seen(job_id)
+    if first_seen is not None and time.time() - first_seen.timestamp() < LEASE_TTL_S:
+        return False
+    waiting_room.remove(job_id)
+    return True
 
 
 async def _give_up(records: Records, batch: dict[str, Any], number: int, why: str) -> None:
