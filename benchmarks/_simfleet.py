@@ -83,6 +83,8 @@ class SimulatedFleet:
         self.launch_sent_at: dict[str, float] = {}
         """Engine id -> when the scheduler published its launch command (the envelope's ts)."""
         self.health_reports = 0
+        self.ticks_read_at: list[float] = []
+        """When a read brought health ticks (wall clock): when the scheduler's ticks landed."""
         self._cursors = {self.keys.node_commands(n): "$" for n in self.nodes}
         self._node_of = {self.keys.node_commands(n): node for n, node in self.nodes.items()}
 
@@ -139,6 +141,7 @@ class SimulatedFleet:
             reply = await self.redis.xread(self._cursors, count=_READ_BATCH, block=100)
             received = time.time()
             out: list[dict[str, str]] = []
+            reports = self.health_reports
             for stream, rows in reply or ():
                 node = self._node_of[stream]
                 for entry_id, fields in rows:
@@ -152,6 +155,8 @@ class SimulatedFleet:
                     out.extend(
                         encode(envelope(m)) for m in self._answer(node, env.payload, received)
                     )
+            if self.health_reports != reports:
+                self.ticks_read_at.append(received)
             if out:
                 async with self.redis.pipeline(transaction=False) as pipe:
                     for fields in out:

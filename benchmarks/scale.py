@@ -6,7 +6,8 @@ heartbeat every second, answer every command and report health every tick, as re
 engines always start and stay healthy. Measured:
 
 - placement latency: start request published → the scheduler publishes its launch command to
-  the chosen node (target p99 ≤ 10 ms), requests sent open-loop at ``--rate`` per second; also
+  the chosen node (target p99 ≤ 10 ms), requests sent open-loop at ``--rate`` per second (from
+  a process of its own, so the simulated agents' work never bunches them up); also
   shown: until the simulated agent has read it (adds this process's own delays);
 - event lag: age of the oldest event the scheduler has not yet handled (undelivered or
   pending), sampled every 100 ms (target < 1 s);
@@ -23,6 +24,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import multiprocessing
 import os
 import platform
 import subprocess
@@ -66,6 +68,29 @@ def demand(i: int) -> dict[str, Any]:
     """Four in five engines want one GPU, one in five two (tensor parallel); 60 GiB each."""
     tp = 2 if i % 5 == 4 else 1
     return {"tensor_parallel_size": tp, "required_memory_gb": 60.0 * tp, "use_gpu": True}
+
+
+def send_requests(url: str, engines: int, rate: float, delay_s: float, out: Path) -> None:
+    """The load generator, in a process of its own (the simulated agents' work would delay
+    it into bursts): after ``delay_s``, ``engines`` start requests open-loop at ``rate`` per
+    second; writes when each was sent."""
+
+    async def main() -> dict[str, float]:
+        redis = aioredis.Redis.from_url(url, decode_responses=True, socket_timeout=10)
+        bus = Bus(redis, Keys(NAMESPACE))
+        sent_at: dict[str, float] = {}
+        await asyncio.sleep(delay_s)
+        t0 = time.monotonic()
+        for i in range(engines):
+            engine_id = f"e{i:05d}"
+            request = StartEngine(engine_id=engine_id, model="bench-7b", **demand(i))
+            sent_at[engine_id] = time.time()
+            await bus.publish(bus.keys.requests, request)
+            await asyncio.sleep(max(0.0, t0 + (i + 1) / rate - time.monotonic()))
+        await redis.aclose()
+        return sent_at
+
+    out.write_text(json.dumps(asyncio.run(main())))
 
 
 async def oldest_unhandled_age(redis: Any, stream: str) -> float:
@@ -161,7 +186,6 @@ async def measure(url: str, args: argparse.Namespace, workdir: Path) -> dict[str
     redis = aioredis.Redis.from_url(url, decode_responses=True, socket_timeout=10)
     beats = aioredis.Redis.from_url(url, decode_responses=True, socket_timeout=10)
     keys = Keys(NAMESPACE)
-    bus = Bus(redis, keys)
     base_memory = (await redis.info("memory"))["used_memory"]
     fleet = SimulatedFleet(redis, NAMESPACE, args.nodes, f"{args.gpus}x80GiB", beat_redis=beats)
     await fleet.register()
@@ -171,21 +195,22 @@ async def measure(url: str, args: argparse.Namespace, workdir: Path) -> dict[str
         asyncio.create_task(fleet.answer_commands()),
     ]
     scheduler = start_scheduler(url, workdir, args.tick, args.profile)
+    sent_file = workdir / "sent.json"
+    sender = multiprocessing.get_context("spawn").Process(
+        target=send_requests, args=(url, args.engines, args.rate, 3.0, sent_file)
+    )  # 3 s: the scheduler elected, its first ticks out
+    sender.start()
     os.nice(args.agents_nice)  # the agents stand in for other hosts: they yield the CPU here
     lag: list[float] = []
     try:
         proc = psutil.Process(scheduler.pid)
-        await asyncio.sleep(3)  # elected, first ticks out
+        await asyncio.sleep(3)
         tasks.append(asyncio.create_task(sample_lag(redis, keys, lag)))
-        sent_at: dict[str, float] = {}
         meter = CpuMeter(proc, int(url.rsplit(":", 1)[1].split("/")[0]))
-        t0 = time.monotonic()
-        for i in range(args.engines):
-            engine_id = f"e{i:05d}"
-            request = StartEngine(engine_id=engine_id, model="bench-7b", **demand(i))
-            sent_at[engine_id] = time.time()
-            await bus.publish(keys.requests, request)
-            await asyncio.sleep(max(0.0, t0 + (i + 1) / args.rate - time.monotonic()))
+        await asyncio.to_thread(sender.join)
+        if sender.exitcode != 0:
+            raise RuntimeError(f"the load generator failed (exit {sender.exitcode})")
+        sent_at: dict[str, float] = json.loads(sent_file.read_text())
         running = await wait_running(redis, keys, args.engines, timeout_s=120)
         for task in tasks:
             if task.done():
@@ -204,7 +229,18 @@ async def measure(url: str, args: argparse.Namespace, workdir: Path) -> dict[str
         to_node = [
             (fleet.launched_at[e] - sent_at[e]) * 1000 for e in sent_at if e in fleet.launched_at
         ]
+        if args.trace is not None:
+            rows = [
+                {"engine": e, "sent": t, "latency_ms": (fleet.launch_sent_at[e] - t) * 1000}
+                for e, t in sent_at.items()
+                if e in fleet.launch_sent_at
+            ]
+            trace = {"requests": rows, "ticks_read_at": fleet.ticks_read_at}
+            args.trace.write_text(json.dumps(trace))
         total_memory = (await redis.info("memory"))["used_memory"] - base_memory
+        kinds: dict[str, int] = {}
+        for _entry_id, fields in await redis.xrange(keys.events):
+            kinds[fields.get("type", "?")] = kinds.get(fields.get("type", "?"), 0) + 1
         breakdown = await memory_breakdown(redis)
     finally:
         for task in tasks:
@@ -237,6 +273,7 @@ async def measure(url: str, args: argparse.Namespace, workdir: Path) -> dict[str
         },
         "cpu_share_of_a_core_by_process": {"placing": placing_cpu, "steady": steady_cpu},
         "health_reports_answered": fleet.health_reports,
+        "events_kept_by_type": kinds,
         "redis_bytes_per_node": {
             "registered_only": round(nodes_memory / args.nodes),
             "with_engines_and_streams": round(total_memory / args.nodes),
@@ -299,6 +336,9 @@ def main() -> None:
     parser.add_argument("--steady", type=float, default=30.0, help="seconds measured after")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/scale.json"))
     parser.add_argument("--profile", type=Path, help="write the scheduler's cProfile here")
+    parser.add_argument(
+        "--trace", type=Path, help="write each request's send time and latency, and the ticks"
+    )
     parser.add_argument(
         "--agents-nice", type=int, default=10, help="niceness of the simulated agents' process"
     )

@@ -106,12 +106,20 @@ class Store:
             await durable_write(self.redis, lambda client: client.hset(key, mapping=fields))
         return updated
 
-    def queue_engine_update(self, pipe: Any, current: EngineRecord, **changes: Any) -> EngineRecord:
+    def queue_engine_update(
+        self, pipe: Any, current: EngineRecord, *, new: bool = False, **changes: Any
+    ) -> EngineRecord:
         """:meth:`update_engine` of a record just read, queued on ``pipe`` to be sent with other
-        writes; the record as it will be."""
+        writes; the record as it will be. ``new``: ``current`` is not in Redis yet, so the
+        whole record is written (and added to the engine set), as :meth:`put_engine` does."""
         updated, fields = _changed(current, changes)
-        pipe.hset(self.keys.engine(current.engine_id), mapping=fields)
+        if new:
+            pipe.hset(self.keys.engine(current.engine_id), mapping=to_hash(updated))
+            pipe.sadd(self.keys.engines, current.engine_id)
+        else:
+            pipe.hset(self.keys.engine(current.engine_id), mapping=fields)
         return updated
+
 
     async def get_engine(self, engine_id: str) -> EngineRecord | None:
         """The engine record, or None."""

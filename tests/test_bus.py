@@ -226,6 +226,30 @@ async def test_a_consumer_stopped_mid_batch_hands_the_rest_to_the_next_at_once(
     assert seen == ["e0", "e1", "e2", "e3"] and await pending_count(aredis, stream) == 0
 
 
+async def test_urgent_entries_go_ahead_of_a_long_batch_of_others(
+    aredis: Redis, settings: Settings
+) -> None:
+    """A request that comes while the scheduler works through a batch of events (a flood of
+    health reports) is handled a few milliseconds later, not after the whole batch."""
+    bus = make_bus(aredis, settings)
+    events, requests = f"{settings.namespace}:events", f"{settings.namespace}:requests"
+    await bus.publish_many(events, [StopEngine(engine_id=f"ev{i}") for i in range(40)])
+    seen: list[str] = []
+
+    async def handle(env: Envelope) -> None:
+        engine_id = env.payload.model_dump()["engine_id"]
+        seen.append(engine_id)
+        if engine_id == "ev1":  # the batch is under way: a request comes
+            await bus.publish(requests, StopEngine(engine_id="urgent"))
+        await asyncio.sleep(0.002)  # each event takes a while
+
+    consumer = bus.consumer([requests, events], "g", "c1", handle, urgent=requests)
+    await consumer.run(until_idle=True)
+    assert sorted(seen) == sorted([*(f"ev{i}" for i in range(40)), "urgent"])
+    assert seen.index("urgent") <= 4, seen  # not after the 40 events read with it
+    assert await pending_count(aredis, events) == await pending_count(aredis, requests) == 0
+
+
 async def test_block_time_must_stay_below_the_socket_timeout(settings: Settings) -> None:
     slow = Settings(redis_url=settings.redis_url, bus=BusSettings(block_ms=6000))
     redis = connect(slow)

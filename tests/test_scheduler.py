@@ -39,6 +39,7 @@ async def test_use_gpu_decides_gpus_device_and_visible_devices(
     record = await fleet.record("e")
     launch = await fleet.launch_of("e")
     assert record.state == EngineState.STARTING and record.use_gpu is use_gpu
+    assert [r.engine_id for r in await fleet.store.list_engines()] == ["e"]  # written whole
     assert bool(record.gpus) is on_gpu and launch.use_gpu is on_gpu
     assert record.backend == ("embedding" if kind == "embedding" else "vllm")
     visible = build_env(launch, {})["CUDA_VISIBLE_DEVICES"]
@@ -60,6 +61,7 @@ async def test_gpu_required_on_a_node_without_gpus_is_rejected_with_a_reason(
     assert "no GPU fits" in reason and "cpu-only: no GPUs" in reason
     record = await fleet.record("e")
     assert record.state == EngineState.FAILED and record.last_error == reason
+    assert [r.engine_id for r in await fleet.store.list_engines()] == ["e"]
     assert "engine.failed" in await fleet.events.types("e")
     assert await fleet.commands("cpu-only") == []
 

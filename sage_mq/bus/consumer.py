@@ -25,6 +25,9 @@ log = logging.getLogger(__name__)
 
 Handler = Callable[[Envelope], Awaitable[Outgoing | None]]
 _UNREACHABLE = (RedisConnectionError, RedisTimeoutError, OSError)
+URGENT_LOOK_S = 0.002
+"""How long a batch is handled before new entries of the urgent stream are looked for (and
+then again as often): a request waits that long, not for a whole batch of events."""
 
 
 class Consumer:
@@ -38,9 +41,12 @@ class Consumer:
         takeover: bool = False,
         trim: bool = False,
         gate: Callable[[], bool] | None = None,
+        urgent: str | None = None,
     ) -> None:
         self._group = group
         self._gate = gate
+        self._urgent = urgent
+        self._next_urgent_look = 0.0
         self.settings = group.settings
         self.group = group.group
         self.name = group.name
@@ -78,6 +84,7 @@ class Consumer:
                 deliveries += await self._group.read_new(block=not until_idle)
                 if not deliveries and until_idle:
                     return
+                self._next_urgent_look = time.monotonic() + URGENT_LOOK_S
                 # Unsettled entries stay pending and are re-claimed once Redis is back.
                 await self._settle_all(deliveries)
             except (*_UNREACHABLE, ControlPlaneUnavailable) as exc:
@@ -138,11 +145,24 @@ class Consumer:
             if self._stopping.is_set():
                 await self._hand_back([d for d, _env in decoded[i:]])
                 break
+            if self._urgent is not None and delivery.stream != self._urgent:
+                await self._let_urgent_in()
             await self._settle(delivery, env, done, settled)
         if settled:
             await self._group.settle([(d, _marker(env)) for d, env in settled])
         if self._trim and deliveries:
             await self._group.trim_settled({d.stream for d in deliveries})
+
+    async def _let_urgent_in(self) -> None:
+        """Handle new entries of the urgent stream first, once the batch in hand has taken
+        :data:`URGENT_LOOK_S` since it was read or since the last look."""
+        now = time.monotonic()
+        if now < self._next_urgent_look or self._urgent is None:
+            return
+        self._next_urgent_look = now + URGENT_LOOK_S
+        ahead = await self._group.read_new(block=False, streams=[self._urgent])
+        if ahead:
+            await self._settle_all(ahead)
 
     async def _hand_back(self, deliveries: list[Delivery]) -> None:
         """Stopped with entries read but not handled (a deposed leader whose read returned as

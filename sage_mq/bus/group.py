@@ -73,12 +73,15 @@ class Group:
         )
         return await self._with_counts(reply or [])
 
-    async def read_new(self, *, block: bool) -> list[Delivery]:
-        """Entries no consumer of the group was given yet (waiting up to ``block_ms``)."""
+    async def read_new(
+        self, *, block: bool, streams: Sequence[str] | None = None
+    ) -> list[Delivery]:
+        """Entries no consumer of the group was given yet (waiting up to ``block_ms``), of all
+        its streams or of these."""
         reply = await self.redis.xreadgroup(
             self.group,
             self.name,
-            {s: ">" for s in self.streams},
+            {s: ">" for s in streams or self.streams},
             count=self.settings.batch_size,
             block=self.settings.block_ms if block else None,
         )

@@ -22,7 +22,10 @@ from sage_mq.wire import Envelope, encode, envelope
 log = logging.getLogger(__name__)
 
 Entry = tuple[str, dict[str, str]]
-_BROADCAST_CHUNK = 1000
+_BROADCAST_CHUNK = 100
+"""Streams per broadcast command: Redis runs each chunk's appends as one script, and serves
+other clients between chunks (a 1,000-node health tick in one script held every other command,
+a start request's included, for about 4 ms)."""
 _BROADCAST = """
 for _, stream in ipairs(KEYS) do
   redis.call('XADD', stream, 'MAXLEN', '~', ARGV[1], '*', unpack(ARGV, 2))
@@ -162,6 +165,7 @@ class Bus:
         takeover: bool = False,
         trim: bool = False,
         gate: Callable[[], bool] | None = None,
+        urgent: str | None = None,
     ) -> Consumer:
         """A consumer of ``streams`` in ``group``, calling ``handler`` for every message.
 
@@ -170,7 +174,9 @@ class Bus:
         ``trim`` it deletes what it has settled, for a stream it alone reads (a node's
         commands): the stream then holds exactly what is still to be carried out. A ``gate``
         is asked before each message: once it says False the consumer hands back what it
-        read, unhandled, and stops (a leader whose lease may have lapsed).
+        read, unhandled, and stops (a leader whose lease may have lapsed). New entries of the
+        ``urgent`` stream go ahead of a long batch of the others (requests ahead of a flood of
+        events), looked for every few milliseconds while that batch is handled.
         """
         member = Group(self, streams, group, name)
-        return Consumer(member, handler, takeover=takeover, trim=trim, gate=gate)
+        return Consumer(member, handler, takeover=takeover, trim=trim, gate=gate, urgent=urgent)

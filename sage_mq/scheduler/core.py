@@ -112,6 +112,7 @@ class Scheduler(Actor):
             self.handle,
             takeover=lease is not None,
             gate=None if lease is None else lease.holds,
+            urgent=self.keys.requests,  # a start waits for no flood of health reports
         )
 
     async def start(self) -> None:

@@ -55,24 +55,28 @@ class Placing:
                 )
             await self.ctx.reject(env, req.engine_id, str(exc))
             return
-        # PENDING: recorded by the requester, or a half-done start, resumed
+        # PENDING: recorded by the requester, or a half-done start, resumed; a request sent
+        # with no record gets its record written with the launch (or the failure), at once
         record = existing or EngineRecord.pending(req.engine_id, req.spec)
-        if existing is None:
-            await self.ctx.store.put_engine(record)
-        await self.start_pending(env, record)
+        await self.start_pending(env, record, stored=existing is not None)
 
-    async def start_pending(self, env: Envelope, record: EngineRecord) -> None:
-        """Place and launch a PENDING engine, or end it FAILED and reject ``env`` saying why."""
+    async def start_pending(
+        self, env: Envelope, record: EngineRecord, *, stored: bool = True
+    ) -> None:
+        """Place and launch a PENDING engine, or end it FAILED and reject ``env`` saying why.
+        ``stored``: whether ``record`` is in Redis already."""
         try:
             placement, port = await self._place(record)
         except PlacementError as exc:
-            await self.ctx.store.update_engine(
-                record.engine_id, current=record, state=S.FAILED, last_error=str(exc)
-            )
+            failure = {"state": S.FAILED, "last_error": str(exc)}
+            if stored:
+                await self.ctx.store.update_engine(record.engine_id, current=record, **failure)
+            else:
+                await self.ctx.store.put_engine(record.model_copy(update=failure))
             await self.ctx.reject(env, record.engine_id, str(exc))
             await self.ctx.emit(EngineFailed(engine_id=record.engine_id, reason=str(exc)))
             return
-        await self._launch_new(record, placement, port)
+        await self._launch_new(record, placement, port, stored=stored)
 
     async def _place(self, record: EngineRecord) -> tuple[Placement, int]:
         nodes = await self.ctx.fleet.live()
@@ -87,7 +91,9 @@ class Placing:
             node = next((n for n in await self.ctx.fleet.live() if n.node_id == node.node_id), None)
         raise PlacementError(f"could not assign a port on {placement.node_id}: ports keep changing")
 
-    async def _launch_new(self, record: EngineRecord, placement: Placement, port: int) -> None:
+    async def _launch_new(
+        self, record: EngineRecord, placement: Placement, port: int, *, stored: bool = True
+    ) -> None:
         """Reserve the GPUs, record the engine STARTING there and send the node its launch
         command: one round trip, all or none (the port is taken before, with HSETNX)."""
         node_id = placement.node_id
@@ -107,6 +113,7 @@ class Placing:
             placed = self.ctx.store.queue_engine_update(
                 pipe,
                 record,
+                new=not stored,
                 state=S.STARTING,
                 node=node_id,
                 host=placement.address,
