@@ -32,6 +32,7 @@ _RAW = {
     "node_id",
     "address",
     "hostname",
+    "name",
 }
 
 

@@ -47,6 +47,15 @@ class Keys:
         return self._k("engine", engine_id)
 
     @property
+    def deployments(self) -> str:
+        """Set of all deployment names."""
+        return self._k("deployments")
+
+    def deployment(self, name: str) -> str:
+        """Hash holding one deployment: its spec, replica range and target."""
+        return self._k("deployment", name)
+
+    @property
     def nodes(self) -> str:
         """Set of all node ids."""
         return self._k("nodes")

@@ -9,6 +9,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from sage_mq.connection import Redis, redis_errors
+from sage_mq.deployments import Deployment
 from sage_mq.hashes import from_hash, to_hash
 from sage_mq.keys import Keys
 from sage_mq.records import EngineRecord, EngineState, NodeRecord, Reservation
@@ -120,7 +121,6 @@ class Store:
             pipe.hset(self.keys.engine(current.engine_id), mapping=fields)
         return updated
 
-
     async def get_engine(self, engine_id: str) -> EngineRecord | None:
         """The engine record, or None."""
         with redis_errors("reading an engine record"):
@@ -169,6 +169,41 @@ class Store:
         with redis_errors("listing engines"):
             ids = sorted(await self.redis.smembers(self.keys.engines))
         return oldest_first((await self.get_engines(ids)).values())
+
+    # -- deployments ---------------------------------------------------------------------
+    async def put_deployment(self, deployment: Deployment) -> None:
+        """Write a whole deployment (created or changed) and add it to the deployment set."""
+        async with durable_pipeline(self.redis, transaction=True) as pipe:
+            key = self.keys.deployment(deployment.name)
+            pipe.delete(key)  # no field of an older version is left behind
+            pipe.hset(key, mapping=to_hash(deployment))
+            pipe.sadd(self.keys.deployments, deployment.name)
+            with redis_errors("saving a deployment"):
+                await pipe.execute()
+
+    async def get_deployment(self, name: str) -> Deployment | None:
+        """The deployment, or None."""
+        with redis_errors("reading a deployment"):
+            fields = await self.redis.hgetall(self.keys.deployment(name))
+        return from_hash(Deployment, fields) if fields else None
+
+    async def list_deployments(self) -> list[Deployment]:
+        """Every deployment, by name."""
+        with redis_errors("listing deployments"):
+            names = sorted(await self.redis.smembers(self.keys.deployments))
+        rows = await self._batch(
+            "reading deployments", [("hgetall", self.keys.deployment(n)) for n in names]
+        )
+        return [from_hash(Deployment, row) for row in rows if row]
+
+    async def delete_deployment(self, name: str) -> bool:
+        """Forget a deployment (its engines are stopped by whoever asked); whether it existed."""
+        async with durable_pipeline(self.redis, transaction=True) as pipe:
+            pipe.delete(self.keys.deployment(name))
+            pipe.srem(self.keys.deployments, name)
+            with redis_errors("deleting a deployment"):
+                deleted, _removed = await pipe.execute()
+        return bool(deleted)
 
     async def engine_states(self) -> list[tuple[str, str, int]]:
         """(engine id, state, restarts) of every engine, in one short round trip however many

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from sage_mq.scheduler.scaling import Autoscale, Decision, Load, Replicas, decide, needed
+from sage_mq.deployments import Autoscale
+from sage_mq.scheduler.scaling import Decision, Load, Replicas, decide, needed
 
 POLICY = Autoscale(min_replicas=1, max_replicas=4, target_in_flight=2, scale_down_after_s=60)
 TO_ZERO = Autoscale(min_replicas=0, max_replicas=3, target_in_flight=2, scale_down_after_s=60)

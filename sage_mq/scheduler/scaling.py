@@ -13,25 +13,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-
-@dataclass(frozen=True)
-class Autoscale:
-    """A deployment's replica range and what one replica should carry."""
-
-    min_replicas: int = 1
-    max_replicas: int = 1
-    target_in_flight: float = 4.0
-    """Requests in flight per RUNNING replica the deployment aims at."""
-    scale_down_after_s: float = 300.0
-
-    def __post_init__(self) -> None:
-        if not 0 <= self.min_replicas <= self.max_replicas or self.max_replicas < 1:
-            raise ValueError(
-                f"replicas {self.min_replicas}..{self.max_replicas}: need "
-                "0 <= min_replicas <= max_replicas and max_replicas >= 1"
-            )
-        if self.target_in_flight <= 0 or self.scale_down_after_s < 0:
-            raise ValueError("target_in_flight must be > 0 and scale_down_after_s >= 0")
+from sage_mq.deployments import Autoscale
 
 
 @dataclass(frozen=True)
