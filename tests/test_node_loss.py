@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import time
 
+import pytest
+
 from sage_mq.messages import (
     EngineAdopted,
     EngineExited,
@@ -235,3 +237,42 @@ async def test_after_redis_lost_a_record_the_newest_reported_copy_is_kept_either
         assert stale == TerminateEngine(engine_id="e", generation=1, epoch=0)
         await fleet.event(EngineReady(engine_id="e", node="n2", generation=2, url=kept.url))
         assert (await fleet.record("e")).state == EngineState.RUNNING
+
+
+async def test_a_storm_of_joins_looks_for_waiting_engines_once(
+    fleet: Fleet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every agent registering again (Redis came back empty) sends node.joined at once: the
+    engines waiting for capacity are found by one scan of every record, not one per node, and
+    still placed when a node with room joins; one left waiting after the scan is seen too."""
+    store = fleet.scheduler.ctx.store
+    scans = 0
+    scan = store.engine_placements
+
+    async def counted() -> dict[str, tuple[str, str | None]]:
+        nonlocal scans
+        scans += 1
+        return await scan()
+
+    monkeypatch.setattr(store, "engine_placements", counted)
+    await fleet.node("n1", "1x24GiB")
+    big = dict(model="big", use_gpu=True, required_memory_gb=20.0)
+    await fleet.request(StartEngine(engine_id="big", **big))
+    assert (await fleet.record("big")).node == "n1"
+    await lose(fleet, "n1")  # no other GPU: it waits
+    assert (await fleet.record("big")).state == EngineState.PENDING
+    scans = 0
+    storm = [f"cpu{i}" for i in range(30)]
+    for node_id in storm:
+        await fleet.node(node_id)
+    joined = [NodeJoined(node_id=n, address="127.0.0.1", gpu_count=0, epoch=1) for n in storm]
+    await fleet.event(*joined)
+    assert scans == 1 and (await fleet.record("big")).state == EngineState.PENDING
+    await fleet.node("n3", "1x24GiB")
+    await fleet.request(StartEngine(engine_id="big2", **big))
+    await lose(fleet, "n3")  # a second one waits, after the scan: the next join looks again
+    await fleet.node("g1", "2x24GiB", address="127.0.0.9")
+    scans = 0
+    await fleet.event(NodeJoined(node_id="g1", address="127.0.0.9", gpu_count=2, epoch=1))
+    assert [(await fleet.record(e)).node for e in ("big", "big2")] == ["g1", "g1"]
+    assert scans == 1

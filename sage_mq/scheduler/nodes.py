@@ -18,6 +18,8 @@ S = EngineState
 SETTLE_S = 15.0
 """How long a node that came back has to report the engines moved away from it (its agent
 reports them at once: this is for an agent that lost its state)."""
+WAITING_SCAN_S = 1.0
+"""How long the list of engines waiting for capacity is reused (a scan reads every record)."""
 
 
 class NodeWatch:
@@ -27,6 +29,8 @@ class NodeWatch:
         self.ctx = ctx
         self.placing = placing
         self.tracking = tracking
+        self._scanned: tuple[float, list[str]] | None = None
+        """When the engines waiting for capacity were last found, and their ids."""
 
     async def check(self, listed: list[tuple[NodeRecord, bool]]) -> None:
         """Compare liveness with what the records say (the leader does this each tick)."""
@@ -102,7 +106,21 @@ class NodeWatch:
                 await self.placing.place_pending(record)
 
     async def _waiting(self) -> list[EngineRecord]:
-        where = await self.ctx.store.engine_placements()
-        waiting = [e for e, (state, node) in where.items() if state == S.PENDING and node is None]
-        found = (await self.ctx.store.get_engines(waiting)).values()
+        """The engines waiting for capacity (PENDING, unplaced), oldest first, their records
+        read now. Finding them reads every engine's state, so the ids found are used again for
+        :data:`WAITING_SCAN_S` unless this scheduler has left another engine waiting since: a
+        storm of joins (every agent registering again after Redis came back empty) pays for
+        one scan, not one per node."""
+        now = time.monotonic()
+        scanned = self._scanned
+        if (
+            scanned is None
+            or now - scanned[0] > WAITING_SCAN_S
+            or not self.placing.left_waiting <= set(scanned[1])
+        ):
+            where = await self.ctx.store.engine_placements()
+            ids = [e for e, (state, node) in where.items() if state == S.PENDING and node is None]
+            self.placing.left_waiting &= set(ids)
+            scanned = self._scanned = (now, ids)
+        found = (await self.ctx.store.get_engines(scanned[1])).values()
         return [r for r in oldest_first(found) if r.state == S.PENDING and r.node is None]

@@ -38,6 +38,9 @@ class Placing:
     def __init__(self, ctx: Context, tracking: Tracking) -> None:
         self.ctx = ctx
         self.tracking = tracking
+        self.left_waiting: set[str] = set()
+        """Engines :meth:`place_pending` left waiting for capacity (pruned by whoever scans
+        for the waiting ones, see ``NodeWatch``)."""
 
     async def on_start(self, req: StartEngine, env: Envelope) -> None:
         """Place and launch a new engine, or reject the request with a reason."""
@@ -233,11 +236,13 @@ class Placing:
         try:
             placement, port = await self._place(record)
         except PlacementError as exc:
+            self.left_waiting.add(record.engine_id)
             why = (record.last_error or "").split("; waiting for capacity:")[0]
             await self.ctx.store.update_engine(
                 record.engine_id, last_error=f"{why}; waiting for capacity: {exc}"
             )
             return False
+        self.left_waiting.discard(record.engine_id)
         await self._launch_new(record, placement, port)
         return True
 
