@@ -11,16 +11,13 @@ from __future__ import annotations
 
 import re
 import time
-from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from sage_mq.errors import InvalidRequest
+from sage_mq.ids import DeploymentName, check_id
 from sage_mq.spec import EngineSpec, WholeNumber
 
-DEPLOYMENT_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,119}$"
-"""A name its engines' ids (``<name>-<n>``) can be made of: see :mod:`sage_mq.ids`."""
-DeploymentName = Annotated[str, StringConstraints(pattern=DEPLOYMENT_NAME_PATTERN)]
 MAX_REPLICAS = 1000
 
 
@@ -51,23 +48,20 @@ class Autoscale(BaseModel):
         return cls(min_replicas=replicas, max_replicas=max(replicas, 1))
 
 
-class Deployment(BaseModel):
-    """A deployment as stored: its name, the spec of each replica, its range and target."""
+class Deployment(Autoscale):
+    """A deployment as stored: its name, the spec of each replica, and its range and target
+    (the fields of :class:`Autoscale`, kept flat so redis-cli shows them as they are)."""
 
     model_config = ConfigDict(frozen=True, extra="ignore")
     name: DeploymentName
     spec: EngineSpec
-    min_replicas: int = 1
-    max_replicas: int = 1
-    target_in_flight: float = 4.0
-    scale_down_after_s: float = 300.0
     created_at: float = Field(default_factory=time.time)
     updated_at: float = Field(default_factory=time.time)
 
     @classmethod
     def of(cls, name: str, spec: EngineSpec, autoscale: Autoscale) -> Deployment:
         """A new deployment; a name no engine id could be made of is refused, saying why."""
-        check_deployment_name(name)
+        check_id("deployment name", name)
         if spec.port is not None and autoscale.max_replicas > 1:
             raise InvalidRequest(
                 "a deployment of more than one replica cannot ask for a port: each replica "
@@ -77,12 +71,7 @@ class Deployment(BaseModel):
 
     @property
     def autoscale(self) -> Autoscale:
-        return Autoscale(
-            min_replicas=self.min_replicas,
-            max_replicas=self.max_replicas,
-            target_in_flight=self.target_in_flight,
-            scale_down_after_s=self.scale_down_after_s,
-        )
+        return Autoscale.model_validate(self.model_dump(include=set(Autoscale.model_fields)))
 
     @property
     def served_name(self) -> str:
@@ -92,19 +81,6 @@ class Deployment(BaseModel):
     def replica_id(self, number: int) -> str:
         """The engine id of replica ``number``."""
         return f"{self.name}-{number}"
-
-
-_NAME = re.compile(DEPLOYMENT_NAME_PATTERN)
-
-
-def check_deployment_name(name: str) -> str:
-    """``name`` if a deployment may be called so, else :class:`InvalidRequest` saying why."""
-    if not _NAME.fullmatch(name):
-        raise InvalidRequest(
-            f"{name[:80]!r} is not a valid deployment name: it starts with a letter or digit, "
-            "then letters, digits, '.', '_' and '-', 120 at most"
-        )
-    return name
 
 
 def default_name(spec: EngineSpec) -> str:

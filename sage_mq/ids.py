@@ -19,18 +19,26 @@ ENGINE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$"
 NODE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 FILE_ID_PATTERN = r"^file-[A-Za-z0-9_-]{1,120}$"
 BATCH_ID_PATTERN = r"^batch_[A-Za-z0-9_-]{1,120}$"
+DEPLOYMENT_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,119}$"
+"""Short enough that its engines' ids, ``<name>-<n>``, are valid engine ids."""
 
 EngineId = Annotated[str, StringConstraints(pattern=ENGINE_ID_PATTERN)]
 NodeId = Annotated[str, StringConstraints(pattern=NODE_ID_PATTERN)]
+DeploymentName = Annotated[str, StringConstraints(pattern=DEPLOYMENT_NAME_PATTERN)]
 
 _SHAPES = {
     "engine id": (re.compile(ENGINE_ID_PATTERN), "letters, digits, '.', '_' and '-', 200 at most"),
     "node id": (re.compile(NODE_ID_PATTERN), "letters, digits, '.', '_' and '-', 128 at most"),
+    "deployment name": (
+        re.compile(DEPLOYMENT_NAME_PATTERN),
+        "letters, digits, '.', '_' and '-', 120 at most",
+    ),
 }
 
 
 def check_id(kind: str, value: str) -> str:
-    """``value`` if it is a well-formed id of ``kind`` ("engine id", "node id"), else
+    """``value`` if it is a well-formed id of ``kind`` ("engine id", "node id",
+    "deployment name"), else
     :class:`InvalidRequest` saying what one looks like."""
     pattern, shape = _SHAPES[kind]
     if not pattern.fullmatch(value):
