@@ -66,17 +66,30 @@ def _worked(worker: SimpleWorker, burst: bool, log_level: str) -> bool:
     try:
         worker.work(burst=burst, logging_level=log_level)
     except (RedisConnectionError, RedisTimeoutError) as exc:
-        if getattr(worker, "_shutdown_requested_date", None) is not None:  # rq's, on a signal
+        if _asked_to_stop(worker):
             log.warning("worker %s: stopped; Redis could not be told (%s)", worker.name, exc)
             return True  # asked to stop: stop, whatever Redis did meanwhile
-        log.warning(
-            "worker %s: Redis went away as a job ended (%s); waiting for it, then going on "
-            "under the same name (the sweeper runs that job's chunk again)",
-            worker.name,
-            exc,
-        )
-        return False
-    return True
+        return _went_away(worker, exc)
+    if burst or _asked_to_stop(worker):
+        return True
+    # rq's loop logs an error it did not expect ("found an unhandled exception, quitting")
+    # and returns: seen when Redis was killed as a job ended (chaos suite)
+    return _went_away(worker, "its work loop ended on an error")
+
+
+def _asked_to_stop(worker: SimpleWorker) -> bool:
+    """Whether a signal asked the worker to stop (rq's mark)."""
+    return getattr(worker, "_shutdown_requested_date", None) is not None
+
+
+def _went_away(worker: SimpleWorker, why: object) -> bool:
+    log.warning(
+        "worker %s: Redis went away as a job ended (%s); waiting for it, then going on "
+        "under the same name (the sweeper runs that job's chunk again)",
+        worker.name,
+        why,
+    )
+    return False
 
 
 def _wait_for_redis(connection: Redis, poll_s: float = 1.0) -> None:
